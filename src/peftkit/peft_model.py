@@ -1,0 +1,354 @@
+"""PeftModel: a frozen base model with named adapters of any method.
+
+It keeps the set of adapters (``peft_config``), which are active, and whether they are enabled or merged; it
+runs mixed-adapter batches (one adapter per row) and reads and writes adapter folders in HF PEFT's format.
+Method details stay in ``tuners/``: this file only talks to :class:`Tuner` and :class:`AdapterLayer`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .tuners.base import (
+    BASE,
+    FILE_PREFIX,
+    AdapterLayer,
+    MixedBatch,
+    ModulesToSaveWrapper,
+    PeftConfig,
+    find_targets,
+    get_submodule_parent,
+    tuner_for,
+)
+
+_CLASSIFIER_HEADS = ("classifier", "score")  # what HF PEFT adds to modules_to_save for SEQ_CLS
+
+
+class PeftModel(nn.Module):
+    """A base model plus adapters. Create with :func:`get_peft_model` or :meth:`PeftModel.from_pretrained`."""
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)  # config, device, generation_config, ...
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Adapters
+
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Add a new adapter (not made active, except the first: call :meth:`set_adapter`)."""
+        if not isinstance(config, PeftConfig):
+            raise TypeError(f"config must be a peftkit config (LoraConfig, IA3Config, ...), got {type(config).__name__}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter it first or pick another name")
+        if not adapter_name or adapter_name == BASE or not re.fullmatch(r"[\w\-]+", adapter_name):
+            raise ValueError(f"adapter name {adapter_name!r} must be non-empty letters, digits, '_' or '-', and not {BASE!r}")
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
+        if config.task_type == "SEQ_CLS" and config.modules_to_save is None:
+            heads = [h for h in _CLASSIFIER_HEADS if any(n.split(".")[-1] == h for n, _ in self.base_model.named_modules())]
+            config.modules_to_save = heads or None
+        tuner_for(config).inject(self.base_model, config, adapter_name)
+        if config.modules_to_save:
+            self._wrap_modules_to_save(config, adapter_name)
+        self.peft_config[adapter_name] = config
+        self._apply_active(self._active or [adapter_name])
+
+    def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
+        probe = PeftConfig(target_modules=config.modules_to_save)
+        for name in find_targets(self.base_model, probe):
+            module = self.base_model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                if isinstance(module, AdapterLayer):
+                    raise ValueError(f"{name} is in modules_to_save and also wrapped by an adapter layer; pick one")
+                module = ModulesToSaveWrapper(module)
+                parent, child = get_submodule_parent(self.base_model, name)
+                setattr(parent, child, module)
+            module.update_layer(adapter_name, config, name)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make one adapter, or several together (their effects add up), the active set."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        self._apply_active(names)
+
+    def _apply_active(self, names: list[str]) -> None:
+        self._active = names
+        trainable = [n for n in names if not self.peft_config[n].inference_mode]
+        for _, layer in self.adapter_layers():
+            layer.set_adapter(names, trainable)
+        for name in trainable:
+            config = self.peft_config[name]
+            tuner_for(config).mark_trainable(self.base_model, config, name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
+        if len(self.peft_config) == 1:
+            raise ValueError("cannot delete the only adapter; use unload() to get the plain base model back")
+        for _, layer in self.adapter_layers():
+            layer.delete_adapter(adapter_name)
+        tuner_for(self.peft_config[adapter_name]).delete_adapter(self.base_model, adapter_name)
+        del self.peft_config[adapter_name]
+        self._apply_active([n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))])
+
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the plain base model inside the block (merged adapters are taken out and put back)."""
+        merged = self.merged_adapters
+        if merged:
+            self.unmerge_adapter()
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
+            layer.disabled = True
+        self._disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+            self._disabled = False
+            if merged:
+                self.merge_adapter(merged)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Parameters
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counting the base model's once (not the adapter copies)."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Merging
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        merged: list[str] = []
+        for _, layer in self.adapter_layers():
+            merged += [n for n in layer.merged_adapters if n not in merged]
+        return merged
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights; :meth:`unmerge_adapter` undoes it."""
+        names = list(adapter_names or self._active)
+        for name in names:
+            tuner = tuner_for(self.peft_config[name])
+            if not tuner.mergeable:
+                raise TypeError(
+                    f"adapter {name!r} is {tuner.peft_type}, which adds computation the base weights cannot absorb; "
+                    "it cannot be merged (serve it unmerged)"
+                )
+        for _, layer in self.adapter_layers():
+            layer.merge([n for n in names if n in layer.adapter_names])
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge adapters into the weights and return the plain base model: zero added latency."""
+        self.merge_adapter(adapter_names)
+        return self._unwrap(keep=list(adapter_names or self._active))
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        self.unmerge_adapter()
+        return self._unwrap(keep=[])
+
+    def _unwrap(self, keep: list[str]) -> nn.Module:
+        for name, layer in list(self.adapter_layers()):
+            replacement = layer.base_layer
+            if isinstance(layer, ModulesToSaveWrapper):
+                kept = [n for n in keep if n in layer.modules_to_save]
+                if kept:
+                    replacement = layer.modules_to_save[kept[0]]
+            parent, child = get_submodule_parent(self.base_model, name)
+            setattr(parent, child, replacement)
+        for config in self.peft_config.values():
+            tuner_for(config).unload(self.base_model)
+        return self.base_model
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd"
+    ) -> None:
+        """A new LoRA adapter combining existing ones ("linear", "cat" or "svd"; see ``tuners.lora``)."""
+        from .tuners.lora import LoraConfig, add_weighted_lora
+
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already")
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError("adapters and weights must be non-empty lists of the same length")
+        for name in adapters:
+            if not isinstance(self.peft_config.get(name), LoraConfig):
+                raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is not one")
+        layers = [(n, layer) for n, layer in self.adapter_layers() if hasattr(layer, "factor_tensors")]
+        config = add_weighted_lora(layers, adapters, weights, adapter_name, combination_type, self.peft_config[adapters[0]])
+        self.peft_config[adapter_name] = config
+        self._apply_active(self._active)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Running
+
+    @contextmanager
+    def _mixed_batch(self, adapter_names: list[str], batch_size: int | None) -> Iterator[None]:
+        if self.training:
+            raise RuntimeError("adapter_names (mixed-adapter batches) is for inference: call model.eval() first")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("adapter_names must be a list of adapter names, one per row")
+        if batch_size is not None and len(adapter_names) != batch_size:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
+        order = (BASE, *self.peft_config)
+        unknown = sorted({n for n in adapter_names if n not in order})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; known: {list(order)}")
+        if self.merged_adapters:
+            raise RuntimeError(f"adapters {self.merged_adapters} are merged; unmerge_adapter() before mixed batches")
+        for name in set(adapter_names) - {BASE}:
+            tuner = tuner_for(self.peft_config[name])
+            if not tuner.mixable:
+                raise ValueError(f"adapter {name!r} is {tuner.peft_type}, which cannot be mixed per row in one batch")
+        index = torch.tensor([order.index(n) for n in adapter_names], dtype=torch.long, device=self.device)
+        mixed = MixedBatch(order=order, index=index)
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
+            layer.mixed = mixed
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.mixed = None
+
+    def _prepare_inputs(self, kwargs: dict[str, Any], generate: bool, mixed: bool) -> dict[str, Any]:
+        if getattr(self, "_disabled", False) or mixed:
+            return kwargs
+        for name in self._active:
+            kwargs = tuner_for(self.peft_config[name]).prepare_inputs(self, name, kwargs, generate)
+        return kwargs
+
+    def _context(self, adapter_names: list[str] | None, args: tuple, kwargs: dict[str, Any]):
+        if adapter_names is None:
+            return nullcontext()
+        first = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        return self._mixed_batch(adapter_names, first.shape[0] if torch.is_tensor(first) else None)
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with adapters; ``adapter_names`` picks one adapter (or ``"__base__"``) per row."""
+        with self._context(adapter_names, args, kwargs):
+            kwargs = self._prepare_inputs(kwargs, generate=False, mixed=adapter_names is not None)
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """transformers' ``generate`` with adapters; ``adapter_names`` as in :meth:`forward`."""
+        with self._context(adapter_names, args, kwargs):
+            kwargs = self._prepare_inputs(kwargs, generate=True, mixed=adapter_names is not None)
+            return self.base_model.generate(*args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Files
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Every tensor saved for one adapter, under HF PEFT file keys (sharing storage with the model)."""
+        config = self.peft_config[adapter_name]
+        tensors = tuner_for(config).adapter_tensors(self.base_model, adapter_name, config)
+        for name, layer in self.adapter_layers():
+            if isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.modules_to_save:
+                tensors.update({f"{FILE_PREFIX}{name}.{k}": v for k, v in layer.adapter_state_dict(adapter_name).items()})
+        return tensors
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter as HF PEFT does: "default" in ``save_directory``, others in ``save_directory/<name>``."""
+        names = selected_adapters or list(self.peft_config)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        for name in names:
+            target = checkpoint.adapter_dir(save_directory, name)
+            checkpoint.write_adapter(target, self.peft_config[name], self.adapter_tensors(name))
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add an adapter from a folder written by peftkit or HF PEFT, checking every key and shape."""
+        config = checkpoint.read_config(model_id)
+        config.inference_mode = not is_trainable
+        tensors = checkpoint.load_tensors(os.path.join(model_id, checkpoint.WEIGHTS_NAME))
+        self.add_adapter(adapter_name, config)
+        try:
+            checkpoint.copy_checked(self.adapter_tensors(adapter_name), tensors, os.path.join(model_id, checkpoint.WEIGHTS_NAME))
+        except Exception:
+            self._remove_failed(adapter_name)
+            raise
+        self._apply_active(self._active)
+
+    def _remove_failed(self, adapter_name: str) -> None:
+        for _, layer in self.adapter_layers():
+            layer.delete_adapter(adapter_name)
+        tuner_for(self.peft_config[adapter_name]).delete_adapter(self.base_model, adapter_name)
+        del self.peft_config[adapter_name]
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> "PeftModel":
+        """Wrap ``model`` with the adapter saved in ``model_id`` (by peftkit or HF PEFT)."""
+        config = checkpoint.read_config(model_id)
+        config.inference_mode = not is_trainable
+        tensors = checkpoint.load_tensors(os.path.join(model_id, checkpoint.WEIGHTS_NAME))
+        peft_model = cls(model, config, adapter_name)
+        try:
+            checkpoint.copy_checked(
+                peft_model.adapter_tensors(adapter_name), tensors, os.path.join(model_id, checkpoint.WEIGHTS_NAME)
+            )
+        except Exception:
+            peft_model.unload()  # hand the caller's model back unchanged
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+
+def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Freeze ``model`` and add one trainable adapter described by ``config``."""
+    return PeftModel(model, config, adapter_name)

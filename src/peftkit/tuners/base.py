@@ -1,0 +1,434 @@
+"""The contract every PEFT method keeps, target matching, and the method registry.
+
+A method is three things: a :class:`PeftConfig` subclass, an :class:`AdapterLayer` subclass that wraps one module
+of the base model, and a :class:`Tuner` that decides which modules to wrap and how its adapters map to file keys.
+Nothing outside ``tuners/`` knows method details; :class:`peftkit.PeftModel` talks to tuners and layers only
+through the methods defined here.
+
+Adapter layers keep the original module as ``base_layer`` (frozen) and hold their adapters in ``nn.ModuleDict`` /
+``nn.ParameterDict`` attributes keyed by adapter name (listed in ``adapter_attrs``), so parameter names look like
+HF PEFT's: ``...q_proj.lora_A.default.weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
+FILE_PREFIX = "base_model.model."  # HF PEFT's key prefix for module parameters in adapter files
+
+# Fields HF PEFT writes that carry no meaning for loading weights here.
+_METADATA_FIELDS = {"auto_mapping", "peft_version", "revision", "megatron_core", "qalora_group_size"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass
+class PeftConfig:
+    """Fields shared by every method; each method's config adds its own.
+
+    ``target_modules``: a list of module names (a name matches exactly or as a dotted suffix), a regex string
+    (full match against the module path), or ``"all-linear"``. ``exclude_modules`` takes the same forms.
+    ``layers_to_transform``: only modules in these layer indices (found by ``layers_pattern``, default any of
+    ``layers``, ``h``, ``layer``, ``blocks``). ``modules_to_save``: modules trained fully and saved with the adapter.
+    """
+
+    peft_type: ClassVar[str] = ""
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON written to ``adapter_config.json`` (HF PEFT's field names)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["peft_type"] = self.peft_type
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PeftConfig":
+        """Build from a saved config, accepting HF PEFT's extra fields when they are off, refusing them when on."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, refused = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key == "peft_type" or key in _METADATA_FIELDS or value in (None, False, {}, [], ""):
+                continue
+            else:
+                refused.append(f"{key}={value!r}")
+        if refused:
+            raise ValueError(
+                f"{source}: peftkit does not support these {cls.peft_type} options: {', '.join(refused)}. "
+                "Remove them from adapter_config.json only if the adapter was trained without them."
+            )
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Target matching
+
+DEFAULT_LAYER_PATTERNS = ("layers", "h", "layer", "blocks")
+
+
+def _matches(name: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
+    patterns = [patterns] if isinstance(patterns, str) else (patterns or DEFAULT_LAYER_PATTERNS)
+    for pattern in patterns:
+        found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Module paths of the output head(s): never targeted by ``all-linear``."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            heads.add(name)
+        elif name.split(".")[-1] in ("lm_head", "score", "classifier", "qa_outputs"):
+            heads.add(name)
+    return heads
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, transformers' Conv1D (GPT-2) and bitsandbytes' quantized linear layers."""
+    kind = type(module).__name__
+    return isinstance(module, nn.Linear) or kind in ("Conv1D", "Linear4bit", "Linear8bitLt")
+
+
+def find_targets(model: nn.Module, config: PeftConfig, allowed: tuple[type, ...] | None = None) -> list[str]:
+    """Names of the modules ``config`` selects, in model order. Raises ``ValueError`` listing candidates if none."""
+    spec = config.target_modules
+    if spec is None:
+        raise ValueError(f"{type(config).__name__} needs target_modules; candidates:\n{describe_targets(model)}")
+    heads = output_head_names(model) if spec == "all-linear" else set()
+    found = []
+    for name, module in model.named_modules():
+        if not name or _inside_adapter(name, model):
+            continue
+        base = module.base_layer if isinstance(module, AdapterLayer) else module  # a module wrapped earlier
+        if spec == "all-linear":
+            if not is_linear(base) or name in heads:
+                continue
+        elif not _matches(name, spec):
+            continue
+        if config.exclude_modules and _matches(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None and _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+            continue
+        found.append(name)
+    if not found:
+        raise ValueError(
+            f"target_modules={spec!r} (exclude_modules={config.exclude_modules!r}, "
+            f"layers_to_transform={config.layers_to_transform!r}) matched no module. Modules that can be targeted:\n"
+            + describe_targets(model)
+        )
+    return found
+
+
+def _inside_adapter(name: str, model: nn.Module) -> bool:
+    # modules inside an adapter layer (base_layer, lora_A.x, ...) are never targets themselves
+    parts = name.split(".")
+    module = model
+    for part in parts[:-1]:
+        module = getattr(module, part)
+        if isinstance(module, AdapterLayer):
+            return True
+    return False
+
+
+def describe_targets(model: nn.Module, limit: int = 40) -> str:
+    """Distinct module-name suffixes with their types, e.g. ``q_proj (Linear) x30``: what users can target."""
+    counts: dict[tuple[str, str], int] = {}
+    for name, module in model.named_modules():
+        if name and (is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))):
+            key = (re.sub(r"\.\d+\.", ".*.", name).split(".")[-1], type(module).__name__)
+            counts[key] = counts.get(key, 0) + 1
+    lines = [f"  {suffix} ({kind}) x{n}" for (suffix, kind), n in list(counts.items())[:limit]]
+    return "\n".join(lines) or "  (no linear, embedding or conv layers)"
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapter layers
+
+
+@dataclass
+class MixedBatch:
+    """Per-row adapter choice for one forward: row i uses adapter ``order[index[i]]``; ``order[0]`` is the base."""
+
+    order: tuple[str, ...]
+    index: torch.Tensor
+
+
+class AdapterLayer(nn.Module):
+    """Wraps ``base_layer`` and holds named adapters. Subclasses implement ``update_layer`` and ``forward``.
+
+    State: ``active_adapters`` (names summed in ``forward``), ``merged_adapters`` (names folded into the base
+    weights), ``disabled`` (bypass all adapters), ``mixed`` (a :class:`MixedBatch` while one is running).
+    """
+
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.mixed: MixedBatch | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_attrs[0]).keys())
+
+    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
+        """Create the parameters of adapter ``adapter_name`` for this layer."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update_layer")
+
+    def adapter_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if adapter_name in store:
+                item = store[adapter_name]
+                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+
+    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
+        """Make ``names`` (those this layer has) active; only adapters in ``trainable`` get gradients."""
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+        trainable = set(trainable)
+        for name in self.adapter_names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge before deleting it")
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if adapter_name in store:
+                del store[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights."""
+        if not self.mergeable:
+            raise TypeError(
+                f"{type(self).__name__} adapters add layers to the model and cannot be merged into its weights; "
+                "serve them unmerged (or use LoRA / (IA)^3 for zero-latency merging)"
+            )
+        for name in adapter_names or self.active_adapters:
+            if name in self.adapter_names and name not in self.merged_adapters:
+                self._merge_one(name, sign=+1)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo every merge, newest first, restoring the base weights."""
+        while self.merged_adapters:
+            self._merge_one(self.merged_adapters.pop(), sign=-1)
+
+    def _merge_one(self, adapter_name: str, sign: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _merge_one")
+
+    def bypass(self) -> bool:
+        """True when forward should be the base layer alone (adapters off, or merged, or none active)."""
+        if self.mixed is not None:
+            return False
+        return self.disabled or bool(self.merged_adapters) or not self.active_adapters
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed as in files, relative to the layer ("lora_A.weight" for the parameter
+        ``lora_A.<name>.weight``). They share storage with the parameters, so loading copies into them."""
+        out = {}
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if adapter_name not in store:
+                continue
+            item = store[adapter_name]
+            if isinstance(item, nn.Parameter):
+                out[attr] = item.detach()
+            else:
+                out.update({f"{attr}.{k}": v.detach() for k, v in item.state_dict().items()})
+        return out
+
+
+def gather_rows(stack: torch.Tensor, mixed: MixedBatch, batch: int) -> torch.Tensor:
+    """Per-row weights ``stack[index]``, checking the mixed batch matches the input's batch size."""
+    if mixed.index.numel() != batch:
+        raise ValueError(f"adapter_names has {mixed.index.numel()} entries but the batch has {batch} rows")
+    return stack.index_select(0, mixed.index)
+
+
+class ModulesToSaveWrapper(AdapterLayer):
+    """A module trained in full per adapter (e.g. a classification head): one copy per adapter name.
+
+    Saved in adapter files under the module's own key (``base_model.model.score.weight``), as HF PEFT does.
+    """
+
+    adapter_attrs = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
+        import copy
+
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.base_layer)
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[adapter_name].state_dict())
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        # nothing to fold: the copy simply stays in use (merge_and_unload swaps it in)
+        return None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mixed is not None:
+            out = None
+            for i, name in enumerate(self.mixed.order):
+                rows = (self.mixed.index == i).nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                module = self.modules_to_save[name] if name in self.modules_to_save else self.base_layer
+                part = module(x.index_select(0, rows), *args, **kwargs)
+                if out is None:
+                    out = part.new_empty((x.shape[0],) + part.shape[1:])
+                out.index_copy_(0, rows, part)
+            return out
+        if self.disabled or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        return self.modules_to_save[self.active_adapters[0]](x, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tuners and the registry
+
+
+class Tuner:
+    """How one method attaches adapters to a model and maps them to adapter-file keys.
+
+    The default handles methods whose adapters live in :class:`AdapterLayer` wrappers around targeted modules;
+    methods with other state (prompt embeddings, selected base parameters) override the hooks.
+    """
+
+    peft_type: ClassVar[str] = ""
+    config_cls: ClassVar[type[PeftConfig]] = PeftConfig
+    layer_cls: ClassVar[type[AdapterLayer]] = AdapterLayer
+    mergeable: ClassVar[bool] = True  # can merge_adapter fold it into the base weights?
+    mixable: ClassVar[bool] = True  # can rows of one batch use different adapters of this method?
+
+    def make_layer(self, module: nn.Module, config: PeftConfig, module_name: str) -> AdapterLayer:
+        """Wrap one targeted module (override to choose a layer class by module type)."""
+        return self.layer_cls(module)
+
+    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        """Add adapter ``adapter_name`` to every module ``config`` targets, wrapping modules seen for the first time."""
+        for name in self.target_names(model, config):
+            module = model.get_submodule(name)
+            if isinstance(module, AdapterLayer):
+                if not isinstance(module, self.layer_cls):
+                    raise ValueError(
+                        f"{name} already holds a {type(module).__name__} adapter; a module takes adapters of one "
+                        f"method only ({self.peft_type} cannot be added there)"
+                    )
+                layer = module
+            else:
+                layer = self.make_layer(module, config, name)
+                parent, child = get_submodule_parent(model, name)
+                setattr(parent, child, layer)
+            layer.update_layer(adapter_name, config, name)
+
+    def target_names(self, model: nn.Module, config: PeftConfig) -> list[str]:
+        return find_targets(model, config)
+
+    def layers(self, model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
+        for name, module in model.named_modules():
+            if type(module) is not ModulesToSaveWrapper and isinstance(module, self.layer_cls):
+                yield name, module
+
+    def adapter_tensors(self, model: nn.Module, adapter_name: str, config: PeftConfig) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under HF PEFT file keys (``base_model.model.<path>.<key>``), sharing storage with
+        the live parameters: saving clones them, loading validates a file against their shapes and copies in."""
+        out = {}
+        for name, layer in self.layers(model):
+            for key, value in layer.adapter_state_dict(adapter_name).items():
+                out[f"{FILE_PREFIX}{name}.{key}"] = value
+        return out
+
+    def mark_trainable(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        """Extra parameters this method trains besides its adapter layers (LoRA's ``bias``, for instance)."""
+
+    def delete_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        """Drop state this method keeps outside adapter layers (its layers' adapters are removed already)."""
+
+    def unload(self, model: nn.Module) -> None:
+        """Undo changes made outside adapter layers (hooks, patched attributes) when the model is unloaded."""
+
+    def prepare_inputs(
+        self, peft_model: nn.Module, adapter_name: str, kwargs: dict[str, Any], generate: bool
+    ) -> dict[str, Any]:
+        """Rewrite forward (or, with ``generate``, generate) keyword arguments before the base model sees them,
+        for methods that act on inputs rather than layers (prompt and prefix tuning)."""
+        return kwargs
+
+
+TUNERS: dict[str, Tuner] = {}
+
+
+def register(tuner_cls: type[Tuner]) -> type[Tuner]:
+    """Class decorator: make a method available by its ``peft_type`` (used when loading adapter files)."""
+    TUNERS[tuner_cls.peft_type] = tuner_cls()
+    return tuner_cls
+
+
+def tuner_for(config_or_type: PeftConfig | str) -> Tuner:
+    peft_type = config_or_type if isinstance(config_or_type, str) else config_or_type.peft_type
+    if peft_type not in TUNERS:
+        raise ValueError(f"unknown peft_type {peft_type!r}; peftkit knows {sorted(TUNERS)}")
+    return TUNERS[peft_type]
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig:
+    """Build the right config class from a saved ``adapter_config.json`` dict."""
+    if "peft_type" not in data:
+        raise ValueError(f"{source}: no 'peft_type' field; is this an adapter_config.json?")
+    try:
+        tuner = tuner_for(str(data["peft_type"]).upper())
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    return tuner.config_cls.from_dict(data, source)

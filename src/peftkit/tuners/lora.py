@@ -1,0 +1,392 @@
+"""LoRA (Hu et al. 2021): a frozen weight W0 plus a trainable low-rank update.
+
+    h = W0 x + (alpha / r) * B A x          A: r x k (random init), B: d x r (zero init, so h = W0 x at start)
+
+With ``use_rslora`` the scale is alpha / sqrt(r) (Kalajdzievski 2023). Merging folds the update into the weight,
+W = W0 + (alpha / r) B A, so a merged model costs exactly what the base model costs.
+
+Mixed-adapter batches gather each row's A and B from stacks of all adapters (zeros for "no adapter") and apply
+them with two batched matmuls, instead of one sub-batch per adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (
+    FILE_PREFIX,
+    AdapterLayer,
+    MixedBatch,
+    PeftConfig,
+    Tuner,
+    gather_rows,
+    is_linear,
+    register,
+)
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA settings, with HF PEFT's field names and defaults.
+
+    ``r``: rank; ``lora_alpha``: scale numerator (scale = alpha / r, or alpha / sqrt(r) with ``use_rslora``);
+    ``bias``: also train ``"all"`` biases or the biases of LoRA-wrapped layers (``"lora_only"``);
+    ``init_lora_weights``: True (A Kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or False
+    (both random: the adapter is not a no-op, for tests); ``fan_in_fan_out``: the base stores W as (in, out), as
+    GPT-2's Conv1D does (set automatically for Conv1D); ``rank_pattern`` / ``alpha_pattern``: per-module
+    overrides, keyed by a module-name suffix or regex.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """Rank and alpha for one module, after ``rank_pattern`` / ``alpha_pattern`` (HF PEFT's matching rule)."""
+
+        def lookup(patterns: dict, default):
+            for key, value in patterns.items():
+                if re.match(rf"(.*\.)?({key})$", module_name):
+                    return value
+            return default
+
+        return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.lora_alpha)
+
+
+def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class _StackCache:
+    """Stacked per-adapter weights for mixed batches, rebuilt only when adapters or their values change."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: tuple[torch.Tensor, ...] = ()
+
+    def get(self, key: tuple, build) -> tuple[torch.Tensor, ...]:
+        if key != self.key:
+            with torch.no_grad():
+                self.value = build()
+            self.key = key
+        return self.value
+
+
+class LoraLayer(AdapterLayer):
+    """LoRA around ``nn.Linear``, transformers' ``Conv1D`` or a bitsandbytes quantized linear layer."""
+
+    adapter_attrs = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out or type(base_layer).__name__ == "Conv1D"
+        if hasattr(base_layer, "in_features"):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:  # Conv1D keeps W as (in, out)
+            self.in_features, self.out_features = base_layer.weight.shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self._stacks = _StackCache()
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r, alpha = config.rank_and_alpha(module_name)
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = _scaling(r, alpha, config.use_rslora)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        # p = 0 skips dropout entirely instead of running an identity that still copies
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+
+    def reset_lora_parameters(self, adapter_name: str, init: bool | str) -> None:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        with torch.no_grad():
+            if init is False:
+                return  # nn.Linear's default (Kaiming-uniform) for both: a non-zero update
+            if init == "gaussian":
+                nn.init.normal_(A, std=1 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+    def factor_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A: r x in, B: out x r)."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """(alpha / r) B A, shaped like the base weight (transposed for fan-in-fan-out bases)."""
+        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _merge_one(self, adapter_name: str, sign: int) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.add_(self.delta_weight(adapter_name).to(self.base_layer.weight.dtype), alpha=sign)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.bypass():
+            return result
+        if self.mixed is not None:
+            return result + self._mixed_delta(x).to(result.dtype)
+        for name in self.active_adapters:
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
+            result = result + (F.linear(h, B) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _mixed_delta(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self._stacked(self.mixed)
+        a = gather_rows(A, self.mixed, x.shape[0])  # (batch, r_max, in)
+        b = gather_rows(B, self.mixed, x.shape[0])  # (batch, out, r_max), scale folded in
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def _stacked(self, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        names = [n for n in mixed.order if n in self.lora_A]
+        key = (mixed.order,) + tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version) for n in names)
+
+        def build():
+            r_max = max([self.r[n] for n in names], default=1)
+            weight = next(iter(self.lora_A.values())).weight
+            A = weight.new_zeros(len(mixed.order), r_max, self.in_features)
+            B = weight.new_zeros(len(mixed.order), self.out_features, r_max)
+            for i, name in enumerate(mixed.order):
+                if name in self.lora_A:
+                    r = self.r[name]
+                    A[i, :r] = self.lora_A[name].weight
+                    B[i, :, :r] = self.lora_B[name].weight * self.scaling[name]
+            return A, B
+
+        return self._stacks.get(key, build)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for store in (self.lora_dropout, self.r, self.scaling):
+            store.pop(adapter_name, None)
+
+
+class LoraEmbedding(AdapterLayer):
+    """LoRA on ``nn.Embedding``: h = E[x] + (alpha / r) (A^T[x]) B^T, with A: r x vocab (zeros), B: dim x r (normal).
+
+    The initialisation is the other way round from linear layers (A = 0, B random), as in HF PEFT, so that the
+    rows the model never sees stay untouched.
+    """
+
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self._stacks = _StackCache()
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r, alpha = config.rank_and_alpha(module_name)
+        weight = self.base_layer.weight
+        vocab, dim = weight.shape
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = _scaling(r, alpha, config.use_rslora)
+        A = torch.zeros(r, vocab, dtype=weight.dtype, device=weight.device)
+        B = torch.empty(dim, r, dtype=weight.dtype, device=weight.device)
+        nn.init.normal_(B)
+        if config.init_lora_weights is False:
+            nn.init.normal_(A)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(A)
+        self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+
+    def _lookup(self, x: torch.Tensor, table_T: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(x, table_T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def factor_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A: r x vocab, B: dim x r)."""
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return (B @ A).T * self.scaling[adapter_name]
+
+    def _merge_one(self, adapter_name: str, sign: int) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.add_(self.delta_weight(adapter_name), alpha=sign)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.bypass():
+            return result
+        if self.mixed is not None:
+            A_T, B = self._stacked(self.mixed)
+            rows = gather_rows(torch.arange(A_T.shape[0], device=x.device), self.mixed, x.shape[0])
+            h = A_T[rows.view(-1, *([1] * (x.dim() - 1))), x]  # (batch, ..., r_max): each row's own table
+            b = B.index_select(0, rows)
+            delta = torch.bmm(h.reshape(x.shape[0], -1, h.shape[-1]), b.transpose(1, 2))
+            return result + delta.reshape(result.shape)
+        for name in self.active_adapters:
+            h = self._lookup(x, self.lora_embedding_A[name].T)
+            result = result + (h @ self.lora_embedding_B[name].T) * self.scaling[name]
+        return result
+
+    def _stacked(self, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        names = [n for n in mixed.order if n in self.lora_embedding_A]
+        key = (mixed.order,) + tuple(
+            (n, self.lora_embedding_A[n]._version, self.lora_embedding_B[n]._version) for n in names
+        )
+
+        def build():
+            r_max = max([self.r[n] for n in names], default=1)
+            vocab, dim = self.base_layer.weight.shape
+            A_T = self.base_layer.weight.new_zeros(len(mixed.order), vocab, r_max)
+            B = self.base_layer.weight.new_zeros(len(mixed.order), dim, r_max)
+            for i, name in enumerate(mixed.order):
+                if name in self.lora_embedding_A:
+                    r = self.r[name]
+                    A_T[i, :, :r] = self.lora_embedding_A[name].T
+                    B[i, :, :r] = self.lora_embedding_B[name] * self.scaling[name]
+            return A_T, B
+
+        return self._stacks.get(key, build)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.r.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
+
+
+@register
+class LoraTuner(Tuner):
+    peft_type = "LORA"
+    config_cls = LoraConfig
+    layer_cls = (LoraLayer, LoraEmbedding)  # type: ignore[assignment]
+
+    def make_layer(self, module: nn.Module, config: LoraConfig, module_name: str) -> AdapterLayer:
+        if isinstance(module, nn.Embedding):
+            return LoraEmbedding(module)
+        if is_linear(module):
+            return LoraLayer(module, fan_in_fan_out=config.fan_in_fan_out)
+        raise TypeError(
+            f"LoRA cannot wrap {module_name} ({type(module).__name__}): it supports nn.Linear, transformers' "
+            "Conv1D, nn.Embedding and bitsandbytes Linear4bit/Linear8bitLt"
+        )
+
+    def _bias_params(self, model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
+        """File key -> bias parameter trained under ``bias='all'`` or ``'lora_only'``."""
+        if bias == "none":
+            return {}
+        out = {}
+        for name, module in model.named_modules():
+            if bias == "lora_only" and not isinstance(module, (LoraLayer, LoraEmbedding)):
+                continue
+            owner = module.base_layer if isinstance(module, AdapterLayer) else module
+            if isinstance(module, AdapterLayer) and bias == "all":
+                continue  # reached through its base_layer below
+            b = getattr(owner, "bias", None)
+            if isinstance(b, nn.Parameter):
+                # HF PEFT keys a wrapped layer's bias by its original name, without "base_layer"
+                out[f"{FILE_PREFIX}{name.replace('.base_layer', '')}.bias"] = b
+        return out
+
+    def mark_trainable(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+        for p in self._bias_params(model, config.bias).values():
+            p.requires_grad_(True)
+
+    def adapter_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
+        out = super().adapter_tensors(model, adapter_name, config)
+        out.update({k: p.detach() for k, p in self._bias_params(model, config.bias).items()})
+        return out
+
+
+def add_weighted_lora(
+    layers: list[tuple[str, AdapterLayer]],
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: str,
+    base_config: LoraConfig,
+) -> LoraConfig:
+    """Combine LoRA adapters into a new one, as HF PEFT's ``add_weighted_adapter`` does; returns its config.
+
+    With s_i = alpha_i / r_i and weights w_i:
+    ``"linear"`` (equal ranks): A = sum_i sign_i sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i;
+    ``"cat"``: A = [w_i s_i A_i] stacked on the rank axis, B = [B_i], so B A = sum_i w_i s_i B_i A_i exactly;
+    ``"svd"``: the rank-r truncated SVD of sum_i w_i s_i B_i A_i (r = the largest input rank).
+    The new adapter has scale 1 (alpha = r); modules whose rank differs go into ``rank_pattern``.
+    """
+    new_rank = None
+    ranks: dict[str, int] = {}
+    for module_name, layer in layers:
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
+        if not present:
+            continue
+        if combination_type == "linear" and len({layer.r[a] for a, _ in present}) > 1:
+            raise ValueError("combination_type='linear' needs adapters of equal rank; use 'cat' or 'svd'")
+        svd_rank = max(layer.r[a] for a, _ in present)
+        new_A, new_B = _combine(layer, present, combination_type, svd_rank)
+        rank = new_A.shape[0]
+        ranks[module_name] = rank
+        layer.update_layer(adapter_name, LoraConfig(r=rank, lora_alpha=rank), module_name)
+        target_A, target_B = layer.factor_tensors(adapter_name)
+        with torch.no_grad():
+            target_A.copy_(new_A)
+            target_B.copy_(new_B)
+    if not ranks:
+        raise ValueError(f"none of the adapters {adapters} has LoRA layers")
+    new_rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
+    pattern = {re.escape(name): r for name, r in ranks.items() if r != new_rank}
+    return LoraConfig(
+        r=new_rank,
+        lora_alpha=new_rank,
+        target_modules=sorted(ranks),  # exact paths: the inputs may cover different modules
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        task_type=base_config.task_type,
+        base_model_name_or_path=base_config.base_model_name_or_path,
+        modules_to_save=base_config.modules_to_save,
+    )
+
+
+def _combine(layer, present, combination_type: str, new_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    factors = [(layer.factor_tensors(a), w * layer.scaling[a]) for a, w in present]
+    if combination_type == "linear":
+        A = sum(math.copysign(math.sqrt(abs(ws)), ws) * a for (a, _), ws in factors)
+        B = sum(math.sqrt(abs(ws)) * b for (_, b), ws in factors)
+        return A, B
+    if combination_type == "cat":
+        return torch.cat([a * ws for (a, _), ws in factors], 0), torch.cat([b for (_, b), _ in factors], 1)
+    if combination_type == "svd":
+        delta = sum(ws * (b @ a) for (a, b), ws in factors)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        return Vh[:new_rank], U[:, :new_rank] * S[:new_rank]
+    raise ValueError(f"combination_type must be 'linear', 'cat' or 'svd', got {combination_type!r}")
