@@ -97,9 +97,18 @@ def write_adapter(directory: str | os.PathLike, config: PeftConfig, tensors: dic
     save_json(directory / CONFIG_NAME, data)
 
 
-def copy_checked(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Copy file tensors into live ones after checking the key sets and every shape; name the file and key if not."""
+def copy_checked(
+    targets: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    optional: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Copy file tensors into live ones after checking the key sets and every shape; name the file and key if not.
+
+    Every key of ``targets`` must be in the file; keys of ``optional`` may be.
+    """
     missing = sorted(set(targets) - set(tensors))
+    targets = {**(optional or {}), **targets}
     unexpected = sorted(set(tensors) - set(targets))
     if unexpected:
         raise ValueError(

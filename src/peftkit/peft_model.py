@@ -316,11 +316,16 @@ class PeftModel(nn.Module):
         tensors = checkpoint.load_tensors(os.path.join(model_id, checkpoint.WEIGHTS_NAME))
         self.add_adapter(adapter_name, config)
         try:
-            checkpoint.copy_checked(self.adapter_tensors(adapter_name), tensors, os.path.join(model_id, checkpoint.WEIGHTS_NAME))
+            self._copy_in(adapter_name, tensors, os.path.join(model_id, checkpoint.WEIGHTS_NAME))
         except Exception:
             self._remove_failed(adapter_name)
             raise
         self._apply_active(self._active)
+
+    def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        config = self.peft_config[adapter_name]
+        optional = tuner_for(config).optional_tensors(self.base_model, adapter_name, config)
+        checkpoint.copy_checked(self.adapter_tensors(adapter_name), tensors, source, optional)
 
     def _remove_failed(self, adapter_name: str) -> None:
         for _, layer in self.adapter_layers():
@@ -338,9 +343,7 @@ class PeftModel(nn.Module):
         tensors = checkpoint.load_tensors(os.path.join(model_id, checkpoint.WEIGHTS_NAME))
         peft_model = cls(model, config, adapter_name)
         try:
-            checkpoint.copy_checked(
-                peft_model.adapter_tensors(adapter_name), tensors, os.path.join(model_id, checkpoint.WEIGHTS_NAME)
-            )
+            peft_model._copy_in(adapter_name, tensors, os.path.join(model_id, checkpoint.WEIGHTS_NAME))
         except Exception:
             peft_model.unload()  # hand the caller's model back unchanged
             raise

@@ -390,6 +390,10 @@ class Tuner:
                 out[f"{FILE_PREFIX}{name}.{key}"] = value
         return out
 
+    def optional_tensors(self, model: nn.Module, adapter_name: str, config: PeftConfig) -> dict[str, torch.Tensor]:
+        """Tensors a file may carry beyond the adapter's own (loaded when present, never required or saved)."""
+        return {}
+
     def mark_trainable(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         """Extra parameters this method trains besides its adapter layers (LoRA's ``bias``, for instance)."""
 

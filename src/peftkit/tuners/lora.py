@@ -192,8 +192,10 @@ class LoraLayer(AdapterLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for store in (self.lora_dropout, self.r, self.scaling):
-            store.pop(adapter_name, None)
+        if adapter_name in self.lora_dropout:
+            del self.lora_dropout[adapter_name]
+        self.r.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
 
 
 class LoraEmbedding(AdapterLayer):
@@ -326,6 +328,15 @@ class LoraTuner(Tuner):
         out = super().adapter_tensors(model, adapter_name, config)
         out.update({k: p.detach() for k, p in self._bias_params(model, config.bias).items()})
         return out
+
+
+    def optional_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
+        # HF PEFT saves the full embedding matrix of LoRA-wrapped embeddings (in case the vocabulary was resized)
+        return {
+            f"{FILE_PREFIX}{name}.base_layer.weight": layer.base_layer.weight.detach()
+            for name, layer in self.layers(model)
+            if isinstance(layer, LoraEmbedding)
+        }
 
 
 def add_weighted_lora(

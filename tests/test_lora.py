@@ -1,0 +1,248 @@
+"""LoRA mechanics: identity at init, the formula, targeting, named adapters, merging, mixed batches, weighting."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from torch import nn
+
+import peftkit as pk
+from peftkit.tuners.lora import LoraEmbedding, LoraLayer
+
+
+def randomize_b(pm: pk.PeftModel, adapter: str, seed: int = 1) -> None:
+    """Give an adapter a non-zero update (B = 0 at init makes every output trivially equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in pm.adapter_layers():
+            if isinstance(layer, (LoraLayer, LoraEmbedding)) and adapter in layer.adapter_names:
+                _, B = layer.factor_tensors(adapter)
+                B.copy_(torch.randn(B.shape, generator=g) * 0.1)
+
+
+def logits(model, x, **kw):
+    with torch.no_grad():
+        return model(input_ids=x, **kw).logits
+
+
+X = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("factory,targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"]), (tiny_llama, ["embed_tokens"])])
+def test_identity_at_init(factory, targets):
+    model = factory()
+    ref = logits(model, X)
+    pm = pk.get_peft_model(model, pk.LoraConfig(r=4, target_modules=targets))
+    assert torch.equal(logits(pm, X), ref)
+
+
+def test_formula_linear():
+    layer = nn.Linear(16, 8)
+    model = nn.Sequential(layer)
+    pm = pk.get_peft_model(model, pk.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    wrapped = model[0]
+    x = torch.randn(5, 16)
+    A, B = wrapped.factor_tensors("default")
+    expected = x @ layer.weight.T + layer.bias + (8 / 4) * x @ A.T @ B.T
+    assert torch.allclose(pm(x), expected, atol=1e-6)
+    assert wrapped.scaling["default"] == 2.0
+
+
+def test_rslora_and_patterns():
+    model = tiny_llama()
+    config = pk.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
+                           rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 32})
+    pm = pk.get_peft_model(model, config)
+    q0 = pm.base_model.model.layers[0].self_attn.q_proj
+    q1 = pm.base_model.model.layers[1].self_attn.q_proj
+    v0 = pm.base_model.model.layers[0].self_attn.v_proj
+    assert q0.scaling["default"] == pytest.approx(8 / math.sqrt(4))
+    assert q1.scaling["default"] == pytest.approx(32 / math.sqrt(4))
+    assert v0.r["default"] == 2 and v0.lora_A["default"].weight.shape == (2, 64)
+
+
+def test_gaussian_init_std():
+    model = nn.Sequential(nn.Linear(512, 512))
+    pk.get_peft_model(model, pk.LoraConfig(r=16, target_modules=["0"], init_lora_weights="gaussian"))
+    A, B = model[0].factor_tensors("default")
+    assert A.std().item() == pytest.approx(1 / 16, rel=0.05)
+    assert torch.count_nonzero(B) == 0
+
+
+def test_targeting_forms_and_errors():
+    assert len(pk.tuners.base.find_targets(tiny_llama(), pk.LoraConfig(target_modules="all-linear"))) == 2 * 7
+    names = pk.tuners.base.find_targets(tiny_llama(), pk.LoraConfig(target_modules=r".*\.(q|k)_proj"))
+    assert len(names) == 4 and all(n.endswith(("q_proj", "k_proj")) for n in names)
+    names = pk.tuners.base.find_targets(
+        tiny_llama(), pk.LoraConfig(target_modules="all-linear", exclude_modules=["mlp.down_proj"], layers_to_transform=1)
+    )
+    assert len(names) == 6 and all(".layers.1." in n for n in names)
+    assert "lm_head" not in str(pk.tuners.base.find_targets(tiny_llama(), pk.LoraConfig(target_modules="all-linear")))
+    with pytest.raises(ValueError) as err:
+        pk.get_peft_model(tiny_llama(), pk.LoraConfig(target_modules=["query"]))
+    assert "q_proj (Linear) x2" in str(err.value) and "matched no module" in str(err.value)
+
+
+def test_only_adapter_params_train():
+    model = tiny_llama()
+    pm = pk.get_peft_model(model, pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".default." in n for n in trainable)
+    # per layer: q_proj 64 -> 64 (4*64 + 64*4) and v_proj 64 -> 32 (4*64 + 32*4); two layers
+    assert pm.get_nb_trainable_parameters()[0] == 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4)) == 1792
+    pm.train()
+    loss = pm(input_ids=X, labels=X).loss
+    loss.backward()
+    assert all(p.grad is None for n, p in pm.named_parameters() if "lora_" not in n)
+    # B = 0 at init, so only B receives a non-zero gradient on the first step
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pm.named_parameters() if "lora_B" in n)
+
+
+def test_bias_options():
+    pm = pk.get_peft_model(tiny_gpt2(), pk.LoraConfig(r=2, target_modules=["c_attn"], bias="lora_only"))
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert trainable and all(n.endswith("c_attn.base_layer.bias") for n in trainable)
+    keys = pm.adapter_tensors("default")
+    assert "base_model.model.transformer.h.0.attn.c_attn.bias" in keys
+    pm_all = pk.get_peft_model(tiny_gpt2(), pk.LoraConfig(r=2, target_modules=["c_attn"], bias="all"))
+    n_bias = sum(1 for n, p in pm_all.named_parameters() if p.requires_grad and n.endswith("bias"))
+    assert n_bias == sum(1 for n, _ in tiny_gpt2().named_parameters() if n.endswith("bias"))
+
+
+def test_named_adapters_set_delete_disable():
+    model = tiny_llama()
+    base = logits(model, X)
+    pm = pk.get_peft_model(model, pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("other", pk.LoraConfig(r=2, target_modules=["k_proj"]))
+    randomize_b(pm, "default", 1)
+    randomize_b(pm, "other", 2)
+    assert pm.active_adapters == ["default"]
+    out_default = logits(pm, X)
+    pm.set_adapter("other")
+    out_other = logits(pm, X)
+    assert not torch.allclose(out_default, out_other)
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == {
+        n for n, _ in pm.named_parameters() if ".other." in n
+    }
+    pm.set_adapter(["default", "other"])
+    both = logits(pm, X)
+    assert not torch.allclose(both, out_default) and not torch.allclose(both, out_other)
+    with pm.disable_adapter():
+        assert torch.equal(logits(pm, X), base)
+    pm.delete_adapter("other")
+    assert pm.active_adapters == ["default"] and list(pm.peft_config) == ["default"]
+    assert torch.allclose(logits(pm, X), out_default)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        pm.set_adapter("nope")
+    with pytest.raises(ValueError, match="exists already"):
+        pm.add_adapter("default", pk.LoraConfig(target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("factory,targets", [(tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn", "c_fc"]), (tiny_llama, ["embed_tokens", "q_proj"])])
+def test_merge_unmerge_unload(factory, targets):
+    model = factory()
+    base = logits(model, X)
+    pm = pk.get_peft_model(model, pk.LoraConfig(r=4, lora_alpha=16, target_modules=targets))
+    randomize_b(pm, "default")
+    unmerged = logits(pm, X)
+    pm.merge_adapter()
+    merged = logits(pm, X)
+    assert ((merged - unmerged).abs().max() / unmerged.abs().max()).item() <= 1e-4
+    pm.unmerge_adapter()
+    assert torch.allclose(logits(pm, X), unmerged, atol=1e-5)
+    plain = pm.merge_and_unload()
+    assert not any(isinstance(m, (LoraLayer, LoraEmbedding)) for m in plain.modules())
+    assert torch.allclose(logits(plain, X), merged, atol=1e-6)
+    pm2 = pk.get_peft_model(factory(), pk.LoraConfig(r=4, target_modules=targets))
+    randomize_b(pm2, "default")
+    assert torch.equal(logits(pm2.unload(), X), base)
+
+
+def test_mixed_batch_equals_solo_runs():
+    model = tiny_llama()
+    pm = pk.get_peft_model(model, pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    pm.add_adapter("b", pk.LoraConfig(r=8, lora_alpha=4, target_modules="all-linear"))
+    pm.add_adapter("c", pk.LoraConfig(r=2, target_modules=["k_proj"], use_rslora=True))
+    for i, name in enumerate(pm.peft_config):
+        randomize_b(pm, name, seed=i + 1)
+    pm.eval()
+    x = torch.randint(0, 128, (5, 9))
+    names = ["c", "__base__", "default", "b", "default"]
+    mixed = logits(pm, x, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                solo = logits(pm, x[row : row + 1])
+        else:
+            pm.set_adapter(name)
+            solo = logits(pm, x[row : row + 1])
+        assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, name
+
+
+def test_mixed_batch_generate_matches_solo():
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("b", pk.LoraConfig(r=4, target_modules=["o_proj"]))
+    randomize_b(pm, "default", 3)
+    randomize_b(pm, "b", 4)
+    pm.eval()
+    x = torch.randint(1, 128, (3, 6))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    names = ["b", "default", "__base__"]
+    with torch.no_grad():
+        mixed = pm.generate(input_ids=x, adapter_names=names, **kw)
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with pm.disable_adapter():
+                    solo = pm.generate(input_ids=x[row : row + 1], **kw)
+            else:
+                pm.set_adapter(name)
+                solo = pm.generate(input_ids=x[row : row + 1], **kw)
+            assert torch.equal(mixed[row], solo[0]), name
+
+
+def test_mixed_batch_errors():
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]))
+    pm.train()
+    with pytest.raises(RuntimeError, match="model.eval"):
+        pm(input_ids=X, adapter_names=["default"] * 3)
+    pm.eval()
+    with pytest.raises(ValueError, match="3 rows"):
+        pm(input_ids=X, adapter_names=["default"] * 2)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        pm(input_ids=X, adapter_names=["default", "x", "default"])
+    pm.merge_adapter()
+    with pytest.raises(RuntimeError, match="merged"):
+        pm(input_ids=X, adapter_names=["default"] * 3)
+
+
+def test_modules_to_save_seq_cls():
+    model = tiny_bert_classifier()
+    pm = pk.get_peft_model(model, pk.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    assert pm.peft_config["default"].modules_to_save == ["classifier"]
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert "base_model.classifier.modules_to_save.default.weight" in trainable
+    assert "base_model.model.classifier.weight" in pm.adapter_tensors("default")
+
+
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
+def test_add_weighted_adapter(combination):
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("b", pk.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    randomize_b(pm, "default", 1)
+    randomize_b(pm, "b", 2)
+    pm.add_weighted_adapter(["default", "b"], [0.7, 0.3], "mix", combination_type=combination)
+    q = pm.base_model.model.layers[0].self_attn.q_proj
+    expected = 0.7 * q.delta_weight("default") + 0.3 * q.delta_weight("b")
+    got = q.delta_weight("mix")
+    if combination == "linear":  # HF's rule mixes the factors: (sum a_i B_i)(sum b_i A_i), cross terms included
+        A = [q.factor_tensors(n)[0] for n in ("default", "b")]
+        B = [q.factor_tensors(n)[1] for n in ("default", "b")]
+        w = [math.sqrt(0.7 * q.scaling["default"]), math.sqrt(0.3 * q.scaling["b"])]
+        assert torch.allclose(got, (w[0] * B[0] + w[1] * B[1]) @ (w[0] * A[0] + w[1] * A[1]), atol=1e-5)
+    elif combination == "cat":  # exact
+        assert torch.allclose(got, expected, atol=1e-5)
+    else:  # best rank-4 approximation: the error is the norm of the dropped singular values
+        dropped = torch.linalg.svdvals(expected)[4:].norm()
+        assert (got - expected).norm().item() == pytest.approx(dropped.item(), rel=1e-3, abs=1e-6)
+    assert q.r["mix"] == {"linear": 4, "cat": 8, "svd": 4}[combination]
