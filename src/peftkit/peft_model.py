@@ -18,7 +18,6 @@ from torch import nn
 from . import checkpoint
 from .tuners.base import (
     BASE,
-    FILE_PREFIX,
     AdapterLayer,
     MixedBatch,
     ModulesToSaveWrapper,
@@ -99,6 +98,9 @@ class PeftModel(nn.Module):
         trainable = [n for n in names if not self.peft_config[n].inference_mode]
         for _, layer in self.adapter_layers():
             layer.set_adapter(names, trainable)
+        for name, config in self.peft_config.items():
+            if name not in trainable:
+                tuner_for(config).mark_frozen(self.base_model, config, name)
         for name in trainable:
             config = self.peft_config[name]
             tuner_for(config).mark_trainable(self.base_model, config, name)
@@ -293,10 +295,11 @@ class PeftModel(nn.Module):
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Every tensor saved for one adapter, under HF PEFT file keys (sharing storage with the model)."""
         config = self.peft_config[adapter_name]
-        tensors = tuner_for(config).adapter_tensors(self.base_model, adapter_name, config)
+        tuner = tuner_for(config)
+        tensors = tuner.adapter_tensors(self.base_model, adapter_name, config)
         for name, layer in self.adapter_layers():
             if isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.modules_to_save:
-                tensors.update({f"{FILE_PREFIX}{name}.{k}": v for k, v in layer.adapter_state_dict(adapter_name).items()})
+                tensors.update({f"{tuner.file_prefix}{name}.{k}": v for k, v in layer.adapter_state_dict(adapter_name).items()})
         return tensors
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:

@@ -351,6 +351,9 @@ class Tuner:
     layer_cls: ClassVar[type[AdapterLayer]] = AdapterLayer
     mergeable: ClassVar[bool] = True  # can merge_adapter fold it into the base weights?
     mixable: ClassVar[bool] = True  # can rows of one batch use different adapters of this method?
+    # Key prefix of the model's own modules (modules_to_save) in this method's files. HF PEFT's prompt-learning
+    # models have no tuner wrapper between PeftModel and the transformers model, so theirs is "base_model.".
+    file_prefix: ClassVar[str] = FILE_PREFIX
 
     def make_layer(self, module: nn.Module, config: PeftConfig, module_name: str) -> AdapterLayer:
         """Wrap one targeted module (override to choose a layer class by module type)."""
@@ -396,6 +399,10 @@ class Tuner:
 
     def mark_trainable(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         """Extra parameters this method trains besides its adapter layers (LoRA's ``bias``, for instance)."""
+
+    def mark_frozen(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        """Stop training state this method keeps outside adapter layers (the adapter is inactive or in inference
+        mode); called before :meth:`mark_trainable` runs for the adapters that train."""
 
     def delete_adapter(self, model: nn.Module, adapter_name: str) -> None:
         """Drop state this method keeps outside adapter layers (its layers' adapters are removed already)."""
