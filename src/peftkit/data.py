@@ -15,7 +15,7 @@ import json
 import os
 import warnings
 from bisect import bisect_left, insort
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -78,6 +78,18 @@ def read_records(
     ``text_columns``. With ``on_bad_row="skip"`` bad rows are dropped and counted in the returned ``BadRows``;
     with ``"error"`` the first one raises ValueError.
     """
+    return _read_checked(path, columns, on_bad_row, lambda row: _text_problem(row, text_columns or ()))
+
+
+def _read_checked(
+    path: str | os.PathLike,
+    columns: Sequence[str] | None,
+    on_bad_row: OnBadRow,
+    check: Callable[[dict[str, Any]], tuple[str, str] | None],
+) -> tuple[list[dict[str, Any]], BadRows]:
+    # One pass that parses and checks each row, so that "error" mode stops at the first bad row in file order.
+    if on_bad_row not in ("skip", "error"):
+        raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
     path = Path(path)
     suffix = path.suffix.lower()
     bad = BadRows(str(path), on_bad_row, unit="index" if suffix == ".json" else "line")
@@ -94,7 +106,7 @@ def read_records(
 
     records = []
     for where, row in rows:
-        problem = _text_problem(row, text_columns or ())
+        problem = check(row)
         if problem:
             bad.reject(where, *problem)
             continue
@@ -117,7 +129,10 @@ def _text_problem(row: dict[str, Any], text_columns: Sequence[str]) -> tuple[str
 
 def _read_json(path: Path, bad: BadRows) -> Iterator[tuple[int, dict]]:
     with path.open(encoding="utf-8-sig") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {err.lineno}: invalid JSON ({err.msg})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of objects, got a {type(data).__name__}")
     for index, row in enumerate(data):
@@ -201,27 +216,38 @@ def load_classification(
     """Read a classification data set from any file ``read_records`` reads, with named text and label columns.
 
     ``labels`` lists the label values as written in the file, in id order. Leave it out for the training split
-    (the distinct values are sorted, numerically if they are all integers) and pass the training split's
+    (then the distinct values are sorted, integers numerically) and pass the training split's
     ``label_names`` for evaluation splits: there a label outside the list is a bad row.
     """
     text_columns = [text_column] + ([text_pair_column] if text_pair_column else [])
-    rows, bad = read_records(path, text_columns=text_columns, columns=columns, on_bad_row=on_bad_row)
-    if labels is None:
-        labels = sorted({str(row.get(label_column, "")).strip() for row in rows} - {""}, key=_label_order)
-    label_ids = {value: i for i, value in enumerate(labels)}
+    known = None if labels is None else set(labels)
 
+    def check(row: dict[str, Any]) -> tuple[str, str] | None:
+        if problem := _text_problem(row, text_columns):
+            return problem
+        value = _label_value(row, label_column)
+        if not value:
+            return label_column, "missing label"
+        if known is not None and value not in known:
+            return label_column, f"unknown label {value!r} (known: {', '.join(labels)})"
+        return None
+
+    rows, bad = _read_checked(path, columns, on_bad_row, check)
+    if labels is None:
+        labels = sorted({_label_value(row, label_column) for row in rows}, key=_label_order)
+    label_ids = {value: i for i, value in enumerate(labels)}
     records = []
     for row in rows:
-        value = str(row.get(label_column, "")).strip()
-        if value not in label_ids:
-            reason = f"unknown label {value!r} (known: {', '.join(labels)})" if value else "missing label"
-            bad.reject(row[LINE], label_column, reason)
-            continue
-        record = {"text": row[text_column], "label": label_ids[value], LINE: row[LINE]}
+        record = {"text": row[text_column], "label": label_ids[_label_value(row, label_column)], LINE: row[LINE]}
         if text_pair_column:
             record["text_pair"] = row[text_pair_column]
         records.append(record)
     return ClassificationData(records, list(labels), metric, bad)
+
+
+def _label_value(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    return "" if value is None else str(value).strip()
 
 
 def _label_order(value: str) -> tuple[int, int | str]:
