@@ -1,0 +1,388 @@
+"""The HTTP API: OpenAI-compatible completions and chat for the base model and every loaded adapter, plus
+bearer-protected adapter management.
+
+Handlers run on the event loop and only validate, tokenize and wait; the model lives on the scheduler thread
+(:mod:`peftkit.serve.scheduler`), which reports each request's text through a thread-safe callback. Errors use
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` so its clients raise their usual exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from torch import nn
+
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    describe_validation_errors,
+    error_body,
+)
+from .registry import (
+    AdapterConflict,
+    AdapterPathError,
+    AdapterRegistry,
+    UnknownAdapter,
+    read_adapter,
+    resolve_adapter_path,
+)
+from .sampling import SamplingParams
+from .scheduler import Event, QueueFull, Scheduler, Sequence
+
+logger = logging.getLogger("peftkit.serve")
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming handler checks that its client is still there
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers=self.headers)
+
+
+class Server:
+    """What the routes share: the adapter registry, the scheduler and the settings."""
+
+    def __init__(self, registry: AdapterRegistry, tokenizer: Any, scheduler: Scheduler,
+                 adapters_dir: str | Path | None, api_key: str | None) -> None:
+        self.registry = registry
+        self.tokenizer = tokenizer  # used on the event loop only
+        # fast tokenizers are not safe to share between threads: the scheduler decodes with its own copy
+        self.stream_tokenizer = copy.deepcopy(tokenizer)
+        self.scheduler = scheduler
+        self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
+        self.api_key = api_key
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Validation shared by both generation endpoints
+
+    def adapter_for(self, model: str) -> str:
+        adapter = self.registry.lookup(model)
+        if adapter is None:
+            raise APIError(404, f"The model {model!r} does not exist. Available models: {self.registry.model_ids()}",
+                           param="model", code="model_not_found")
+        return adapter
+
+    def check_prompt_ids(self, ids: list[int], param: str) -> None:
+        context = self.registry.context_length
+        bad = [t for t in ids if not 0 <= t < self.registry.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {self.registry.vocab_size})", param=param)
+        if not ids:
+            raise APIError(400, "the prompt is empty after tokenization", param=param)
+        if len(ids) >= context:
+            raise APIError(400, f"the prompt is {len(ids)} tokens but this model's context is {context} tokens, "
+                           "leaving no room to generate; shorten the prompt", param=param, code="context_length_exceeded")
+
+    def params(self, body: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+        context = self.registry.context_length
+        if max_tokens is None:  # OpenAI's chat default: as much as the context allows
+            max_tokens = context - prompt_len
+        if prompt_len + max_tokens > context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+                "Reduce the prompt or max_tokens.",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              seed=body.seed, stop=tuple(body.stop or ()))
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            raise APIError(403, "adapter management is disabled: start the server with --api-key-file FILE "
+                           "(a file holding the bearer token) to enable it", type_="permission_error")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "adapter management needs 'Authorization: Bearer <token>' with the token from "
+                           "--api-key-file", type_="authentication_error", code="invalid_api_key")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Running one request
+
+    def submit(self, adapter: str, prompt_ids: list[int], params: SamplingParams,
+               on_event) -> Sequence:
+        seq = Sequence(adapter, prompt_ids, params, self.stream_tokenizer, on_event)
+        try:
+            self.scheduler.submit(seq)
+        except QueueFull as err:
+            raise APIError(429, f"the server is busy: {err}; retry shortly", type_="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        return seq
+
+    async def complete(self, request: Request, adapter: str, prompt_ids: list[int], params: SamplingParams) -> Sequence | None:
+        """Wait for the whole result; None if the client went away (its slot is freed)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Event] = loop.create_future()
+
+        def on_event(event: Event) -> None:
+            if event.kind != "text":
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(event))
+
+        seq = self.submit(adapter, prompt_ids, params, on_event)
+        try:
+            while True:
+                finished, _ = await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
+                if finished:
+                    break
+                if await request.is_disconnected():
+                    return None
+        finally:
+            self.scheduler.cancel(seq)  # a no-op once finished; frees the row if the client left or we were cancelled
+        event = done.result()
+        if event.kind == "error":
+            raise APIError(500, event.error or "generation failed", type_="server_error")
+        return seq
+
+    def stream(self, adapter: str, prompt_ids: list[int], params: SamplingParams,
+               chunk, final_chunks) -> StreamingResponse:
+        """Server-sent events: ``chunk(text)`` per piece of text, ``final_chunks(seq)`` at the end, then [DONE]."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        seq = self.submit(adapter, prompt_ids, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                for first in chunk(None):
+                    yield _sse(first)
+                while True:
+                    event = await queue.get()
+                    if event.kind == "error":
+                        yield _sse(error_body(event.error or "generation failed", "server_error"))
+                        return
+                    if event.text:
+                        for piece in chunk(event.text):
+                            yield _sse(piece)
+                    if event.kind == "finish":
+                        for last in final_chunks(seq):
+                            yield _sse(last)
+                        yield "data: [DONE]\n\n"
+                        return
+            finally:  # also runs when the client disconnects (the response task is cancelled)
+                self.scheduler.cancel(seq)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _usage(seq: Sequence) -> dict[str, int]:
+    prompt, completion = len(seq.prompt_ids), len(seq.output_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def create_app(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    base_name: str,
+    adapters: dict[str, str] | None = None,
+    adapters_dir: str | Path | None = None,
+    api_key: str | None = None,
+    max_batch_size: int = 16,
+    max_queue: int = 64,
+) -> FastAPI:
+    """The FastAPI app serving ``model`` as ``base_name`` and each of ``adapters`` (name -> folder) by name.
+
+    ``adapters_dir``: where POST /v1/adapters may load from (nothing outside it). ``api_key``: the bearer token for
+    adapter management (None disables it). The scheduler thread starts and stops with the app's lifespan.
+    """
+    registry = AdapterRegistry(model, tokenizer, base_name)
+    for name, path in (adapters or {}).items():
+        registry.reserve(name, loading=True)
+        try:
+            config, tensors = read_adapter(path)
+            registry.attach(name, config, tensors, path)
+        finally:
+            registry.release(name)
+    scheduler = Scheduler(registry, max_batch_size=max_batch_size, max_queue=max_queue)
+    server = Server(registry, tokenizer, scheduler, adapters_dir, api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.shutdown()
+
+    app = FastAPI(title="peftkit serve", version="1", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(list(err.errors()))
+        return JSONResponse(error_body(message, param=param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+        return JSONResponse(error_body(message), err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error"), 500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": base_name, "adapters": [a.name for a in registry.models()], **scheduler.load}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        cards = [_card(base_name, registry.created, None)]
+        cards += [_card(a.name, a.created, base_name) for a in registry.models()]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response | dict:
+        adapter = server.adapter_for(body.model)
+        if isinstance(body.prompt, str):
+            prompt_ids = server.tokenizer(body.prompt).input_ids
+        else:
+            prompt_ids = list(body.prompt)
+        server.check_prompt_ids(prompt_ids, "prompt")
+        params = server.params(body, len(prompt_ids), body.max_tokens)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def choice(text: str, finish_reason: str | None) -> dict:
+            return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+        def base(choices: list[dict]) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices}
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def chunk(text: str | None) -> list[dict]:
+                return [] if text is None else [base([choice(text, None)])]
+
+            def final(seq: Sequence) -> list[dict]:
+                out = [base([choice("", seq.finish_reason)])]
+                if include_usage:
+                    out.append({**base([]), "usage": _usage(seq)})
+                return out
+
+            return server.stream(adapter, prompt_ids, params, chunk, final)
+        seq = await server.complete(request, adapter, prompt_ids, params)
+        if seq is None:
+            return Response(status_code=499)
+        return {**base([choice(seq.text, seq.finish_reason)]), "usage": _usage(seq)}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict:
+        adapter = server.adapter_for(body.model)
+        if not getattr(server.tokenizer, "chat_template", None):
+            raise APIError(400, f"model {base_name!r} has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # the template itself rejects some conversations (e.g. role order)
+            raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
+        prompt_ids = server.tokenizer(text, add_special_tokens=False).input_ids
+        server.check_prompt_ids(prompt_ids, "messages")
+        params = server.params(body, len(prompt_ids), body.limit)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def base(choices: list[dict], object_: str) -> dict:
+            return {"id": rid, "object": object_, "created": created, "model": body.model, "choices": choices}
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def delta(content: dict, finish_reason: str | None = None) -> dict:
+                return base([{"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}],
+                            "chat.completion.chunk")
+
+            def chunk(text: str | None) -> list[dict]:
+                return [delta({"role": "assistant", "content": ""})] if text is None else [delta({"content": text})]
+
+            def final(seq: Sequence) -> list[dict]:
+                out = [delta({}, seq.finish_reason)]
+                if include_usage:
+                    out.append({**base([], "chat.completion.chunk"), "usage": _usage(seq)})
+                return out
+
+            return server.stream(adapter, prompt_ids, params, chunk, final)
+        seq = await server.complete(request, adapter, prompt_ids, params)
+        if seq is None:
+            return Response(status_code=499)
+        message = {"role": "assistant", "content": seq.text}
+        choice = {"index": 0, "message": message, "finish_reason": seq.finish_reason, "logprobs": None}
+        return {**base([choice], "chat.completion"), "usage": _usage(seq)}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: LoadAdapterRequest, request: Request) -> dict:
+        server.authorize(request)
+        if server.adapters_dir is None:
+            raise APIError(403, "loading adapters at run time needs --adapters-dir DIR (adapters load only from "
+                           "inside it)", type_="permission_error")
+        try:
+            path = resolve_adapter_path(server.adapters_dir, body.path)
+        except AdapterPathError as err:
+            raise APIError(400, str(err), param="path") from None
+        try:
+            registry.reserve(body.name, loading=True)
+        except AdapterConflict as err:
+            raise APIError(409, str(err), param="name", code="adapter_exists") from None
+        try:
+            # disk reads off the event loop and off the scheduler: serving goes on meanwhile
+            config, tensors = await asyncio.to_thread(read_adapter, path)
+            info = await asyncio.wrap_future(scheduler.call(lambda: registry.attach(body.name, config, tensors, str(path))))
+        except (OSError, ValueError, TypeError) as err:
+            shown = str(err).replace(str(server.adapters_dir), "<adapters-dir>")
+            raise APIError(400, f"cannot load adapter {body.name!r} from {body.path!r}: {shown}", param="path") from None
+        finally:
+            registry.release(body.name)
+        return _card(info.name, info.created, base_name)
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str, request: Request) -> dict:
+        server.authorize(request)
+        try:
+            registry.reserve(name, loading=False)
+        except UnknownAdapter as err:
+            raise APIError(404, str(err), param="name", code="model_not_found") from None
+        except AdapterConflict as err:
+            raise APIError(409, str(err), param="name") from None
+        try:
+            # requests already using it finish first; new ones get 404 from now on
+            await asyncio.wrap_future(scheduler.call(lambda: registry.detach(name), ready=lambda: not scheduler.in_use(name)))
+        finally:
+            registry.release(name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    return app
+
+
+def _card(model_id: str, created: int, parent: str | None) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "peftkit", "parent": parent,
+            "root": parent or model_id}

@@ -1,0 +1,173 @@
+"""The served base model and its named adapters.
+
+Reading an adapter folder (JSON and safetensors from disk) is the slow part of loading one; :func:`read_adapter`
+does it on a worker thread while the scheduler keeps decoding. Only :meth:`AdapterRegistry.attach` and
+:meth:`AdapterRegistry.detach` change the model, and the scheduler runs them between decode steps.
+
+With no adapter loaded the model is served plain; the first adapter wraps it in a :class:`PeftModel`, and removing
+the last one unwraps it again (a PeftModel always has at least one adapter).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import checkpoint
+from ..peft_model import PeftModel
+from ..tuners.base import BASE, PeftConfig
+
+
+class AdapterPathError(ValueError):
+    """A requested adapter path is outside the configured adapters directory."""
+
+
+class AdapterConflict(Exception):
+    """The name is taken, or a load or removal of it is under way."""
+
+
+class UnknownAdapter(Exception):
+    """No adapter of that name is loaded."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: str
+    created: int  # unix time it was loaded
+
+
+def resolve_adapter_path(root: str | os.PathLike, requested: str) -> Path:
+    """``requested`` (relative to ``root`` or absolute) as a real path, refusing anything that is not inside ``root``.
+
+    Symlinks and ``..`` are resolved first, so neither can lead out of the directory.
+    """
+    base = Path(root).resolve()
+    if not requested or "\x00" in requested:
+        raise AdapterPathError("path must be a non-empty folder name inside the adapters directory")
+    target = (base / requested).resolve()  # an absolute ``requested`` replaces base here, and is then checked
+    if not target.is_relative_to(base):
+        raise AdapterPathError(f"path {requested!r} is outside the adapters directory; give a folder inside it")
+    return target
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """An adapter folder's config and tensors, read from disk (runs off the scheduler and event-loop threads)."""
+    config = checkpoint.read_config(path)
+    config.inference_mode = True
+    tensors = checkpoint.load_tensors(Path(path) / checkpoint.WEIGHTS_NAME)
+    return config, tensors
+
+
+class AdapterRegistry:
+    """The model and its adapters. ``forward``, ``attach`` and ``detach`` run on the scheduler thread only; the
+    name lookups are safe from any thread."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str) -> None:
+        model.eval()
+        self.model = model
+        self.peft: PeftModel | None = None
+        self.base_name = base_name
+        self.context_length = int(model.config.max_position_embeddings)
+        self.vocab_size = int(model.config.vocab_size)
+        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = frozenset(eos + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.created = int(time.time())
+        self._lock = threading.Lock()
+        self._adapters: dict[str, AdapterInfo] = {}
+        self._pending: set[str] = set()  # names with a load or removal under way
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Names (any thread)
+
+    def models(self) -> list[AdapterInfo]:
+        with self._lock:
+            return list(self._adapters.values())
+
+    def lookup(self, model: str) -> str | None:
+        """The adapter name a request's ``model`` selects (``BASE`` for the base model), or None if unknown."""
+        if model == self.base_name:
+            return BASE
+        with self._lock:
+            return model if model in self._adapters else None
+
+    def model_ids(self) -> list[str]:
+        return [self.base_name] + [a.name for a in self.models()]
+
+    def reserve(self, name: str, loading: bool) -> None:
+        """Claim ``name`` for a load (it must be new) or a removal (it must be loaded); :meth:`release` ends it."""
+        with self._lock:
+            if name in self._pending:
+                raise AdapterConflict(f"adapter {name!r} is being loaded or removed right now; retry when that is done")
+            if loading and (name in self._adapters or name in (self.base_name, BASE)):
+                raise AdapterConflict(f"the name {name!r} is taken; DELETE /v1/adapters/{name} first or pick another name")
+            if not loading and name not in self._adapters:
+                raise UnknownAdapter(f"no adapter named {name!r}; loaded: {sorted(self._adapters)}")
+            self._pending.add(name)
+            if not loading:  # new requests stop finding it at once; running ones finish first
+                del self._adapters[name]
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._pending.discard(name)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The model (scheduler thread)
+
+    def attach(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str) -> AdapterInfo:
+        """Add adapter ``name`` to the model with ``tensors`` (checked key by key and shape by shape)."""
+        source = str(Path(path) / checkpoint.WEIGHTS_NAME)
+        if self.peft is None:
+            peft = PeftModel(self.model, config, name)
+            try:
+                checkpoint.copy_checked(peft.adapter_tensors(name), tensors, source)
+            except Exception:
+                peft.unload()
+                raise
+            self.peft = peft
+        else:
+            self.peft.add_adapter(name, config)
+            try:
+                checkpoint.copy_checked(self.peft.adapter_tensors(name), tensors, source)
+            except Exception:
+                self.peft.delete_adapter(name)
+                raise
+        self.peft.eval()  # new adapter modules start in training mode (dropout on)
+        info = AdapterInfo(name=name, path=str(path), created=int(time.time()))
+        with self._lock:
+            self._adapters[name] = info
+        return info
+
+    def detach(self, name: str) -> None:
+        """Remove adapter ``name`` from the model (no request may be using it)."""
+        assert self.peft is not None and name in self.peft.peft_config
+        if len(self.peft.peft_config) == 1:
+            self.model = self.peft.unload()
+            self.peft = None
+        else:
+            self.peft.delete_adapter(name)
+
+    def has_adapter(self, name: str) -> bool:
+        return name == BASE or (self.peft is not None and name in self.peft.peft_config)
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, *, adapter_names: list[str], **inputs: Any) -> torch.Tensor:
+        """Logits at the last position, (batch, vocab), each row through its own adapter."""
+        if self.peft is None:
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        else:
+            out = self.peft(**inputs, adapter_names=adapter_names, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
