@@ -24,6 +24,7 @@ _NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "suffix": (("",), "no suffix"),
 }
 
+_UNION_TAGS = {"str", "int", "float", "bool"}  # how pydantic names the members of a union in error locations
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
@@ -157,7 +158,7 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
             parts.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
             continue
         # for union types pydantic appends the member type it tried ("stop.str"); users care about the field
-        field = ".".join(x for x in loc if not x.startswith(("list[", "str", "int", "function-")))
+        field = ".".join(x for x in loc if x not in _UNION_TAGS and not x.startswith(("list[", "dict[", "function-")))
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unrecognized request argument"

@@ -206,18 +206,26 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     return
-            try:
-                with torch.inference_mode():
-                    self._run_commands()
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._rows:
-                        self._decode()
-            except Exception:  # never let the thread die: fail what is running and carry on
-                logger.exception("scheduler step failed")
-                for seq in self._rows:
-                    seq.fail("internal error in the scheduler; see the server log")
-                self._rows, self._batch = [], None
+            self.step()
+
+    def step(self) -> None:
+        """One iteration: model-changing commands, cancellations, admissions (prefill), one decode step.
+
+        The scheduler thread calls this in a loop; tests may call it directly (without :meth:`start`) to drive an
+        exact schedule.
+        """
+        try:
+            self._run_commands()  # outside inference mode: new adapter weights must be ordinary tensors
+            with torch.inference_mode():
+                self._drop_cancelled()
+                self._admit()
+                if self._rows:
+                    self._decode()
+        except Exception:  # never let the thread die: fail what is running and carry on
+            logger.exception("scheduler step failed")
+            for seq in self._rows:
+                seq.fail("internal error in the scheduler; see the server log")
+            self._rows, self._batch = [], None
 
     def _has_work(self) -> bool:
         ready_command = bool(self._commands) and self._commands[0][1]()
