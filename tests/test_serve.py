@@ -27,7 +27,7 @@ import peftkit as pk
 from peftkit.serve import create_app
 from peftkit.serve.registry import AdapterRegistry, read_adapter
 from peftkit.serve.sampling import SamplingParams, TextStream, sample_token
-from peftkit.serve.scheduler import Scheduler, Sequence
+from peftkit.serve.scheduler import QueueFull, Scheduler, Sequence
 from peftkit.tuners.base import BASE
 
 TOKEN = "test-token-123"
@@ -177,6 +177,22 @@ def test_text_stream_holds_back_stop_prefixes_and_cuts_at_stop(tok):
     # a partial UTF-8 character is never sent on its own
     stream = TextStream(tok)
     assert all("\ufffd" not in stream.push(t) for t in tok("😀😀").input_ids)
+    # windowed decoding of any token sequence (special tokens, byte fragments) adds up to the whole decode
+    ids = torch.randint(0, VOCAB, (300,), generator=torch.Generator().manual_seed(0)).tolist() + [2, 1, 0]
+    stream = TextStream(tok)
+    text = "".join(stream.push(t) for t in ids) + stream.finish()
+    assert text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_queue_bound_counts_running_and_waiting(tok):
+    sched = Scheduler(host=None, max_batch_size=2, max_queue=1)  # never started: only admission is checked
+    seqs = [_seq(tok, BASE, [1, 2], 4)[0] for _ in range(4)]
+    for seq in seqs[:3]:
+        sched.submit(seq)
+    with pytest.raises(QueueFull, match="3 requests are running or waiting"):
+        sched.submit(seqs[3])
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Scheduler(host=None, max_batch_size=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

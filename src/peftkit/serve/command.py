@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                      api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     names = ", ".join([args.model, *adapters])
     print(f"peftkit serve: models {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0
 
 

@@ -52,46 +52,59 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 class TextStream:
     """Incremental detokenization with stop sequences.
 
-    Each :meth:`push` decodes the whole output so far (byte-level BPE can only be decoded reliably as a whole) and
-    returns the text that is safe to send: it holds back a trailing partial UTF-8 character ("\\ufffd") and any tail
-    that could still become a stop sequence. When a stop sequence appears, the text ends just before it.
+    Tokens are decoded in a sliding window (the last complete piece plus the new tokens, as TGI and vLLM do), so
+    each step costs the same however long the output is, and tokenizers that drop a leading space at the start of a
+    decode still join pieces correctly. A trailing partial UTF-8 character ("\ufffd") waits for the next token;
+    text that could still become a stop sequence is held back; when a stop sequence appears, the text ends just
+    before it.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.token_ids: list[int] = []
-        self.sent = ""  # what has been handed out so far
+        self.text = ""  # decoded so far (complete characters only)
+        self.sent = 0  # how much of ``text`` has been handed out
         self.stopped = False
+        self._prefix = 0  # token window [prefix, read) decodes to text already in ``self.text``
+        self._read = 0
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the newly safe text ("" if none). Sets :attr:`stopped` on a stop sequence."""
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        start = max(0, len(self.sent) - max((len(s) for s in self.stop), default=0))
-        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        self.text += self._decode_new(final=False)
+        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
-            return self._advance(text[: min(hits)])
-        safe = len(text)
-        while safe > len(self.sent) and text[safe - 1] == "\ufffd":
-            safe -= 1
+            self.text = self.text[: min(hits)]
+            return self._advance(len(self.text))
         hold = 0  # the longest unsent tail that is a prefix of a stop sequence: it may still grow into one
         for s in self.stop:
-            for k in range(min(len(s) - 1, safe - len(self.sent)), hold, -1):
-                if text.endswith(s[:k], 0, safe):
+            for k in range(min(len(s) - 1, len(self.text) - self.sent), hold, -1):
+                if self.text.endswith(s[:k]):
                     hold = k
                     break
-        return self._advance(text[: safe - hold])
+        return self._advance(len(self.text) - hold)
 
     def finish(self) -> str:
-        """The held-back tail when generation ends without a stop sequence."""
+        """Everything held back, when generation ends without a stop sequence."""
         if self.stopped:
             return ""
-        return self._advance(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        self.text += self._decode_new(final=True)
+        return self._advance(len(self.text))
 
-    def _advance(self, text: str) -> str:
-        if len(text) <= len(self.sent):
+    def _decode_new(self, final: bool) -> str:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.token_ids[self._prefix : self._read])
+        after = decode(self.token_ids[self._prefix :])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""  # nothing new, or a multi-byte character still incomplete
+        self._prefix, self._read = self._read, len(self.token_ids)
+        return after[len(before) :]
+
+    def _advance(self, end: int) -> str:
+        if end <= self.sent:
             return ""
-        delta, self.sent = text[len(self.sent) :], text
+        delta, self.sent = self.text[self.sent : end], end
         return delta

@@ -139,6 +139,7 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._commands: deque[tuple[Callable[[], Any], Callable[[], bool], concurrent.futures.Future]] = deque()
         self._rows: list[Sequence] = []
+        self._prefilling: list[Sequence] = []  # taken from the queue, not yet in the batch
         self._batch: KVBatch | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -164,12 +165,17 @@ class Scheduler:
         self._waiting.clear()
 
     def submit(self, seq: Sequence) -> None:
-        """Queue a request; raises :class:`QueueFull` rather than growing without bound."""
+        """Queue a request; raises :class:`QueueFull` when ``max_batch_size`` requests run and ``max_queue`` wait,
+        rather than growing without bound."""
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already (--max-queue {self.max_queue})")
+            in_flight = len(self._waiting) + len(self._prefilling) + len(self._rows)
+            if in_flight >= self.max_batch_size + self.max_queue:
+                raise QueueFull(
+                    f"{in_flight} requests are running or waiting already "
+                    f"(--max-batch-size {self.max_batch_size} + --max-queue {self.max_queue})"
+                )
             self._waiting.append(seq)
             self._cond.notify_all()
 
@@ -260,6 +266,7 @@ class Scheduler:
                 if group and (len(group) + 1) * longest > self.prefill_tokens:
                     break
                 group.append(self._waiting.popleft())
+            self._prefilling = group
         ready = []
         for seq in group:
             if self.host.has_adapter(seq.adapter):
@@ -268,6 +275,7 @@ class Scheduler:
                 seq.fail(f"adapter {seq.adapter!r} was removed before this request started")
         if ready:
             self._prefill(ready)
+        self._prefilling = []  # after the rows joined: a concurrent submit may over-count briefly, never under-count
 
     def _prefill(self, group: list[Sequence]) -> None:
         """Run the group's contexts, sample each one's next token and append the unfinished rows to the batch."""
