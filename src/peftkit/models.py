@@ -104,12 +104,20 @@ def load_model(
     task: str = "causal-lm",
     num_labels: int | None = None,
     dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` without touching the network.
 
     ``name_or_path``: ``"smollm2-135m"``, ``"minilm-l6"``, a local Hugging Face folder, or a hub id already in
     the local Hugging Face cache. ``task``: ``"causal-lm"`` (a language-model head) or ``"seq-cls"`` (a freshly
     initialised classification head with ``num_labels`` outputs, default 2). The model is returned in eval mode.
+
+    ``quantization``: ``"nf4"`` or ``"fp4"`` (4-bit, bitsandbytes ``Linear4bit``, blocks of 64; ``double_quant``
+    also quantizes the block constants, 4.127 instead of 4.5 bits per weight) or ``"int8"`` (``Linear8bitLt``)
+    for every linear layer except the output head, computing in ``compute_dtype``. Weights are quantized one at
+    a time as they are read, so loading never holds the full-precision model (see :mod:`peftkit.quant`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -127,9 +135,17 @@ def load_model(
     if task == "causal-lm":
         if getattr(config, "is_decoder", False) is False and config.model_type in ("bert", "roberta", "distilbert"):
             raise ValueError(f"{name_or_path!r} is an encoder ({config.model_type}); use task='seq-cls'")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model_cls, kwargs = AutoModelForCausalLM, {}
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, dtype=dtype)
+        model_cls, kwargs = AutoModelForSequenceClassification, {"num_labels": num_labels or 2}
+    if quantization is None:
+        model = model_cls.from_pretrained(path, dtype=dtype, **kwargs)
+    else:
+        from .quant import load_quantized
+
+        config.update(kwargs)
+        model = load_quantized(model_cls, path, config, quantization, double_quant, compute_dtype, dtype)
+    if task == "seq-cls":
         if model.config.pad_token_id is None:
             # decoder classifiers pool the last non-pad token and need to know which id is padding
             model.config.pad_token_id = tokenizer.pad_token_id

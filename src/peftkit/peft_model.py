@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, quant
 from .tuners.base import (
     BASE,
     AdapterLayer,
@@ -184,17 +184,28 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} is {tuner.peft_type}, which adds computation the base weights cannot absorb; "
                     "it cannot be merged (serve it unmerged)"
                 )
-        for _, layer in self.adapter_layers():
-            layer.merge([n for n in names if n in layer.adapter_names])
+        quantized = quant.has_quantized_layers(self.base_model)
+        with quant.merge_report(self.base_model, names) if quantized else nullcontext():  # warns with the error
+            for _, layer in self.adapter_layers():
+                layer.merge([n for n in names if n in layer.adapter_names])
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge adapters into the weights and return the plain base model: zero added latency."""
+    def merge_and_unload(self, adapter_names: list[str] | None = None, dequantize: bool = False) -> nn.Module:
+        """Merge adapters into the weights and return the plain base model: zero added latency.
+
+        ``dequantize``: first replace a 4-bit/8-bit base's layers by full-precision ``nn.Linear`` ones, so the merge
+        is exact (W = dequant(W0) + delta, no requantization) and transformers saves and loads the result as a
+        plain model."""
+        if dequantize and quant.has_quantized_layers(self.base_model):
+            self.unmerge_adapter()
+            quant.dequantize_model(self.base_model)
         self.merge_adapter(adapter_names)
-        return self._unwrap(keep=list(adapter_names or self._active))
+        model = self._unwrap(keep=list(adapter_names or self._active))
+        quant.forget_merges(model)  # the pre-merge copies only served unmerging
+        return model
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import quant
 from .base import (
     FILE_PREFIX,
     AdapterLayer,
@@ -149,6 +150,8 @@ class LoraLayer(AdapterLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def _merge_one(self, adapter_name: str, sign: int) -> None:
+        if quant.is_quantized(self.base_layer):  # dequantize, add, requantize; unmerge restores the old bits
+            return quant.merge_weight(self.base_layer, sign, lambda w: w + self.delta_weight(adapter_name).to(w.dtype))
         with torch.no_grad():
             self.base_layer.weight.add_(self.delta_weight(adapter_name).to(self.base_layer.weight.dtype), alpha=sign)
 
