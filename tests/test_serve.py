@@ -273,6 +273,9 @@ def test_models_and_health(server, client):
     url, _ = server
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == "tiny" and {"a", "b"} <= set(ids) and "__base__" not in ids
+    assert client.models.retrieve("a").parent == "tiny" and client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny" and {"a", "b"} <= set(health["adapters"])
 
@@ -541,3 +544,54 @@ def test_full_queue_answers_429_and_disconnects_free_slots(small_server, tok, so
     r = client.completions.create(model="a", prompt="After", max_tokens=3, temperature=0)
     assert r.choices[0].text == tok.decode(solo("a", prompt_ids(tok, "After"), 3), skip_special_tokens=True)
     assert state.scheduler.stats["tokens"] - before < 240
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.mark.slow
+def test_serve_command_runs_from_one_command(tmp_path, adapters_dir, tok):
+    """``python -m peftkit.serve`` (what ``peftkit serve`` runs) on a local model folder, in a subprocess."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    make_base().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    with socket.socket() as s:  # a free port for the child (released just before it binds)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "peftkit.serve", "--model", str(folder), "--adapter", f"a={adapters_dir / 'a'}",
+           "--port", str(port), "--api-key-file", str(tmp_path / "token"), "--max-batch-size", "4", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [str(folder), "a"]
+        r = client.completions.create(model="a", prompt="Hi", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
+        assert admin(url, "DELETE", "/v1/adapters/a").json()["deleted"] is True
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_serve_help(capsys):
+    from peftkit.serve import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--adapter NAME=PATH" in help_text and "127.0.0.1" in help_text
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        main(["--adapter", "no-equals-sign"])

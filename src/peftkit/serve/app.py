@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
+from ..tuners.base import BASE
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -261,6 +262,14 @@ def create_app(
         cards = [_card(base_name, registry.created, None)]
         cards += [_card(a.name, a.created, base_name) for a in registry.models()]
         return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model_id}")
+    async def model_card(model_id: str) -> dict:
+        adapter = server.adapter_for(model_id)
+        if adapter == BASE:
+            return _card(base_name, registry.created, None)
+        info = next(a for a in registry.models() if a.name == adapter)
+        return _card(info.name, info.created, base_name)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response | dict:

@@ -65,8 +65,11 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         print(f"peftkit serve: binding to {args.host}: anyone who can reach it can run completions", file=sys.stderr)
     model, tokenizer = load_model(args.model)
-    app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
-                     api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    try:
+        app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
+                         api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    except (OSError, ValueError, TypeError) as err:  # a bad --adapter: say which and why, no traceback
+        raise SystemExit(f"peftkit serve: {err}") from None
     names = ", ".join([args.model, *adapters])
     print(f"peftkit serve: models {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
