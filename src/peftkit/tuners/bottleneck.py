@@ -1,0 +1,220 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020): small residual MLPs inserted in each layer.
+
+    h <- h + up(dropout(f(down(h))))        down: d -> m, up: m -> d, both with biases; m = d // reduction_factor
+
+Each placement trains 2 m d + d + m parameters. ``up`` starts at zero, so the model starts as the base model;
+``down`` starts from a normal distribution with std ``init_scale`` truncated at two std (Houlsby's near-identity
+initialisation, with the up-projection zeroed instead of small).
+
+Placement: the adapter wraps the *output projection* of a sub-block and is applied to that projection's output,
+i.e. before the sub-block's residual add (and, in post-norm models like BERT, before its LayerNorm), which is
+where Houlsby et al. put it. ``"houlsby"`` places one after the attention output projection and one after the
+feed-forward output projection of every layer; ``"pfeiffer"`` only the feed-forward one. :data:`PLACEMENTS`
+holds the module paths per architecture; ``target_modules`` overrides it.
+
+Several active adapters on one module run in parallel on the same input and their outputs add up. These adapters
+add layers, so they cannot be merged into the base weights. Mixed-adapter batches stack every adapter's weights
+(zeros for "no adapter", zero-padded to the widest bottleneck) and run each row's own adapter with batched
+matmuls.
+
+HF PEFT has no bottleneck adapters; files use its layout with ``peft_type`` "BOTTLENECK" and keys
+``base_model.model.<module>.adapter_down.weight`` / ``.bias`` and ``.adapter_up.weight`` / ``.bias``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterLayer, PeftConfig, Tuner, find_targets, gather_rows, is_linear, register
+
+_LLAMA = (r"(.*\.)?layers\.\d+\.self_attn\.o_proj", r"(.*\.)?layers\.\d+\.mlp\.down_proj")
+# BERT's feed-forward output is `layer.N.output.dense`; the bare suffix `output.dense` would also match the
+# attention output `layer.N.attention.output.dense`, so the patterns pin the path right after the layer index.
+_BERT = (r"(.*\.)?layer\.\d+\.attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense")
+_GPT2 = (r"(.*\.)?h\.\d+\.attn\.c_proj", r"(.*\.)?h\.\d+\.mlp\.c_proj")
+
+# model_type -> (attention output projection, feed-forward output projection), as full-path regexes.
+PLACEMENTS: dict[str, tuple[str, str]] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "electra": _BERT,
+    "gpt2": _GPT2,
+}
+
+NON_LINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
+VARIANTS = ("houlsby", "pfeiffer")
+
+
+@dataclass
+class BottleneckConfig(PeftConfig):
+    """Bottleneck-adapter settings.
+
+    ``variant``: ``"houlsby"`` (after attention and after the feed-forward block) or ``"pfeiffer"`` (after the
+    feed-forward block only); ignored when ``target_modules`` names the modules explicitly.
+    ``reduction_factor``: m = d // reduction_factor, unless ``bottleneck_size`` gives m directly.
+    ``non_linearity``: ``"relu"``, ``"gelu"`` or ``"swish"``. ``dropout``: on the adapter's output while training.
+    ``init_scale``: std of the down-projection's truncated-normal initialisation (the up-projection starts at 0).
+    """
+
+    peft_type: ClassVar[str] = "BOTTLENECK"
+    variant: str = "houlsby"
+    reduction_factor: int = 16
+    bottleneck_size: int | None = None
+    non_linearity: str = "relu"
+    dropout: float = 0.0
+    init_scale: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"BottleneckConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.non_linearity not in NON_LINEARITIES:
+            raise ValueError(
+                f"BottleneckConfig.non_linearity must be one of {sorted(NON_LINEARITIES)}, got {self.non_linearity!r}"
+            )
+        if self.bottleneck_size is not None and (not isinstance(self.bottleneck_size, int) or self.bottleneck_size <= 0):
+            raise ValueError(f"BottleneckConfig.bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
+        if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
+            raise ValueError(f"BottleneckConfig.reduction_factor must be positive, got {self.reduction_factor!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"BottleneckConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init_scale < 0:
+            raise ValueError(f"BottleneckConfig.init_scale must be >= 0, got {self.init_scale!r}")
+
+    def bottleneck_for(self, features: int, module_name: str) -> int:
+        """The bottleneck width m for a module with ``features`` outputs."""
+        m = self.bottleneck_size or int(features // self.reduction_factor)
+        if m < 1:
+            raise ValueError(
+                f"{module_name} has {features} outputs; reduction_factor={self.reduction_factor} leaves no bottleneck. "
+                "Use a smaller reduction_factor or set bottleneck_size."
+            )
+        return m
+
+
+class BottleneckLayer(AdapterLayer):
+    """Adds ``up(dropout(f(down(y))))`` to the output y of the wrapped module (``nn.Linear`` or ``Conv1D``)."""
+
+    adapter_attrs = ("adapter_down", "adapter_up")
+    mergeable = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        # the adapter acts on the output: Conv1D keeps W as (in, out), nn.Linear as (out, in)
+        is_conv1d = type(base_layer).__name__ == "Conv1D"
+        self.features = base_layer.weight.shape[1] if is_conv1d else base_layer.out_features
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.adapter_dropout = nn.ModuleDict()
+        self.non_linearity: dict[str, str] = {}
+
+    def update_layer(self, adapter_name: str, config: BottleneckConfig, module_name: str) -> None:
+        m = config.bottleneck_for(self.features, module_name)
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        down = nn.Linear(self.features, m, device=weight.device, dtype=dtype)
+        up = nn.Linear(m, self.features, device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            std = config.init_scale
+            nn.init.trunc_normal_(down.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(down.bias)
+            nn.init.zeros_(up.weight)
+            nn.init.zeros_(up.bias)
+        self.adapter_down[adapter_name] = down
+        self.adapter_up[adapter_name] = up
+        # p = 0 skips dropout entirely instead of running an identity that still copies
+        self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.non_linearity[adapter_name] = config.non_linearity
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.bypass():
+            return result
+        if self.mixed is not None:
+            return result + self._mixed_delta(result).to(result.dtype)
+        out = result
+        for name in self.active_adapters:
+            down, up = self.adapter_down[name], self.adapter_up[name]
+            h = NON_LINEARITIES[self.non_linearity[name]](down(result.to(down.weight.dtype)))
+            out = out + self.adapter_dropout[name](up(h)).to(result.dtype)
+        return out
+
+    def _mixed_delta(self, y: torch.Tensor) -> torch.Tensor:
+        """Each row's adapter on its own row: gather stacked weights per row, then two batched matmuls.
+
+        Base rows and absent adapters have all-zero weights and biases, and the padding of narrower bottlenecks
+        is zero too; f(0) = 0 for every supported f, so those contribute exactly nothing."""
+        order, batch = self.mixed.order, y.shape[0]
+        present = [n for n in order if n in self.adapter_down]
+        m_max = max(self.adapter_down[n].out_features for n in present)
+        ref = self.adapter_down[present[0]].weight
+        W_down = ref.new_zeros(len(order), m_max, self.features)
+        b_down = ref.new_zeros(len(order), m_max)
+        W_up = ref.new_zeros(len(order), self.features, m_max)
+        b_up = ref.new_zeros(len(order), self.features)
+        kinds = sorted({self.non_linearity[n] for n in present})
+        kind_of = torch.zeros(len(order), dtype=torch.long)
+        for i, name in enumerate(order):
+            if name in self.adapter_down:
+                down, up = self.adapter_down[name], self.adapter_up[name]
+                m = down.out_features
+                W_down[i, :m], b_down[i, :m] = down.weight, down.bias
+                W_up[i, :, :m], b_up[i] = up.weight, up.bias
+                kind_of[i] = kinds.index(self.non_linearity[name])
+        y3 = y.reshape(batch, -1, self.features).to(ref.dtype)
+        z = torch.baddbmm(gather_rows(b_down, self.mixed, batch).unsqueeze(1), y3, gather_rows(W_down, self.mixed, batch).transpose(1, 2))
+        if len(kinds) == 1:
+            h = NON_LINEARITIES[kinds[0]](z)
+        else:  # adapters with different non-linearities: apply each, keep each row's own
+            rows_kind = gather_rows(kind_of.to(y.device), self.mixed, batch)
+            h = torch.stack([NON_LINEARITIES[k](z) for k in kinds])[rows_kind, torch.arange(batch, device=y.device)]
+        delta = torch.baddbmm(gather_rows(b_up, self.mixed, batch).unsqueeze(1), h, gather_rows(W_up, self.mixed, batch).transpose(1, 2))
+        return delta.reshape(y.shape)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.adapter_dropout:
+            del self.adapter_dropout[adapter_name]
+        self.non_linearity.pop(adapter_name, None)
+
+
+@register
+class BottleneckTuner(Tuner):
+    peft_type = "BOTTLENECK"
+    config_cls = BottleneckConfig
+    layer_cls = BottleneckLayer
+    mergeable = False
+
+    def target_names(self, model: nn.Module, config: BottleneckConfig) -> list[str]:
+        if config.target_modules is not None:
+            return find_targets(model, config)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in PLACEMENTS:
+            raise ValueError(
+                f"peftkit has no bottleneck-adapter placement for model type {model_type!r} (it knows "
+                f"{sorted(PLACEMENTS)}). Pass target_modules: the attention and feed-forward output projections."
+            )
+        attention, feedforward = PLACEMENTS[model_type]
+        pattern = f"(?:{attention})|(?:{feedforward})" if config.variant == "houlsby" else feedforward
+        return find_targets(model, dataclasses.replace(config, target_modules=pattern))
+
+    def make_layer(self, module: nn.Module, config: BottleneckConfig, module_name: str) -> AdapterLayer:
+        if not is_linear(module):
+            raise TypeError(
+                f"a bottleneck adapter cannot wrap {module_name} ({type(module).__name__}): it goes on the output "
+                "of a linear projection (nn.Linear, transformers' Conv1D or a bitsandbytes linear layer)"
+            )
+        return BottleneckLayer(module)

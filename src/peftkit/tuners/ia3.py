@@ -1,0 +1,221 @@
+"""(IA)^3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning"): rescale activations by learned vectors, initialised to 1 so the model starts as the base model.
+
+    attention-side targets (keys, values):   h = l ⊙ (W x + b)       l: out x 1 in files
+    feed-forward targets:                     h = W (l ⊙ x) + b       l: 1 x in  in files
+
+Several active adapters multiply: l = l_1 ⊙ l_2 ⊙ ... Merging scales the rows of W (and b) for output vectors,
+or the columns of W for input vectors, so a merged model costs exactly what the base model costs; unmerging
+divides them out again. A vector with a zero entry cannot be merged (the row would be lost), which is refused.
+
+Mixed-adapter batches gather each row's vector from a stack of all adapters (ones for "no adapter") and apply
+it with one elementwise multiply.
+
+Field names, defaults, file keys (``base_model.model.<module>.ia3_l``), shapes and the feed-forward matching rule
+follow Hugging Face PEFT, so adapter files move both ways.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, PeftConfig, Tuner, find_targets, gather_rows, register
+
+# HF PEFT's defaults when target_modules / feedforward_modules are not given, for the families peftkit supports.
+DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+}
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """(IA)^3 settings, with HF PEFT's field names and defaults.
+
+    ``target_modules``: modules whose output (or, for feed-forward ones, input) is rescaled; ``None`` picks HF
+    PEFT's default for the architecture (e.g. Llama: ``k_proj``, ``v_proj``, ``down_proj``).
+    ``feedforward_modules``: the targets whose *input* is rescaled. A list entry matches every module path that
+    ends with it (HF PEFT's rule, without a dot boundary: in BERT ``"output.dense"`` therefore also matches
+    ``attention.output.dense``); a string is a regex matched against the full path. Must be a subset of
+    ``target_modules`` when both are lists. ``None`` picks the architecture's default.
+    ``init_ia3_weights``: True starts every vector at 1 (the model equals the base); False draws them from N(0, 1)
+    (for tests only). ``fan_in_fan_out``: kept for file compatibility; the weight layout is read from the module
+    type (transformers' ``Conv1D`` stores W as in x out), which is what HF PEFT ends up using as well.
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.feedforward_modules, (set, tuple)):
+            self.feedforward_modules = sorted(self.feedforward_modules)
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(
+                    f"IA3Config.feedforward_modules must be a subset of target_modules; {extra} are not targets. "
+                    f"Add them to target_modules or drop them from feedforward_modules."
+                )
+        if self.init_ia3_weights not in (True, False):
+            raise ValueError(f"IA3Config.init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        # HF PEFT's IA3Config has no layer selection and warns about unknown fields; leave them out when unused
+        out = super().to_dict()
+        for name in ("layers_to_transform", "layers_pattern"):
+            if out[name] is None:
+                del out[name]
+        return out
+
+    def is_feedforward(self, module_name: str) -> bool:
+        """Whether ``module_name`` gets its input (True) or its output (False) rescaled (HF PEFT's rule)."""
+        spec = self.feedforward_modules
+        if isinstance(spec, str):
+            return re.fullmatch(spec, module_name) is not None
+        return any(module_name.endswith(key) for key in spec or [])
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def _supported(module: nn.Module) -> bool:
+    # bitsandbytes' quantized layers subclass nn.Linear, but their weights cannot be rescaled in place
+    quantized = type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    return (isinstance(module, nn.Linear) and not quantized) or _is_conv1d(module)
+
+
+class IA3Layer(AdapterLayer):
+    """(IA)^3 around ``nn.Linear`` or transformers' ``Conv1D``: one learned vector per adapter (``ia3_l``)."""
+
+    adapter_attrs = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
+        super().__init__(base_layer)
+        self.is_feedforward = is_feedforward
+        self.fan_in_fan_out = _is_conv1d(base_layer)  # Conv1D keeps W as (in, out)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.ia3_l = nn.ParameterDict()
+
+    def update_layer(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
+        if config.is_feedforward(module_name) != self.is_feedforward:
+            side = "input (feed-forward)" if self.is_feedforward else "output"
+            raise ValueError(
+                f"{module_name} already rescales its {side} for adapters {self.adapter_names}; adapter "
+                f"{adapter_name!r} classifies it the other way. Use the same feedforward_modules for every "
+                "(IA)^3 adapter on a model."
+            )
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        init = torch.ones if config.init_ia3_weights else torch.randn
+        self.ia3_l[adapter_name] = nn.Parameter(init(shape, dtype=dtype, device=weight.device))
+
+    def _weight_factor(self, adapter_name: str) -> torch.Tensor:
+        """The vector shaped to broadcast over the base weight: rows of W for output vectors, columns for input
+        vectors (transposed for Conv1D, whose W is in x out)."""
+        vector = self.ia3_l[adapter_name].detach()
+        return vector.T if self.fan_in_fan_out else vector
+
+    def _merge_one(self, adapter_name: str, sign: int) -> None:
+        vector = self.ia3_l[adapter_name].detach()
+        if sign > 0 and not (torch.isfinite(vector).all() and (vector != 0).all()):
+            raise ValueError(
+                f"cannot merge (IA)^3 adapter {adapter_name!r}: its vector has zero or non-finite entries, so the "
+                "scaled weights could not be restored by unmerging. Run it unmerged instead."
+            )
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        factor = self._weight_factor(adapter_name).to(weight.dtype)
+        scale_bias = not self.is_feedforward and bias is not None  # W (l ⊙ x) + b leaves b alone
+        with torch.no_grad():
+            if sign > 0:
+                weight.mul_(factor)
+                if scale_bias:
+                    bias.mul_(vector.flatten().to(bias.dtype))
+            else:
+                weight.div_(factor)
+                if scale_bias:
+                    bias.div_(vector.flatten().to(bias.dtype))
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The vector to multiply with: the product over active adapters, or each row's own in a mixed batch
+        (shaped (batch, 1, ..., features) to broadcast over the sequence)."""
+        if self.mixed is not None:
+            ones = next(iter(self.ia3_l.values())).new_ones(self._features)
+            stack = torch.stack([self.ia3_l[n].flatten() if n in self.ia3_l else ones for n in self.mixed.order])
+            rows = gather_rows(stack, self.mixed, x.shape[0])
+            return rows.view(x.shape[0], *([1] * (x.dim() - 2)), self._features)
+        scale = self.ia3_l[self.active_adapters[0]].flatten()
+        for name in self.active_adapters[1:]:
+            scale = scale * self.ia3_l[name].flatten()
+        return scale
+
+    @property
+    def _features(self) -> int:
+        return self.in_features if self.is_feedforward else self.out_features
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.bypass():
+            return self.base_layer(x, *args, **kwargs)
+        if self.is_feedforward:
+            scale = self._scale(x)
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        scale = self._scale(result)
+        return (result.to(scale.dtype) * scale).to(result.dtype)
+
+
+@register
+class IA3Tuner(Tuner):
+    peft_type = "IA3"
+    config_cls = IA3Config
+    layer_cls = IA3Layer
+
+    def target_names(self, model: nn.Module, config: IA3Config) -> list[str]:
+        self._fill_defaults(model, config)
+        return find_targets(model, config)
+
+    @staticmethod
+    def _fill_defaults(model: nn.Module, config: IA3Config) -> None:
+        """Write the architecture's default targets into ``config`` (as HF PEFT does), so saved files are explicit."""
+        if config.target_modules is not None and config.feedforward_modules is not None:
+            return
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            missing = "target_modules" if config.target_modules is None else "feedforward_modules"
+            raise ValueError(
+                f"IA3Config.{missing} is not set and peftkit has no (IA)^3 default for model type {model_type!r} "
+                f"(it has defaults for {sorted(DEFAULT_TARGETS)}). Pass {missing} explicitly "
+                "(feedforward_modules=[] if no target is a feed-forward layer)."
+            )
+        targets, feedforward = DEFAULT_TARGETS[model_type]
+        if config.target_modules is None:
+            config.target_modules = list(targets)
+        if config.feedforward_modules is None:
+            config.feedforward_modules = list(feedforward)
+
+    def make_layer(self, module: nn.Module, config: IA3Config, module_name: str) -> AdapterLayer:
+        if not _supported(module):
+            raise TypeError(
+                f"(IA)^3 cannot wrap {module_name} ({type(module).__name__}): it supports nn.Linear and transformers' "
+                "Conv1D. Remove it from target_modules."
+            )
+        return IA3Layer(module, is_feedforward=config.is_feedforward(module_name))
