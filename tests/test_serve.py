@@ -420,6 +420,33 @@ def test_errors_reach_the_openai_client_typed(client, server):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
+def test_a_failing_request_gets_an_error_and_the_others_do_not(server, client, tok, solo, monkeypatch):
+    _, state = server
+    poison, forward = 4242, state.registry.forward
+
+    def faulty(**inputs):
+        if (inputs["input_ids"] == poison).any():
+            raise RuntimeError("poisoned row")
+        return forward(**inputs)
+
+    monkeypatch.setattr(state.registry, "forward", faulty)
+
+    def bad(stream: bool):
+        if not stream:
+            return client.completions.create(model="a", prompt=[5, poison, 6], max_tokens=4, temperature=0)
+        return "".join(p.choices[0].text for p in client.completions.create(
+            model="a", prompt=[5, poison, 6], max_tokens=4, temperature=0, stream=True))
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        bad_plain, bad_stream = pool.submit(bad, False), pool.submit(bad, True)
+        good = pool.submit(lambda: client.completions.create(model="b", prompt="Unaffected", max_tokens=6, temperature=0))
+        with pytest.raises(openai.InternalServerError, match="poisoned row"):
+            bad_plain.result()
+        with pytest.raises(openai.APIError, match="poisoned row"):
+            bad_stream.result()
+        assert good.result().choices[0].text == tok.decode(solo("b", prompt_ids(tok, "Unaffected"), 6), skip_special_tokens=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Adapter management
 

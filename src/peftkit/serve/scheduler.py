@@ -23,7 +23,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -112,7 +112,7 @@ class Sequence:
         self.cancelled.set()
 
 
-class ModelHost:
+class ModelHost(Protocol):
     """What the scheduler needs from the model side (see :class:`peftkit.serve.registry.AdapterRegistry`)."""
 
     eos_ids: frozenset[int]
@@ -163,6 +163,10 @@ class Scheduler:
             seq.fail("the server is shutting down")
         self._rows, self._batch = [], None
         self._waiting.clear()
+        for _, _, future in self._commands:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the server is shutting down"))
+        self._commands.clear()
 
     def submit(self, seq: Sequence) -> None:
         """Queue a request; raises :class:`QueueFull` when ``max_batch_size`` requests run and ``max_queue`` wait,
@@ -195,7 +199,8 @@ class Scheduler:
     def in_use(self, adapter: str) -> bool:
         """Whether a running or waiting request uses ``adapter`` (safe from any thread: a snapshot)."""
         with self._cond:
-            return any(s.adapter == adapter and not s.cancelled.is_set() for s in [*self._rows, *self._waiting])
+            seqs = [*self._rows, *self._prefilling, *self._waiting]
+            return any(s.adapter == adapter and not s.cancelled.is_set() for s in seqs)
 
     @property
     def load(self) -> dict[str, int]:
