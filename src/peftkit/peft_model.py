@@ -327,6 +327,7 @@ class PeftModel(nn.Module):
         """Add an adapter from a folder written by peftkit or HF PEFT, checking every key and shape."""
         config = checkpoint.read_config(model_id)
         config.inference_mode = not is_trainable
+        tuner_for(config).check_loadable(config)
         tensors = checkpoint.load_tensors(os.path.join(model_id, checkpoint.WEIGHTS_NAME))
         self.add_adapter(adapter_name, config)
         try:
@@ -354,6 +355,7 @@ class PeftModel(nn.Module):
         """Wrap ``model`` with the adapter saved in ``model_id`` (by peftkit or HF PEFT)."""
         config = checkpoint.read_config(model_id)
         config.inference_mode = not is_trainable
+        tuner_for(config).check_loadable(config)
         tensors = checkpoint.load_tensors(os.path.join(model_id, checkpoint.WEIGHTS_NAME))
         peft_model = cls(model, config, adapter_name)
         try:

@@ -397,6 +397,10 @@ class Tuner:
         """Tensors a file may carry beyond the adapter's own (loaded when present, never required or saved)."""
         return {}
 
+    def check_loadable(self, config: PeftConfig) -> None:
+        """Raise if a file of this method cannot be restored as ``config`` asks (``inference_mode`` is False when
+        loading to train further); called before the adapter is added, so a refused load leaves the model as it was."""
+
     def mark_trainable(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         """Extra parameters this method trains besides its adapter layers (LoRA's ``bias``, for instance)."""
 

@@ -1,0 +1,431 @@
+"""Prompt tuning and prefix tuning: what they feed the model, generate and the KV cache, adapter management, files
+that move both ways with HF PEFT, LoRA and prefix tuning together, and learning on real models and data."""
+
+import copy
+import json
+import statistics
+from contextlib import contextmanager
+
+import peft
+import pytest
+import torch
+from conftest import DATA, tiny_bert_classifier, tiny_llama
+from safetensors.torch import load_file
+from test_selective import assert_learns_and_reloads
+
+import peftkit as pk
+from peftkit.tuners.prefix import PrefixTuningConfig
+from peftkit.tuners.prompt import PromptTuningConfig
+
+GEN = torch.Generator().manual_seed(1)
+IDS = torch.randint(1, 128, (2, 6), generator=GEN)
+MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left padding, as for generation
+
+
+def logits(model, **inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def greedy_by_forward(pm, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding with full forwards and no cache: the reference for generate's cached loop (positions count
+    real tokens only, as generate numbers them under left padding)."""
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt = logits(pm, input_ids=ids, attention_mask=mask, position_ids=positions)[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
+class WordTokenizer:
+    """A stand-in tokenizer object: one id per word."""
+
+    name_or_path = "word-tokenizer"
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [len(w) * 7 % 128 for w in text.split()]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_configs_use_hf_names_aliases_and_refuse_module_targeting():
+    for alias, canonical in (("random", "RANDOM"), ("vocab", "SAMPLE_VOCAB"), ("SAMPLE_VOCAB", "SAMPLE_VOCAB")):
+        assert PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init=alias).prompt_tuning_init == canonical
+    text = PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="text", prompt_tuning_init_text="a b", tokenizer=WordTokenizer())
+    assert text.prompt_tuning_init == "TEXT" and text.tokenizer_name_or_path == "word-tokenizer"
+    data = text.to_dict()
+    assert "tokenizer" not in data and "target_modules" not in data
+    assert data["peft_type"] == "PROMPT_TUNING" and data["tokenizer_name_or_path"] == "word-tokenizer"
+    with pytest.raises(ValueError, match="needs prompt_tuning_init_text"):
+        PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", tokenizer=WordTokenizer())
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="text", prompt_tuning_init_text="hi")
+    with pytest.raises(ValueError, match="must be RANDOM, TEXT or SAMPLE_VOCAB"):
+        PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="zeros")
+    with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
+        PrefixTuningConfig()
+    with pytest.raises(ValueError, match="remove target_modules"):
+        PrefixTuningConfig(num_virtual_tokens=3, target_modules=["q_proj"])
+
+
+def test_sizes_are_read_from_the_model_as_hf_peft_does():
+    prompt = pk.get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=5)).peft_config["default"]
+    assert (prompt.token_dim, prompt.num_layers, prompt.num_attention_heads, prompt.num_transformer_submodules) == (64, 2, 4, 1)
+    # grouped-query attention: the prefix has the cache's shape, head_dim (16) x num_key_value_heads (2)
+    pm = pk.get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=5))
+    prefix = pm.peft_config["default"]
+    assert (prefix.token_dim, prefix.num_attention_heads, prefix.encoder_hidden_size) == (32, 2, 32)
+    assert pm.get_nb_trainable_parameters()[0] == 5 * 2 * 2 * 32
+    projected = pk.get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16))
+    assert projected.get_nb_trainable_parameters()[0] == 5 * 32 + (32 * 16 + 16) + (16 * 128 + 128)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt tuning: what the model sees
+
+
+def test_prompt_tuning_prepends_the_embeddings_and_extends_mask_and_labels():
+    base = tiny_llama()
+    pm = pk.get_peft_model(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=4))
+    prompts = pm.base_model.prompt_encoder["default"].embedding.weight.detach()
+    embeds = torch.cat([prompts.expand(2, -1, -1), base.get_input_embeddings()(IDS)], 1)
+    mask = torch.cat([torch.ones(2, 4, dtype=torch.long), MASK], 1)
+    labels = torch.cat([torch.full((2, 4), -100), IDS], 1)
+    with torch.no_grad():
+        ours = pm(input_ids=IDS, attention_mask=MASK, labels=IDS)
+        manual = base(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    assert ours.logits.shape == (2, 10, 128)
+    assert torch.equal(ours.logits, manual.logits) and torch.equal(ours.loss, manual.loss)
+    # explicit positions number the real tokens after the virtual ones, as the default does
+    positions = torch.arange(6).expand(2, -1)
+    assert torch.equal(logits(pm, input_ids=IDS, position_ids=positions), logits(pm, input_ids=IDS))
+    with pytest.raises(TypeError, match="pass input_ids=... .* by keyword"):
+        pm(IDS)
+
+
+def test_prompt_init_from_text_vocab_and_tokenizer_name():
+    base = tiny_llama()
+    embed = base.get_input_embeddings().weight.detach()
+    text = PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="text", prompt_tuning_init_text="to be or", tokenizer=WordTokenizer())
+    pm = pk.get_peft_model(copy.deepcopy(base), text)
+    ids = torch.tensor(WordTokenizer()("to be or")["input_ids"] * 2)[:5]  # repeated, then cut, as HF PEFT does
+    assert torch.equal(pm.base_model.prompt_encoder["default"].embedding.weight.detach(), embed[ids])
+    vocab = pk.get_peft_model(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=6, prompt_tuning_init="vocab"))
+    rows = vocab.base_model.prompt_encoder["default"].embedding.weight.detach()
+    assert all((embed == row).all(-1).any() for row in rows)
+    # by name: the MiniLM tokenizer, on a BERT with its vocabulary size
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    named = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="great movie", tokenizer_name_or_path="minilm-l6")
+    pm = pk.get_peft_model(bert, named)
+    wanted = pk.load_tokenizer("minilm-l6")("great movie")["input_ids"]  # [CLS] great movie [SEP]
+    expected = bert.bert.embeddings.word_embeddings.weight.detach()[torch.tensor(wanted)]
+    assert torch.equal(pm.base_model.prompt_encoder["default"].embedding.weight.detach(), expected)
+
+
+def test_prompt_generate_returns_prompt_plus_new_tokens():
+    pm = pk.get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        out = pm.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 12) and torch.equal(out[:, :6], IDS)
+    assert torch.equal(out, greedy_by_forward(pm, IDS, MASK, 6))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefix tuning: what the model sees
+
+
+def test_prefix_goes_through_the_cache_and_incremental_decoding_matches():
+    base = tiny_llama()
+    pm = pk.get_peft_model(copy.deepcopy(base), PrefixTuningConfig(num_virtual_tokens=3)).eval()
+    full = logits(pm, input_ids=IDS, attention_mask=MASK)
+    assert full.shape == (2, 6, 128) and (full - logits(base, input_ids=IDS, attention_mask=MASK)).abs().max() > 1e-3
+    # a prefix of zeros keys/values still takes attention weight: it changes the output, as in HF PEFT
+    with torch.no_grad():
+        first = pm(input_ids=IDS[:, :4], attention_mask=MASK[:, :4], use_cache=True)
+        assert first.past_key_values.get_seq_length() == 3 + 4
+        step = pm(input_ids=IDS[:, 4:], attention_mask=MASK, past_key_values=first.past_key_values)
+    assert (first.logits - full[:, :4]).abs().max() <= 1e-5
+    assert (step.logits - full[:, 4:]).abs().max() <= 1e-5
+    positions = torch.arange(6).expand(2, -1)
+    assert (logits(pm, input_ids=IDS, position_ids=positions) - logits(pm, input_ids=IDS)).abs().max() <= 1e-6
+
+
+def test_prefix_on_an_encoder_masks_padding():
+    pm = pk.get_peft_model(tiny_bert_classifier(), PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS")).eval()
+    alone = logits(pm, input_ids=IDS[1:, 2:])
+    padded_ids = torch.cat([IDS[1:, 2:], torch.tensor([[5, 9]])], 1)
+    padded = logits(pm, input_ids=padded_ids, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    assert (alone - padded).abs().max() <= 1e-5
+    with pm.disable_adapter():
+        assert (logits(pm, input_ids=IDS[1:, 2:]) - alone).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_generate_uses_the_kv_cache_after_the_prefix(projection):
+    pm = pk.get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=projection)).eval()
+    with torch.no_grad():
+        out = pm.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        beams = pm.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=4, num_beams=3, num_return_sequences=2, pad_token_id=0)
+        embeds = pm.generate(inputs_embeds=pm.get_input_embeddings()(IDS), attention_mask=MASK, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 12) and torch.equal(out[:, :6], IDS)
+    assert torch.equal(out, greedy_by_forward(pm, IDS, MASK, 6))
+    assert beams.shape == (4, 10)
+    assert torch.equal(embeds, out[:, 6:])  # from embeddings, generate returns the new tokens only
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapter management
+
+
+def test_not_mergeable_not_mixable_and_positional_inputs_refused():
+    for config in (PromptTuningConfig(num_virtual_tokens=2), PrefixTuningConfig(num_virtual_tokens=2)):
+        pm = pk.get_peft_model(tiny_llama(), config).eval()
+        with pytest.raises(TypeError, match=f"is {config.peft_type}, which adds computation"):
+            pm.merge_adapter()
+        with pytest.raises(ValueError, match="cannot be mixed per row"):
+            pm(input_ids=IDS, adapter_names=["default", "__base__"])
+
+
+def test_switching_disabling_deleting_and_unloading():
+    base = tiny_llama()
+    pm = pk.get_peft_model(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=3))
+    pm.add_adapter("other", PromptTuningConfig(num_virtual_tokens=2))
+    weights = {n: pm.base_model.prompt_encoder[n].embedding.weight for n in ("default", "other")}
+    assert weights["default"].requires_grad and not weights["other"].requires_grad
+    pm.set_adapter("other")
+    assert weights["other"].requires_grad and not weights["default"].requires_grad
+    assert pm.get_nb_trainable_parameters()[0] == 2 * 64
+    pm.eval()
+    assert logits(pm, input_ids=IDS).shape == (2, 8, 128)
+    pm.set_adapter(["default", "other"])  # both: their tokens are prepended in this order, 3 + 2
+    assert logits(pm, input_ids=IDS).shape == (2, 11, 128)
+    with pm.disable_adapter():
+        assert torch.equal(logits(pm, input_ids=IDS), logits(base, input_ids=IDS))
+    pm.delete_adapter("other")
+    assert list(pm.base_model.prompt_encoder) == ["default"] and pm.active_adapters == ["default"]
+    plain = pm.unload()
+    assert not hasattr(plain, "prompt_encoder")
+    assert torch.equal(logits(plain, input_ids=IDS), logits(base, input_ids=IDS))
+
+
+def test_projection_files_load_for_inference_only(tmp_path):
+    pm = pk.get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True)).eval()
+    pm.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    encoder = pm.base_model.prefix_encoder["default"]
+    with torch.no_grad():
+        assert torch.equal(saved["prompt_embeddings"], encoder.transform(encoder.embedding.weight))
+    loaded = pk.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(logits(loaded, input_ids=IDS), logits(pm, input_ids=IDS))
+    with pytest.raises(ValueError, match="loads for inference only.*\"prefix_projection\": false"):
+        pk.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["prefix_projection"] = False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    resumed = pk.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert resumed.get_nb_trainable_parameters()[0] == 3 * 2 * 2 * 32
+    assert torch.equal(logits(resumed.eval(), input_ids=IDS), logits(pm, input_ids=IDS))
+
+
+def test_a_file_for_another_model_is_refused(tmp_path):
+    pk.get_peft_model(tiny_llama(layers=3), PrefixTuningConfig(num_virtual_tokens=3)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="num_layers=3 but the model has 2 layers"):
+        pk.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files both ways with HF PEFT
+
+
+def randomise_heads(model: torch.nn.Module) -> None:
+    """Move classifier copies (modules_to_save) off the base values, so the file must carry them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save.default" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    torch.manual_seed(0)  # the classifier head is freshly initialised
+    return pk.load_model("minilm-l6", task="seq-cls")
+
+
+def compat_case(case: str, minilm):
+    """(base model, config kwargs, forward inputs) for one interop case."""
+    if case == "minilm-prefix":
+        enc = minilm[1](["a gripping, funny film", "dull"], padding=True, return_tensors="pt")
+        return minilm[0], dict(peft_type="prefix", num_virtual_tokens=5, task_type="SEQ_CLS"), dict(enc)
+    if case == "bert-prompt":
+        inputs = dict(input_ids=IDS, attention_mask=MASK.flip(1), token_type_ids=torch.zeros_like(IDS))
+        return tiny_bert_classifier(), dict(peft_type="prompt", num_virtual_tokens=4, task_type="SEQ_CLS"), inputs
+    method, _, projection = case.partition("-")
+    kwargs = dict(peft_type=method, num_virtual_tokens=4, task_type="CAUSAL_LM")
+    if projection:
+        kwargs["prefix_projection"] = True
+    return tiny_llama(), kwargs, dict(input_ids=IDS, attention_mask=MASK)
+
+
+def make_config(library, kwargs: dict):
+    kwargs = dict(kwargs)
+    kind = kwargs.pop("peft_type")
+    if library is pk:
+        return (PromptTuningConfig if kind == "prompt" else PrefixTuningConfig)(**kwargs)
+    return (peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig)(**kwargs)
+
+
+CASES = ["prompt", "prefix", "prefix-projection", "bert-prompt", "minilm-prefix"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peftkit_file_loads_in_hf(tmp_path, case, minilm):
+    base, kwargs, inputs = compat_case(case, minilm)
+    pm = pk.get_peft_model(copy.deepcopy(base), make_config(pk, kwargs))
+    randomise_heads(pm)
+    pm.eval()
+    pm.save_pretrained(tmp_path)
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert (logits(hf, **inputs) - logits(pm, **inputs)).abs().max().item() <= 1e-5
+    assert (logits(base, **inputs).shape != logits(pm, **inputs).shape) or (
+        (logits(base, **inputs) - logits(pm, **inputs)).abs().max().item() > 1e-4
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_file_loads_in_peftkit(tmp_path, case, minilm):
+    base, kwargs, inputs = compat_case(case, minilm)
+    hf = peft.get_peft_model(copy.deepcopy(base), make_config(peft, kwargs))
+    randomise_heads(hf)
+    hf.eval()
+    hf.save_pretrained(tmp_path)
+    pm = pk.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert (logits(pm, **inputs) - logits(hf, **inputs)).abs().max().item() <= 1e-5
+    if kwargs["task_type"] == "CAUSAL_LM":
+        with torch.no_grad():
+            ours = pm.generate(**inputs, max_new_tokens=5, num_beams=2, pad_token_id=0)
+            theirs = hf.generate(**inputs, max_new_tokens=5, num_beams=2, pad_token_id=0)
+        assert torch.equal(ours, theirs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA and prefix tuning together
+
+
+def test_lora_and_prefix_active_together_save_and_reload(tmp_path):
+    base = tiny_llama()
+    lora = pk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pm = pk.get_peft_model(copy.deepcopy(base), lora, adapter_name="lora")
+    pm.add_adapter("prefix", PrefixTuningConfig(num_virtual_tokens=3))
+    pm.set_adapter(["lora", "prefix"])
+    trains = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert any("lora_A.lora" in n for n in trains) and any("prefix_encoder.prefix" in n for n in trains)
+    pm.eval()
+    both = logits(pm, input_ids=IDS, attention_mask=MASK)
+    for alone in ("lora", "prefix"):
+        pm.set_adapter(alone)
+        assert (logits(pm, input_ids=IDS, attention_mask=MASK) - both).abs().max() > 1e-3
+    pm.set_adapter(["lora", "prefix"])
+    with torch.no_grad():
+        generated = pm.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, greedy_by_forward(pm, IDS, MASK, 5))
+    pm.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"lora", "prefix"}
+    fresh = pk.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora", adapter_name="lora")
+    fresh.load_adapter(tmp_path / "prefix", "prefix")
+    fresh.set_adapter(["lora", "prefix"])
+    assert torch.equal(logits(fresh, input_ids=IDS, attention_mask=MASK), both)
+    with torch.no_grad():
+        assert torch.equal(fresh.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=5, do_sample=False, pad_token_id=0), generated)
+    with pytest.raises(TypeError, match="PREFIX_TUNING"):
+        fresh.merge_and_unload()
+    plain = fresh.merge_and_unload(["lora"])  # LoRA merges; the prefix encoder goes with unload
+    assert not hasattr(plain, "prefix_encoder")
+
+
+def test_prompt_and_prefix_together_generate_in_prompt_first_order():
+    pm = pk.get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=2), adapter_name="prompt")
+    pm.add_adapter("prefix", PrefixTuningConfig(num_virtual_tokens=3))
+    pm.set_adapter(["prompt", "prefix"])
+    pm.eval()
+    with torch.no_grad():
+        out = pm.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, greedy_by_forward(pm, IDS, MASK, 4))
+    pm.set_adapter(["prefix", "prompt"])
+    with pytest.raises(ValueError, match="put the prompt-tuning adapter first"):
+        pm.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real models: parameter counts and learning
+
+
+@contextmanager
+def borrowed(model: torch.nn.Module, config):
+    """A PeftModel on a shared model, handed back unchanged (structure, requires_grad, eval mode) afterwards."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    pm = pk.get_peft_model(model, config)
+    try:
+        yield pm
+    finally:
+        pm.unload()
+        model.eval()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+@pytest.mark.slow
+def test_trainable_parameter_counts_on_the_real_models(smollm2, minilm):
+    counts = {}
+    for name, model in (("smollm2", smollm2[0]), ("minilm", minilm[0])):
+        for method, config in (("prompt", PromptTuningConfig(num_virtual_tokens=20)), ("prefix", PrefixTuningConfig(num_virtual_tokens=20))):
+            with borrowed(model, config) as pm:
+                counts[name, method] = pm.get_nb_trainable_parameters()[0]
+    assert counts == {
+        ("smollm2", "prompt"): 20 * 576,  # 11,520
+        ("smollm2", "prefix"): 20 * 30 * 2 * 3 * 64,  # 30 layers, keys and values, 3 KV heads of 64: 230,400
+        ("minilm", "prompt"): 20 * 384,  # 7,680
+        ("minilm", "prefix"): 20 * 6 * 2 * 384,  # 92,160
+    }
+
+
+@pytest.mark.slow
+def test_prompt_tuning_learns_shakespeare_on_smollm2_and_reloads(tmp_path, smollm2):
+    """Text-initialised prompt tuning on SmolLM2 over 4 short Shakespeare chunks: the mean loss of the last 5 of 10
+    steps falls below 0.9 x the first 5, and the saved adapter reloads to the trained model's logits (<= 1e-6)."""
+    model, tokenizer = smollm2
+    ids = tokenizer((DATA / "text" / "tinyshakespeare.txt").read_text()[:2000])["input_ids"]
+    chunks = torch.tensor([ids[i * 16 : (i + 1) * 16] for i in range(4)])
+    config = PromptTuningConfig(
+        num_virtual_tokens=8, prompt_tuning_init="text", prompt_tuning_init_text="A scene from a play by Shakespeare:",
+        tokenizer=tokenizer, task_type="CAUSAL_LM",
+    )
+    with borrowed(model, config) as pm:
+        optimizer = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=3e-2)
+        pm.train()
+        losses = []
+        for step in range(10):
+            batch = chunks[step % 2 * 2 : step % 2 * 2 + 2]
+            loss = pm(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        pm.eval()
+        assert statistics.mean(losses[-5:]) < 0.9 * statistics.mean(losses[:5]), losses
+        trained = logits(pm, input_ids=chunks[:2])
+        pm.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["tokenizer_name_or_path"]
+    loaded = pk.PeftModel.from_pretrained(model, tmp_path)
+    try:
+        assert (logits(loaded, input_ids=chunks[:2]) - trained).abs().max().item() <= 1e-6
+    finally:
+        loaded.unload()
+
+
+@pytest.mark.slow
+def test_prefix_tuning_learns_sst2_on_minilm_and_reloads(tmp_path, minilm):
+    assert_learns_and_reloads(tmp_path, minilm, PrefixTuningConfig(num_virtual_tokens=10), lr=3e-2)
