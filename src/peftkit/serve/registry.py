@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..peft_model import PeftModel
-from ..tuners.base import BASE, PeftConfig
+from ..tuners.base import BASE, PeftConfig, tuner_for
 
 
 class AdapterPathError(ValueError):
@@ -61,6 +61,12 @@ def resolve_adapter_path(root: str | os.PathLike, requested: str) -> Path:
 def read_adapter(path: str | os.PathLike) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """An adapter folder's config and tensors, read from disk (runs off the scheduler and event-loop threads)."""
     config = checkpoint.read_config(path)
+    tuner = tuner_for(config)
+    if not tuner.mixable:  # every decode step would fail on it: refuse it up front
+        raise ValueError(
+            f"{path} is a {tuner.peft_type} adapter, which cannot share a batch with other adapters; the server "
+            "serves methods that mix per row (LoRA, (IA)^3, ...). Serve it alone with `peftkit generate`."
+        )
     config.inference_mode = True
     tensors = checkpoint.load_tensors(Path(path) / checkpoint.WEIGHTS_NAME)
     return config, tensors
