@@ -456,6 +456,7 @@ def test_admin_needs_the_bearer_token(server):
     assert admin(url, "POST", "/v1/adapters", token=None, json={"name": "c", "path": "c"}).status_code == 401
     assert admin(url, "POST", "/v1/adapters", token="wrong", json={"name": "c", "path": "c"}).status_code == 401
     assert admin(url, "DELETE", "/v1/adapters/a", token="wrong").status_code == 401
+    assert admin(url, "POST", "/v1/adapters", token=None, json={"bad": "body"}).status_code == 401  # auth first
     assert admin(url, "DELETE", "/v1/adapters/nope").status_code == 404
     assert admin(url, "POST", "/v1/adapters", json={"name": "a", "path": "c"}).status_code == 409
     assert admin(url, "POST", "/v1/adapters", json={"name": "bad name!", "path": "c"}).status_code == 400

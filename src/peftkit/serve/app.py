@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -348,9 +348,9 @@ def create_app(
         choice = {"index": 0, "message": message, "finish_reason": seq.finish_reason, "logprobs": None}
         return {**base([choice], "chat.completion"), "usage": _usage(seq)}
 
-    @app.post("/v1/adapters")
-    async def load_adapter(body: LoadAdapterRequest, request: Request) -> dict:
-        server.authorize(request)
+    # authorization is a dependency so that it is checked before the body is validated
+    @app.post("/v1/adapters", dependencies=[Depends(server.authorize)])
+    async def load_adapter(body: LoadAdapterRequest) -> dict:
         if server.adapters_dir is None:
             raise APIError(403, "loading adapters at run time needs --adapters-dir DIR (adapters load only from "
                            "inside it)", type_="permission_error")
@@ -373,9 +373,8 @@ def create_app(
             registry.release(body.name)
         return _card(info.name, info.created, base_name)
 
-    @app.delete("/v1/adapters/{name}")
-    async def delete_adapter(name: str, request: Request) -> dict:
-        server.authorize(request)
+    @app.delete("/v1/adapters/{name}", dependencies=[Depends(server.authorize)])
+    async def delete_adapter(name: str) -> dict:
         try:
             registry.reserve(name, loading=False)
         except UnknownAdapter as err:
