@@ -462,6 +462,29 @@ def _text_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
     return TaskData("text", chunks, held, notes=notes)
 
 
+def load_eval_data(config: TrainConfig, tokenizer: Any, label_names: Sequence[str] | None = None) -> TaskData:
+    """Every example of ``config.data`` as evaluation data (a GLUE folder: its dev split), none held back for
+    training. ``label_names``: the label values in the classifier's order, when the file alone cannot tell."""
+    path = Path(config.data)
+    if config.task == "seq-cls":
+        if path.is_dir():
+            data = load_glue(path, "dev", on_bad_row=config.on_bad_row)
+        else:
+            keys = list(read_records(path)[0][0])
+            label = config.label_column or _guess_label_column(set(keys))
+            if label is None:
+                raise ValueError(f"{path}: no label column among {keys}; pass --label-column")
+            text, pair = (config.text_column, config.text_pair_column) if config.text_column else _guess_text_columns(keys, label)
+            data = load_classification(path, text_column=text, text_pair_column=pair, label_column=label,
+                                       labels=label_names, on_bad_row=config.on_bad_row)
+        return TaskData("seq-cls", [], data.records, list(data.label_names), data.metric, notes=[str(data.bad_rows)])
+    if config.task == "sft":
+        records, report = _read_instructions(path, config)
+        return TaskData("sft", [], tokenize_sft(records, tokenizer, config.max_length, config.template),
+                        eval_records=records, notes=[report])
+    return TaskData("text", [], chunk_text(_read_text(path), tokenizer, config.max_length))
+
+
 class BatchOrder:
     """Which examples micro-batch ``k`` holds: epoch e = k // per_epoch shuffles with its own seeded generator,
     so the position in the data is just ``k`` (nothing else to save to resume exactly)."""
@@ -558,16 +581,18 @@ class LMTask:
     and the loss on its full logits (the last L positions: virtual tokens come first).
     """
 
-    def __init__(self, peft_model: nn.Module, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int) -> None:
+        from .peft_model import PeftModel
         from .tuners.base import Tuner, tuner_for
 
-        self.model = peft_model
-        self.hf_model = peft_model.base_model
+        self.model = model  # a PeftModel, or a plain transformers model (evaluating the base)
+        self.hf_model = model.base_model if isinstance(model, PeftModel) else model
         self.max_length = max_length
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.padding = PaddingCollator(pad)
-        config = peft_model.peft_config[peft_model.active_adapter]
-        self.rewrites_inputs = type(tuner_for(config)).prepare_inputs is not Tuner.prepare_inputs
+        self.rewrites_inputs = isinstance(model, PeftModel) and any(
+            type(tuner_for(model.peft_config[name])).prepare_inputs is not Tuner.prepare_inputs for name in model.active_adapters
+        )
         self.varlen = not self.rewrites_inputs and supports_packed_attention(self.hf_model)
         dtype = next(p for p in self.hf_model.parameters() if p.is_floating_point()).dtype
         self.packing = PackedCollator(pad, mask_dtype=dtype)
@@ -616,8 +641,8 @@ class LMTask:
 class ClassificationTask:
     """Sequence classification: cross-entropy on the classifier's logits; evaluation adds accuracy, F1, MCC."""
 
-    def __init__(self, peft_model: nn.Module, tokenizer: Any, max_length: int) -> None:
-        self.model = peft_model
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int) -> None:
+        self.model = model
         self.tokenizer = tokenizer
         self.collator = ClassificationCollator(tokenizer, max_length)
         self.mode = "padded"
@@ -686,6 +711,13 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) ->
         "f1": f1_score,
         "matthews_corrcoef": numerator / denominator if denominator else 0.0,
     }
+
+
+def make_task(model: nn.Module, tokenizer: Any, config: TrainConfig) -> LMTask | ClassificationTask:
+    """The loss/evaluation runner for ``config.task``."""
+    if config.task == "seq-cls":
+        return ClassificationTask(model, tokenizer, config.max_length)
+    return LMTask(model, tokenizer, config.max_length)
 
 
 # ------------------------------------------------------------------------------------------------------------ models
@@ -912,10 +944,7 @@ class TrainingRun:
             self.config.target_modules = getattr(peft_config, "target_modules", None)
         self.model = get_peft_model(model, peft_config)
         self.model.train()
-        if self.data.task == "seq-cls":
-            self.task: LMTask | ClassificationTask = ClassificationTask(self.model, self.tokenizer, self.config.max_length)
-        else:
-            self.task = LMTask(self.model, self.tokenizer, self.config.max_length)
+        self.task = make_task(self.model, self.tokenizer, self.config)
         self.params = list(trainable_parameters(self.model).values())
         if not self.params:
             raise ValueError(f"method {self.config.method!r} left no trainable parameter in {self.config.model}")
@@ -1280,3 +1309,81 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 def resume(run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None, progress: bool = True) -> TrainResult:
     """Continue a run from its newest checkpoint (``peftkit train --resume RUN_DIR``)."""
     return TrainingRun.resume(run_dir, overrides, progress).fit()
+
+
+def find_adapter(path: str | os.PathLike) -> tuple[Path, TrainConfig | None]:
+    """(adapter folder, the run's config if ``path`` is, or is inside, a run folder) for an adapter or run folder."""
+    path = Path(path)
+    if (path / checkpoint.CONFIG_NAME).exists():
+        run = path.parent if (path.parent / CONFIG_FILE).exists() else None
+        adapter = path
+    elif (path / ADAPTER_DIR / checkpoint.CONFIG_NAME).exists():
+        run, adapter = path, path / ADAPTER_DIR
+    else:
+        raise FileNotFoundError(f"{path} is neither an adapter folder (adapter_config.json) nor a peftkit run folder")
+    if run is None:
+        return adapter, None
+    import yaml
+
+    return adapter, TrainConfig.from_dict(yaml.safe_load((run / CONFIG_FILE).read_text()), source=str(run / CONFIG_FILE))
+
+
+def adapter_task(adapter_dir: str | os.PathLike) -> tuple[str | None, int | None]:
+    """("seq-cls" or None, number of classes) from an adapter folder's task type and classifier weights."""
+    config = checkpoint.read_config(adapter_dir)
+    if config.task_type != "SEQ_CLS":
+        return None, None
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / checkpoint.WEIGHTS_NAME), "pt") as f:
+        for key in f.keys():
+            if key.endswith((".classifier.weight", ".score.weight", ".out_proj.weight")):
+                return "seq-cls", f.get_slice(key).get_shape()[0]
+    return "seq-cls", None
+
+
+def evaluate_adapter(
+    adapter: str | os.PathLike | None = None,
+    data: str | None = None,
+    model: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[dict[str, float], TrainConfig, TaskData]:
+    """Metrics of ``model`` (+ ``adapter``, an adapter or run folder) on ``data`` (``peftkit eval``).
+
+    With a run folder and no ``data``, the run's own evaluation split is used (the held-out slice it never trained
+    on, or the GLUE dev split). The model defaults to the run's, else the adapter's base model.
+    """
+    from .peft_model import PeftModel
+
+    adapter_dir, run_config = find_adapter(adapter) if adapter is not None else (None, None)
+    task, num_labels = adapter_task(adapter_dir) if adapter_dir is not None else (None, None)
+    settings: dict[str, Any] = run_config.to_dict() if run_config is not None else {}
+    settings.pop("out", None)
+    if model is not None:
+        settings["model"] = model
+    elif "model" not in settings and adapter_dir is not None:
+        base = checkpoint.read_config(adapter_dir).base_model_name_or_path
+        if base:
+            settings["model"] = base
+    if task:
+        settings["task"] = task
+    settings.update(overrides or {})
+    if data is not None:
+        settings["data"] = data
+    config = resolve_config(TrainConfig.from_dict(settings))
+    held_out = data is None and run_config is not None
+    if config.task == "seq-cls":
+        labels = None
+        if held_out:
+            evaluation = load_task_data(config, None)
+        else:
+            labels = run_config and load_task_data(run_config.resolved("seq-cls"), None).label_names
+            evaluation = load_eval_data(config, None, labels)
+        base, tokenizer = load_base_model(config, num_labels=num_labels or len(evaluation.label_names))
+    else:
+        base, tokenizer = load_base_model(config)
+        evaluation = load_task_data(config, tokenizer) if held_out else load_eval_data(config, tokenizer)
+    network = PeftModel.from_pretrained(base, adapter_dir) if adapter_dir is not None else base
+    network.eval()
+    scores = make_task(network, tokenizer, config).evaluate(evaluation.eval, config.eval_batch_size)
+    return scores, config, evaluation
