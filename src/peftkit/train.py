@@ -953,8 +953,9 @@ class TrainingRun:
         c = self.config
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.order.per_epoch / c.grad_accum))
         self.warmup_steps = int(c.warmup * self.total_steps) if c.warmup < 1 else int(c.warmup)
-        self.eval_every = c.eval_every or max(1, math.ceil(self.total_steps / 4))
-        self.save_every = c.save_every or min(50, self.eval_every)
+        # 0 turns evaluation (or checkpointing) off; None picks 4 evaluations per run, a checkpoint every <= 50 steps
+        self.eval_every = c.eval_every if c.eval_every is not None else max(1, math.ceil(self.total_steps / 4))
+        self.save_every = c.save_every if c.save_every is not None else min(50, self.eval_every or 50)
         self.step = 0
         self.tokens = 0
         self.train_seconds = 0.0
@@ -1103,7 +1104,7 @@ class TrainingRun:
         for note in self.data.notes:
             self._say(f"  {note}")
         samples_before = self._samples_before()
-        if self.step == 0:
+        if self.step == 0 and self.eval_every:
             self.eval_initial = self.eval_last = self._eval_and_log()
         with self._sigint_saves():
             self._loop()
@@ -1135,7 +1136,7 @@ class TrainingRun:
                            "tokens": tokens, "tokens_per_s": tokens / elapsed, "seconds": elapsed})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens / self.train_seconds:.0f}")
-                if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                     self.eval_last = self._eval_and_log()
                 if self._stop_requested:
                     last_good = self.save_checkpoint()
@@ -1143,7 +1144,7 @@ class TrainingRun:
                         f"interrupted at step {self.step}: checkpoint {last_good} saved. "
                         f"Continue with: peftkit train --resume {self.run_dir}"
                     )
-                if self.step % self.save_every == 0 and self.step < self.total_steps:
+                if self.save_every and self.step % self.save_every == 0 and self.step < self.total_steps:
                     last_good = self.save_checkpoint()
         finally:
             bar.close()
