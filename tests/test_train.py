@@ -292,3 +292,40 @@ def test_peft_model_trains_inside_transformers_trainer(tmp_path):
     changed = {n for n, p in pm.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed and all(".lora_A." in n or ".lora_B." in n for n in changed)
     assert changed == {n for n, p in pm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "houlsby", "pfeiffer", "prompt", "prefix"])
+def test_every_method_trains_and_saves_a_loadable_adapter(method, tiny_lm, tmp_path):
+    config = T.TrainConfig(data=str(ALPACA_TINY), model=str(tiny_lm), method=method, max_steps=3, batch_size=2,
+                           lr=5e-2, eval_every=0, save_every=0, num_samples=0, out=str(tmp_path / "run"))
+    run = T.TrainingRun(config, progress=False)
+    before = {k: v.detach().clone() for k, v in T.trainable_parameters(run.model).items()}
+    run.fit()
+    assert run.task.mode == ("padded" if method in ("prompt", "prefix") else "packed")
+    after = T.trainable_parameters(run.model)
+    assert before and all(not torch.equal(before[k], after[k]) for k in before)  # every trainable tensor learned
+    run.model.eval()
+    ids = torch.tensor([run.data.eval[0]["input_ids"]])
+    loaded = peftkit.PeftModel.from_pretrained(peftkit.load_model(str(tiny_lm))[0], tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, run.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bitfit_on_a_classifier_and_nf4_quantized_base(tmp_path):
+    model_dir = save_tiny_classifier(tmp_path / "bert")
+    config = T.TrainConfig(data=str(DATA / "glue" / "RTE"), model=str(model_dir), method="bitfit", max_steps=2,
+                           batch_size=4, max_length=32, eval_every=0, save_every=0, out=str(tmp_path / "bitfit"))
+    run = T.TrainingRun(config, progress=False)
+    names = list(T.trainable_parameters(run.model))
+    assert names and all(n.endswith("bias") or ".classifier." in n for n in names)
+    run.fit()
+
+    lm = save_tiny_lm(tmp_path / "lm")
+    config = T.TrainConfig(data=str(ALPACA_TINY), model=str(lm), quantization="nf4", max_steps=2, batch_size=2,
+                           eval_every=0, save_every=0, num_samples=0, out=str(tmp_path / "qlora"))
+    run = T.TrainingRun(config, progress=False)
+    kinds = {type(m).__name__ for m in run.model.modules()}
+    assert "Linear4bit" in kinds
+    before = {k: v.detach().clone() for k, v in T.trainable_parameters(run.model).items()}
+    run.fit()
+    assert all(not torch.equal(before[k], v) for k, v in T.trainable_parameters(run.model).items() if ".lora_A." in k)
