@@ -96,6 +96,18 @@ def test_batch_order_reshuffles_each_epoch_from_the_seed_alone():
     assert T.BatchOrder(10, 4, seed=1)(4) == order(4)  # a fresh object at a later position: same batch
 
 
+def test_batch_order_groups_lengths_within_megabatches():
+    lengths = [(i * 37) % 101 for i in range(400)]
+    order = T.BatchOrder(400, 4, seed=0, lengths=lengths)
+    batches = [order(k) for k in range(100)]
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    plain = T.BatchOrder(400, 4, seed=0)
+    for m in range(2):  # megabatch m = the same 200 examples as the ungrouped order, sorted longest first
+        grouped = [i for b in batches[50 * m : 50 * (m + 1)] for i in b]
+        assert sorted(grouped) == sorted(i for k in range(50 * m, 50 * (m + 1)) for i in plain(k))
+        assert [lengths[i] for i in grouped] == sorted((lengths[i] for i in grouped), reverse=True)
+
+
 def test_task_inferred_from_data():
     assert T.infer_task(DATA / "glue" / "SST-2") == "seq-cls"
     assert T.infer_task(DATA / "instruct" / "alpaca_sample_1727.json") == "sft"

@@ -106,6 +106,8 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-eval-examples", type=int, help="evaluate on at most this many examples (default 2000)")
     g.add_argument("--max-length", type=int, help="tokens per example / text chunk (default: sft 512, text 256, seq-cls 128)")
     g.add_argument("--template", choices=["alpaca", "chat"], help="sft prompt format (default alpaca)")
+    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="padded batches (seq-cls, prompt/prefix): random lengths instead of similar ones")
     g.add_argument("--text-column", help="seq-cls: the text column (default: guessed)")
     g.add_argument("--text-pair-column", help="seq-cls: the second text column of sentence pairs")
     g.add_argument("--label-column", help="seq-cls: the label column (default: label)")
