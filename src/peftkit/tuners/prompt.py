@@ -2,8 +2,8 @@
 
     inputs_embeds' = [P ; E(x)]          P: num_virtual_tokens x token_dim (trained), E: the frozen embedding
 
-The attention mask gains ``num_virtual_tokens`` ones in front, labels gain as many ``-100`` (no loss on virtual
-positions) and ``token_type_ids`` as many zeros. ``generate`` returns the prompt tokens plus the new ones, as the base
+The attention mask gains ``num_virtual_tokens`` ones in front, per-token labels as many ``-100`` (no loss on virtual
+positions; sequence-classification labels stay as they are) and ``token_type_ids`` as many zeros. ``generate`` returns the prompt tokens plus the new ones, as the base
 model's ``generate`` does; the virtual tokens never appear in the output.
 
 The embeddings live in an ``nn.ModuleDict`` registered on the base model as ``prompt_encoder`` (one entry per adapter
@@ -289,7 +289,8 @@ class PromptTuningTuner(PromptLearningTuner):
                 "set_adapter([...])"
             )
         model = peft_model.base_model
-        count = peft_model.peft_config[adapter_name].num_virtual_tokens
+        config = peft_model.peft_config[adapter_name]
+        count = config.num_virtual_tokens
         kwargs = dict(kwargs)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -302,9 +303,12 @@ class PromptTuningTuner(PromptLearningTuner):
         if generate and kwargs.get("attention_mask") is None:
             # transformers would build a mask as long as input_ids, shorter than the embeddings
             kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        for key, fill in (("attention_mask", 1), ("labels", -100), ("token_type_ids", 0)):
+        for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
             if kwargs.get(key) is not None:
                 kwargs[key] = extend_front(kwargs[key], count, fill)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2 and config.task_type != "SEQ_CLS":  # per-token labels only
+            kwargs["labels"] = extend_front(labels, count, -100)
         positions = kwargs.get("position_ids")
         if positions is not None:
             # virtual tokens take positions 0..n-1, the real tokens shift by n (the default numbering)
