@@ -10,6 +10,7 @@ generated tokens per second of wall time.
 
     python bench/serve_load.py                 # 16 clients x 4 requests x 32 tokens
     python bench/serve_load.py --requests 2    # shorter
+    python bench/serve_load.py --threads 1     # when other jobs share the cores (2 threads oversubscribe them)
 """
 
 from __future__ import annotations
@@ -181,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 when other jobs share the cores")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = pk.load_model(BASE_NAME)
     models = [BASE_NAME, *ADAPTERS]
     rng = random.Random(0)

@@ -38,6 +38,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--max-queue", type=_non_negative, default=64, metavar="N",
                         help="requests waiting for a batch slot at most; beyond that the server answers 429 "
                              "(default: %(default)s)")
+    parser.add_argument("--threads", type=_positive, metavar="N",
+                        help="torch threads for the model (default: torch's choice, one per core). When other "
+                             "processes share the cores, fewer threads avoid oversubscription, which can be far slower")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -64,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--adapters-dir {args.adapters_dir} is not a directory")
     if not _is_loopback(args.host):
         print(f"peftkit serve: binding to {args.host}: anyone who can reach it can run completions", file=sys.stderr)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     try:
         app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
