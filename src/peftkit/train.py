@@ -14,8 +14,8 @@ of (sum L_i)^2 for a masked row); the vocabulary head runs only where the loss c
 
 Nothing is lost: every ``save_every`` steps a checkpoint (trainable parameters, AdamW state, RNG states, step) is
 written atomically, safetensors for tensors and JSON for the rest (never pickle); ``resume`` continues from the
-newest readable one and ends with the same adapter as an uninterrupted run. Ctrl-C saves a checkpoint and stops;
-a non-finite loss stops without saving, keeping the last good checkpoint.
+newest readable one and ends with the same adapter as an uninterrupted run. Ctrl-C (or SIGTERM) saves a checkpoint
+and stops; a non-finite loss stops without saving, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -1130,7 +1130,7 @@ class TrainingRun:
         samples_before = self._samples_before()
         if self.step == 0 and self.eval_every:
             self.eval_initial = self.eval_last = self._eval_and_log()
-        with self._sigint_saves():
+        with self._stop_signals_save():
             self._loop()
         return self._finish(samples_before, trainable, total)
 
@@ -1138,7 +1138,6 @@ class TrainingRun:
         from tqdm import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
-        last_good = None
         try:
             while self.step < self.total_steps:
                 start = time.perf_counter()
@@ -1163,19 +1162,20 @@ class TrainingRun:
                 if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                     self.eval_last = self._eval_and_log()
                 if self._stop_requested:
-                    last_good = self.save_checkpoint()
+                    saved = self.save_checkpoint()
                     raise TrainingInterrupted(
-                        f"interrupted at step {self.step}: checkpoint {last_good} saved. "
+                        f"interrupted at step {self.step}: checkpoint {saved} saved. "
                         f"Continue with: peftkit train --resume {self.run_dir}"
                     )
                 if self.save_every and self.step % self.save_every == 0 and self.step < self.total_steps:
-                    last_good = self.save_checkpoint()
+                    self.save_checkpoint()
         finally:
             bar.close()
 
     @contextmanager
-    def _sigint_saves(self) -> Iterator[None]:
-        """First Ctrl-C: finish the current step, save a checkpoint, stop. A second one stops at once."""
+    def _stop_signals_save(self) -> Iterator[None]:
+        """First Ctrl-C (or SIGTERM, what job schedulers send before killing): finish the current step, save a
+        checkpoint, stop. A second one stops at once, unsaved."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -1184,13 +1184,15 @@ class TrainingRun:
             if self._stop_requested:
                 raise KeyboardInterrupt
             self._stop_requested = True
-            self._say("Ctrl-C: saving a checkpoint after this step (press again to stop at once, unsaved)")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            self._say(f"{name}: saving a checkpoint after this step (send it again to stop at once, unsaved)")
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # ------------------------------------------------------------------------------------------------- samples
 
