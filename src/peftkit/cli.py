@@ -21,6 +21,7 @@ TRAIN_EXAMPLES = """examples:
   peftkit train --model minilm-l6 --data ../shared/data/glue/SST-2 --r 16 --alpha 32 --lr 1e-3 --max-steps 1500
   peftkit train --config run.yaml --lr 1e-4            # flags override the file
   peftkit train --resume runs/20250101-120000-lora     # after Ctrl-C or a crash
+  torchrun --nproc-per-node 4 -m peftkit.cli train --data d.json --batch-size 2 --strategy fsdp   # 4 processes
 
 The task is inferred from --data when --task is not given: a GLUE folder or a table with a label column ->
 seq-cls, instruction/input/output records -> sft, a .txt file -> text. Without --eval-data, evaluation uses the
@@ -124,6 +125,11 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
     g.add_argument("--seed", type=int, help="seed for the adapter's init, the data order and the held-out split (default 0)")
+    g = p.add_argument_group("several processes (under torchrun; --batch-size is per process)")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"],
+                   help="ddp: a full model copy per process (default); fsdp: the frozen base sharded across processes")
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="how long a process waits for the others before the run fails (default 600)")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<time>-<method>)")
     g.add_argument("--eval-every", type=int, help="steps between evaluations (default: 4 per run; 0: none)")
@@ -160,6 +166,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import train as T
+    from .distributed import is_main_process, teardown
 
     settings = _train_settings(args)
     progress = not getattr(args, "quiet", False)
@@ -170,11 +177,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             run = T.TrainingRun(T.TrainConfig.from_dict(settings, source="flags"), progress=progress)
         result = run.fit()
     except T.TrainingInterrupted as err:
-        print(f"peftkit train: {err}", file=sys.stderr)
+        if is_main_process():
+            print(f"peftkit train: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except T.NonFiniteLossError as err:
-        print(f"peftkit train: {err}", file=sys.stderr)
+        if is_main_process():
+            print(f"peftkit train: {err}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        teardown()
+    if not is_main_process():
+        return 0
     print(f"\nsummary ({run.config.method}, {run.config.task}, {run.config.model}):")
     print(T.summary_table(result, run.data.metric))
     print(f"\nrun folder: {result.run_dir}")

@@ -60,6 +60,7 @@ from .data import (
     tokenize_sft,
     ungroup,
 )
+from .distributed import DEFAULT_TIMEOUT, STRATEGIES, Distributed
 from .losses import causal_lm_loss
 
 TASKS = ("sft", "seq-cls", "text")
@@ -157,6 +158,8 @@ class TrainConfig:
     Method options (``r``, ``alpha``, ``dropout``, ``num_virtual_tokens``, ``reduction_factor``) go to the method's
     config; ``method_options`` passes any other config field by name.
     ``warmup``: a fraction of the steps if < 1, else a number of steps.
+    Under torchrun, ``batch_size`` is per process (a step reads ``world * batch_size`` examples), ``strategy`` is
+    ``ddp`` or ``fsdp`` and ``dist_timeout`` the seconds a rank waits for the others before failing.
     """
 
     data: str | None = None
@@ -196,6 +199,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    # several processes (torchrun)
+    strategy: str = "ddp"
+    dist_timeout: float = DEFAULT_TIMEOUT
     # bookkeeping
     out: str | None = None
     eval_every: int | None = None
@@ -225,6 +231,8 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.on_bad_row not in ("skip", "error"):
             raise ValueError(f"on_bad_row must be 'skip' or 'error', got {self.on_bad_row!r}")
         out = dataclasses.replace(self, task=task, method_options=dict(self.method_options))
@@ -803,20 +811,28 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory: str | os.PathLike, peft_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    directory: str | os.PathLike, peft_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    dist: Distributed | None = None,
+) -> None:
     """Write a checkpoint folder atomically: built under a temporary name, then renamed into place.
 
     ``adapter/`` is a usable adapter folder; ``training_state.safetensors`` holds the trainable parameters (by name,
     so every method resumes exactly), AdamW's moment tensors and the torch RNG state; ``trainer_state.json`` the
     step, the optimizer's hyperparameters, the Python RNG state and ``state``. Nothing is pickled.
+
+    Under torchrun (``dist``), every rank calls this: sharded tensors are gathered whole, each rank's RNG state is
+    kept (``rng.torch.rank<r>``), and rank 0 alone writes, so the files do not depend on the strategy.
     """
+    dist = dist or Distributed()
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp / ADAPTER_DIR)
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.save_pretrained(peft_model, tmp / ADAPTER_DIR)
     names = list(trainable_parameters(peft_model))
     saved = optimizer.state_dict()
-    tensors = {f"param.{n}": p for n, p in trainable_parameters(peft_model).items()}
+    tensors = dist.full({f"param.{n}": p for n, p in trainable_parameters(peft_model).items()})
     extra_state: dict[str, dict[str, Any]] = {}
     for index, entries in saved["state"].items():
         for key, value in entries.items():
@@ -824,7 +840,13 @@ def save_checkpoint(directory: str | os.PathLike, peft_model: nn.Module, optimiz
                 tensors[f"optimizer.{index}.{key}"] = value
             else:
                 extra_state.setdefault(str(index), {})[key] = value
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors = dist.full(tensors)
+    rng_states = dist.rng_states()
+    if not dist.is_main:
+        return
+    tensors["rng.torch"] = rng_states[0]
+    if dist.enabled:
+        tensors.update({f"rng.torch.rank{r}": s for r, s in enumerate(rng_states)})
     checkpoint.save_tensors(tmp / "training_state.safetensors", tensors)
     python_rng = random.getstate()
     checkpoint.save_json(
@@ -856,8 +878,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(directory: str | os.PathLike, peft_model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore parameters, optimizer and RNG states from ``directory``; returns its ``trainer_state.json``."""
+def load_checkpoint(
+    directory: str | os.PathLike, peft_model: nn.Module, optimizer: torch.optim.Optimizer, dist: Distributed | None = None
+) -> dict[str, Any]:
+    """Restore parameters, optimizer and RNG states from ``directory``; returns its ``trainer_state.json``.
+
+    Under torchrun every rank reads the whole files and keeps its own shard (FSDP) and its own RNG state, so a
+    checkpoint resumes under either strategy.
+    """
+    dist = dist or Distributed()
     directory = Path(directory)
     try:
         state = json.loads((directory / "trainer_state.json").read_text())
@@ -872,17 +901,21 @@ def load_checkpoint(directory: str | os.PathLike, peft_model: nn.Module, optimiz
         )
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[f"param.{name}"])
+            p.copy_(dist.like(tensors[f"param.{name}"], p))
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, entry = key.split(".", 2)
+            param = ordered[int(index)]
+            if value.shape == param.shape:  # moments are laid out as their parameter; the step count is a scalar
+                value = dist.like(value, param)
             optimizer_state.setdefault(int(index), {})[entry] = value
     for index, entries in state["optimizer_extra_state"].items():
         optimizer_state.setdefault(int(index), {}).update(entries)
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in state["optimizer_param_groups"]]
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors.get(f"rng.torch.rank{dist.rank}", tensors["rng.torch"]))
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return state
@@ -939,17 +972,19 @@ class TrainingRun:
     """One run: build everything from a config, train, evaluate, checkpoint, write the run folder.
 
     ``TrainingRun(config).fit()`` trains; ``TrainingRun.resume(run_dir).fit()`` continues a run from its newest
-    checkpoint (settings from its ``config.yaml``, updated by ``overrides``).
+    checkpoint (settings from its ``config.yaml``, updated by ``overrides``). Under torchrun every rank builds the
+    same run (see :mod:`peftkit.distributed`): each trains on its share of every batch, rank 0 writes and prints.
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, progress: bool = True, _resuming: bool = False) -> None:
-        self.progress = progress
         self.run_dir = Path(run_dir or config.out or default_run_dir(config.method))
         if not _resuming and (self.run_dir / CONFIG_FILE).exists():
             raise FileExistsError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, or pick another --out")
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.config = resolve_config(config)
+        self.dist = Distributed.setup(self.config.strategy, self.config.dist_timeout)
+        self.progress = progress and self.dist.is_main
         self.config.out = str(self.run_dir)
         if self.config.task == "seq-cls":  # the label set decides the classifier's size; tokenizing waits for batches
             self.data = load_task_data(self.config, tokenizer=None)
@@ -965,6 +1000,10 @@ class TrainingRun:
             self.config.target_modules = getattr(peft_config, "target_modules", None)
         self.model = get_peft_model(model, peft_config)
         self.model.train()
+        if self.dist.rank:  # its own dropout masks; rank 0 keeps the single-process random stream
+            torch.manual_seed(self.config.seed + self.dist.rank)
+        # every use of the model in training goes through the runner, so DDP / FSDP hooks run around it
+        self.runner = self.dist.wrap(self.model)
         self.task = make_task(self.model, self.tokenizer, self.config)
         self.params = list(trainable_parameters(self.model).values())
         if not self.params:
@@ -973,7 +1012,8 @@ class TrainingRun:
         lengths = None
         if self.task.mode == "padded" and self.config.group_by_length:
             lengths = [_length(e) for e in self.data.train]
-        self.order = BatchOrder(len(self.data.train), self.config.batch_size, self.config.seed, lengths)
+        # one global batch of world * batch_size examples per micro-batch, as one process would read it
+        self.order = BatchOrder(len(self.data.train), self.config.batch_size * self.dist.world_size, self.config.seed, lengths)
         c = self.config
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.order.per_epoch / c.grad_accum))
         self.warmup_steps = int(c.warmup * self.total_steps) if c.warmup < 1 else int(c.warmup)
@@ -987,6 +1027,7 @@ class TrainingRun:
         self.eval_last: dict[str, float] = {}
         self.last_loss: float | None = None
         self._stop_requested = False
+        self.dist.barrier()  # no rank writes into the run folder before every rank has checked it
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None, progress: bool = True) -> "TrainingRun":
@@ -1007,7 +1048,7 @@ class TrainingRun:
     def _restore(self) -> None:
         for directory in reversed(list_checkpoints(self.run_dir)):
             try:
-                state = load_checkpoint(directory, self.model, self.optimizer)
+                state = load_checkpoint(directory, self.model, self.optimizer, self.dist)
             except (ValueError, KeyError, FileNotFoundError, OSError) as err:
                 self._say(f"skipping unreadable checkpoint {directory}: {err}")
                 continue
@@ -1018,6 +1059,11 @@ class TrainingRun:
             self.eval_last = state.get("eval_last", {})
             self.last_loss = state.get("last_loss")
             self._truncate_metrics(self.step)
+            saved_world = state.get("world_size", 1)
+            if saved_world != self.dist.world_size:
+                self._say(f"note: this run was saved by {saved_world} process(es) and continues on {self.dist.world_size}: "
+                          f"a step now reads {self.dist.world_size * self.config.batch_size} examples instead of "
+                          f"{saved_world * self.config.batch_size}")
             self._say(f"resuming {self.run_dir} from {directory.name} (step {self.step} of {self.total_steps})")
             return
         self._say(f"no checkpoint in {self.run_dir}: starting it from the beginning")
@@ -1026,7 +1072,7 @@ class TrainingRun:
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines a killed run wrote after its last checkpoint (they are written again)."""
         path = self.run_dir / METRICS_FILE
-        if not path.exists():
+        if not self.dist.is_main or not path.exists():
             return
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
@@ -1041,13 +1087,16 @@ class TrainingRun:
             "eval_initial": self.eval_initial,
             "eval_last": self.eval_last,
             "last_loss": self.last_loss,
+            "world_size": self.dist.world_size,
         }
 
     def save_checkpoint(self) -> Path:
         directory = self.run_dir / CHECKPOINTS_DIR / f"step-{self.step:06d}"
-        save_checkpoint(directory, self.model, self.optimizer, self._state())
-        for old in list_checkpoints(self.run_dir)[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        save_checkpoint(directory, self.model, self.optimizer, self._state(), self.dist)
+        if self.dist.is_main:
+            for old in list_checkpoints(self.run_dir)[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()  # the checkpoint is complete on disk before any rank goes on
         return directory
 
     # ------------------------------------------------------------------------------------------------------ output
@@ -1059,21 +1108,31 @@ class TrainingRun:
             tqdm.write(message, file=sys.stderr)
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _write_config(self) -> None:
+        if not self.dist.is_main:
+            return
         import yaml
 
         text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
         checkpoint.atomic_write(self.run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
 
     def evaluate(self) -> dict[str, float]:
+        """Scores on the whole evaluation split (every rank computes the same ones)."""
         self.model.eval()
         try:
-            return self.task.evaluate(self.data.eval, self.config.eval_batch_size)
+            return self._no_grad(self.task.evaluate, self.data.eval, self.config.eval_batch_size)
         finally:
             self.model.train()
+
+    def _no_grad(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` without gradients, through the runner (FSDP gathers the sharded weights around it)."""
+        with torch.no_grad():
+            return self.runner(fn, *args)
 
     def _eval_and_log(self) -> dict[str, float]:
         start = time.perf_counter()
@@ -1085,39 +1144,53 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------------------ training
 
-    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(self) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """This step's micro-batches on this rank, each with a weight: 1, or 0 for a stand-in example that keeps
+        the ranks in step when a short last batch of an epoch leaves this rank nothing."""
         first = self.step * self.config.grad_accum
-        return [
-            self.task.collate([self.data.train[i] for i in self.order(k)])
-            for k in range(first, first + self.config.grad_accum)
-        ]
+        batches = []
+        for k in range(first, first + self.config.grad_accum):
+            indices = self.order(k)
+            mine = self.dist.shard(indices)
+            batches.append((self.task.collate([self.data.train[i] for i in mine or indices[:1]]), 1.0 if mine else 0.0))
+        return batches
 
     def train_step(self) -> tuple[float, float, int]:
-        """One optimizer update; returns (loss, gradient norm, useful tokens)."""
+        """One optimizer update; returns (loss, gradient norm, useful tokens), over all ranks."""
         lr = learning_rate(self.step, self.total_steps, self.config.lr, self.warmup_steps, self.config.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self._micro_batches()
-        count = sum(self.task.count(b) for b in batches)
+        world = self.dist.world_size
+        count, tokens = self.dist.sum([
+            sum(self.task.count(b) * w for b, w in batches), sum(int(b["num_real_tokens"]) * w for b, w in batches)
+        ])
+        # DDP / FSDP average gradients over ranks: dividing by count / world makes the average (1/count) sum
         total = 0.0
-        for batch in batches:
-            loss = self.task.loss_sum(batch) / max(count, 1)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"the loss became {value} at step {self.step + 1}")
-            loss.backward()
-            total += value
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        for i, (batch, weight) in enumerate(batches):
+            with self.dist.gradient_sync(self.runner, sync=i == len(batches) - 1):
+                loss = self.runner(self.task.loss_sum, batch) * weight / (max(count, 1) / world)
+                loss.backward()
+            total += float(loss.detach()) / world
+        # checked after the sum over ranks, so that every rank stops at the same step
+        total, stop = self.dist.sum([total, float(self._stop_requested)])
+        if stop:  # Ctrl-C on any rank stops all of them after this step
+            self._stop_requested = True
+        if not math.isfinite(total):
+            raise NonFiniteLossError(f"the loss became {total} at step {self.step + 1}")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        norm = float(self.dist.full({"norm": norm})["norm"])
         if not math.isfinite(norm):
             raise NonFiniteLossError(f"the gradient norm became {norm} at step {self.step + 1}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total, norm, sum(int(b["num_real_tokens"]) for b in batches)
+        return total, norm, int(tokens)
 
     def fit(self) -> TrainResult:
         """Train to the last step; write the adapter, metrics, plot, samples and summary into the run folder."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
         trainable, total = self.model.get_nb_trainable_parameters()
         self._say(
@@ -1205,26 +1278,22 @@ class TrainingRun:
             return json.loads(path.read_text())["samples"]
         with self.model.disable_adapter():
             samples = self._generate_samples()
-        checkpoint.save_json(path, {"samples": samples})
+        if self.dist.is_main:
+            checkpoint.save_json(path, {"samples": samples})
         return samples
 
     def _generate_samples(self) -> list[dict[str, str]]:
         records = self.data.eval_records[: self.config.num_samples]
         prompts = [render_prompt(r, self.config.template, self.tokenizer) for r in records]
-        outputs = generate_texts(self.model, self.tokenizer, prompts, self.config.sample_tokens)
+        outputs = self._no_grad(generate_texts, self.model, self.tokenizer, prompts, self.config.sample_tokens)
         return [{"prompt": p, "reference": r["output"], "output": o} for p, r, o in zip(prompts, records, outputs)]
 
     # -------------------------------------------------------------------------------------------------- finish
 
     def _finish(self, samples_before: list[dict[str, str]], trainable: int, total: int) -> TrainResult:
         adapter_dir = self.run_dir / ADAPTER_DIR
-        self.model.save_pretrained(adapter_dir)
-        if samples_before:
-            after = self._generate_samples()
-            write_samples(self.run_dir / "samples.md", samples_before, after)
-        from .plots import plot_metrics
-
-        plot_metrics(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / "metrics.png", self.data.metric)
+        self.dist.save_pretrained(self.model, adapter_dir)
+        after = self._generate_samples() if samples_before else []
         result = TrainResult(
             run_dir=self.run_dir,
             adapter_dir=adapter_dir,
@@ -1239,8 +1308,15 @@ class TrainingRun:
             total_parameters=total,
             mode=self.task.mode,
         )
-        summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
-        checkpoint.save_json(self.run_dir / "summary.json", summary)
+        if self.dist.is_main:
+            if after:
+                write_samples(self.run_dir / "samples.md", samples_before, after)
+            from .plots import plot_metrics
+
+            plot_metrics(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / "metrics.png", self.data.metric)
+            summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
+            checkpoint.save_json(self.run_dir / "summary.json", summary)
+        self.dist.barrier()  # the run folder is complete when any rank returns
         return result
 
 
