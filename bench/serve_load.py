@@ -47,7 +47,7 @@ ADAPTERS = {  # random non-zero LoRA factors (init_lora_weights=False), B scaled
     "math": dict(r=4, lora_alpha=8, target_modules=["up_proj", "down_proj"]),
     "chat": dict(r=8, lora_alpha=8, target_modules="all-linear"),
 }
-B_SCALE = 0.05
+B_SCALE = 0.3
 PROMPTS = [
     "Write one sentence about the sea.",
     "What is the capital of France?",
@@ -200,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         expected = solo_outputs(model, tok, folder, jobs, args.max_tokens)
         solo_s = time.perf_counter() - t0
-        distinct = sum(len({expected[(m, p)] for m in models if (m, p) in expected}) for p in PROMPTS)
-        print(f"solo references: {len(jobs)} (model, prompt) pairs in {solo_s:.1f} s; "
-              f"{distinct} distinct answers over {len({p for _, p in jobs})} prompts", file=sys.stderr)
+        # a crossed answer is only visible when the other models answer that prompt differently
+        unique = sum(1 for client in plan for m, p in client
+                     if all(expected[(m, p)] != expected[(o, q)] for o, q in jobs if q == p and o != m))
+        print(f"solo references: {len(jobs)} (model, prompt) pairs in {solo_s:.1f} s; {unique}/{sent} requests "
+              "have an answer no other model gives to their prompt", file=sys.stderr)
         rows = []
         for label, batch in (("continuous batching, max batch 16", 16), ("one at a time, max batch 1", 1)):
             app = create_app(model, tok, base_name=BASE_NAME, adapters={n: str(folder / n) for n in ADAPTERS},
