@@ -141,6 +141,24 @@ def test_only_adapters_train_and_dropout_only_in_training():
     assert not torch.equal(logits(pm), logits(pm))
 
 
+def test_wraps_a_4bit_quantized_projection():
+    """The adapter only reads the wrapped layer's output, so a bitsandbytes NF4 base layer works unchanged."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    quantized = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+    quantized.load_state_dict(dense.state_dict())
+    model = nn.Sequential(quantized.to("cpu"))  # moving to a device is what quantizes the weight
+    x = torch.randn(3, 64)
+    ref = model(x).detach()
+    pm = pk.get_peft_model(model, BottleneckConfig(target_modules=["0"], bottleneck_size=4))
+    assert torch.equal(pm(x), ref)
+    randomize_up(pm)
+    up, down = model[0].adapter_up["default"], model[0].adapter_down["default"]
+    with torch.no_grad():
+        assert torch.allclose(pm(x), ref + up(F.relu(down(ref))), atol=1e-6)
+
+
 def test_merge_is_refused_and_changes_nothing():
     pm = pk.get_peft_model(tiny_llama(), BottleneckConfig(reduction_factor=8))
     randomize_up(pm)

@@ -71,6 +71,7 @@ def test_conv1d_scales_the_right_axis():
     block = pm.base_model.transformer.h[0]
     assert block.attn.c_attn.ia3_l["default"].shape == (192, 1) and block.attn.c_attn.fan_in_fan_out
     assert block.mlp.c_proj.ia3_l["default"].shape == (1, 256) and block.mlp.c_proj.is_feedforward
+    assert pm.peft_config["default"].fan_in_fan_out  # as HF PEFT records it
     ref = logits(pm)
     pm.merge_adapter()
     assert (logits(pm) - ref).abs().max().item() <= 1e-5
@@ -228,7 +229,7 @@ def compat_case(case, minilm):
     if case == "llama":
         return tiny_llama(), dict(LLAMA)
     if case == "gpt2":
-        return tiny_gpt2(), dict(GPT2)
+        return tiny_gpt2(), dict(GPT2, fan_in_fan_out=True)  # HF PEFT warns when Conv1D targets lack it
     return minilm[0], dict(BERT, task_type="SEQ_CLS")
 
 
@@ -282,17 +283,36 @@ def test_hf_file_loads_in_peftkit(tmp_path, case, minilm):
         assert torch.equal(pm.base_model.classifier.modules_to_save["default"].weight, head)
 
 
+def test_parameter_counts_on_real_models(minilm, smollm2):
+    """HF PEFT's default targets: one vector per key/value output and per feed-forward input (HF PEFT counts the
+    same: 16,128 and 57,600)."""
+    pm = pk.get_peft_model(copy.deepcopy(minilm[0]), IA3Config())
+    # key, value outputs (384 each); attention.output.dense and output.dense inputs (384, 1536): 6 layers
+    assert pm.get_nb_trainable_parameters()[0] == 6 * (384 + 384 + 384 + 1536) == 16_128
+    pm = pk.get_peft_model(smollm2[0], IA3Config())
+    try:  # k_proj, v_proj outputs (3 kv heads x 64); down_proj input (1536): 30 layers
+        assert pm.get_nb_trainable_parameters()[0] == 30 * (192 + 192 + 1536) == 57_600
+    finally:
+        pm.unload()  # the session fixture is shared: hand it back unwrapped
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Learning: the real MiniLM on real SST-2 sentences
 
 
 def sst2(n: int) -> tuple[list[str], torch.Tensor]:
-    """The first ``n`` SST-2 training sentences and labels (GLUE's TSV: no quoting)."""
+    """The first ``n / 2`` positive and ``n / 2`` negative SST-2 training sentences, alternating, so every batch is
+    balanced and the loss cannot fall by learning the class prior alone (GLUE's TSV: no quoting)."""
+    by_label: dict[str, list[str]] = {"0": [], "1": []}
     with open(DATA / "glue" / "SST-2" / "train.tsv", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         next(reader)
-        rows = [next(reader) for _ in range(n)]
-    return [s for s, _ in rows], torch.tensor([int(label) for _, label in rows])
+        for sentence, label in reader:
+            by_label[label].append(sentence)
+            if min(len(v) for v in by_label.values()) >= n // 2:
+                break
+    texts = [s for pair in zip(by_label["1"][: n // 2], by_label["0"][: n // 2]) for s in pair]
+    return texts, torch.tensor([1, 0] * (n // 2))
 
 
 def train_sst2(pm: pk.PeftModel, tokenizer, lr: float, steps: int = 30, batch: int = 16, sentences: int = 160):

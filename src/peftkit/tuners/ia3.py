@@ -51,8 +51,9 @@ class IA3Config(PeftConfig):
     ``attention.output.dense``); a string is a regex matched against the full path. Must be a subset of
     ``target_modules`` when both are lists. ``None`` picks the architecture's default.
     ``init_ia3_weights``: True starts every vector at 1 (the model equals the base); False draws them from N(0, 1)
-    (for tests only). ``fan_in_fan_out``: kept for file compatibility; the weight layout is read from the module
-    type (transformers' ``Conv1D`` stores W as in x out), which is what HF PEFT ends up using as well.
+    (for tests only). ``fan_in_fan_out``: whether targets store W as in x out; each layer reads its layout from
+    its module type (transformers' ``Conv1D`` is in x out, ``nn.Linear`` out x in), and, as HF PEFT does, the field
+    is set to True when a ``Conv1D`` target is found, so saved configs say what the file's layout is.
     """
 
     peft_type: ClassVar[str] = "IA3"
@@ -218,4 +219,6 @@ class IA3Tuner(Tuner):
                 f"(IA)^3 cannot wrap {module_name} ({type(module).__name__}): it supports nn.Linear and transformers' "
                 "Conv1D. Remove it from target_modules."
             )
+        if _is_conv1d(module):
+            config.fan_in_fan_out = True
         return IA3Layer(module, is_feedforward=config.is_feedforward(module_name))
