@@ -66,7 +66,8 @@ def test_placement_per_architecture():
     assert adapted(gpt2) == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
     explicit = pk.get_peft_model(tiny_llama(), BottleneckConfig(target_modules=["up_proj"], bottleneck_size=4))
     assert adapted(explicit) == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
-    assert explicit.base_model.model.layers[0].mlp.up_proj.adapter_down["default"].weight.shape == (4, 128)  # d = up_proj outputs
+    down = explicit.base_model.model.layers[0].mlp.up_proj.adapter_down["default"]
+    assert down.weight.shape == (4, 128)  # d = up_proj's outputs
     only_last = pk.get_peft_model(tiny_llama(), BottleneckConfig(reduction_factor=8, layers_to_transform=[1]))
     assert adapted(only_last) == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
 
@@ -119,7 +120,8 @@ def test_formula(non_linearity, f):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32))
     w, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
-    pm = pk.get_peft_model(model, BottleneckConfig(target_modules=["0"], bottleneck_size=4, non_linearity=non_linearity, init_scale=0.1))
+    config = BottleneckConfig(target_modules=["0"], bottleneck_size=4, non_linearity=non_linearity, init_scale=0.1)
+    pm = pk.get_peft_model(model, config)
     randomize_up(pm)
     down, up = model[0].adapter_down["default"], model[0].adapter_up["default"]
     assert down.weight.abs().max().item() <= 0.2  # truncated at two std
@@ -200,7 +202,8 @@ def test_mixed_batch_rows_equal_solo_runs(factory):
     """Adapters of different widths and non-linearities in one batch (zero padding, per-row activation)."""
     pm = pk.get_peft_model(factory(), BottleneckConfig(reduction_factor=8, init_scale=0.1))
     pm.add_adapter("narrow", BottleneckConfig(bottleneck_size=3, non_linearity="gelu", init_scale=0.1))
-    pm.add_adapter("ffn", BottleneckConfig(variant="pfeiffer", bottleneck_size=5, non_linearity="swish", init_scale=0.1))
+    ffn = BottleneckConfig(variant="pfeiffer", bottleneck_size=5, non_linearity="swish", init_scale=0.1)
+    pm.add_adapter("ffn", ffn)
     for seed, name in enumerate(("default", "narrow", "ffn")):
         randomize_up(pm, name, seed)
     pm.eval()
@@ -215,6 +218,20 @@ def test_mixed_batch_rows_equal_solo_runs(factory):
             pm.set_adapter(name)
             solo = logits(pm, x[i : i + 1])
         assert (mixed[i : i + 1] - solo).abs().max().item() <= 1e-5, name
+
+
+def test_mixed_batch_after_deleting_the_only_adapter_of_some_layers():
+    """Houlsby 'a' and Pfeiffer 'b': deleting 'a' leaves the attention projections wrapped with no adapter."""
+    pm = pk.get_peft_model(tiny_llama(), BottleneckConfig(variant="houlsby", reduction_factor=8))
+    pm.add_adapter("b", BottleneckConfig(variant="pfeiffer", reduction_factor=8))
+    randomize_up(pm, "b")
+    pm.delete_adapter("default")
+    pm.eval()
+    assert pm.base_model.model.layers[0].self_attn.o_proj.adapter_names == []
+    mixed = logits(pm, X[:2], adapter_names=["b", "__base__"])
+    pm.set_adapter("b")
+    assert (mixed[:1] - logits(pm, X[:1])).abs().max().item() <= 1e-5
+    assert (mixed[1:] - logits(tiny_llama(), X[1:2])).abs().max().item() <= 1e-5
 
 
 def test_save_load_round_trip_and_file_layout(tmp_path):

@@ -54,7 +54,8 @@ def test_formula_output_and_input_scaling():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 6))
     w0, b0, w1, b1 = (t.detach().clone() for t in (model[0].weight, model[0].bias, model[1].weight, model[1].bias))
-    pm = pk.get_peft_model(model, IA3Config(target_modules=["0", "1"], feedforward_modules=["1"], init_ia3_weights=False))
+    config = IA3Config(target_modules=["0", "1"], feedforward_modules=["1"], init_ia3_weights=False)
+    pm = pk.get_peft_model(model, config)
     l_out, l_in = model[0].ia3_l["default"], model[1].ia3_l["default"]
     assert l_out.shape == (8, 1) and l_in.shape == (1, 8)
     x = torch.randn(5, 16)
@@ -196,6 +197,18 @@ def test_mixed_batch_scales_each_row_by_its_own_vector():
     for i, name in enumerate(names):
         scale = torch.ones(32) if name == "__base__" else layer.ia3_l[name].detach().flatten()
         assert torch.equal(seen["ia3"][i], seen["base"][i] * scale), name
+
+
+def test_mixed_batch_after_deleting_the_only_adapter_of_some_layers():
+    pm = pk.get_peft_model(tiny_llama(), IA3Config(**LLAMA))
+    pm.add_adapter("b", IA3Config(target_modules=["v_proj"], feedforward_modules=[]))
+    randomize_ia3(pm, "b")
+    pm.delete_adapter("default")  # k_proj and down_proj stay wrapped, with no adapter
+    pm.eval()
+    mixed = logits(pm, X[:2], adapter_names=["b", "__base__"])
+    pm.set_adapter("b")
+    assert (mixed[:1] - logits(pm, X[:1])).abs().max().item() <= 1e-5
+    assert (mixed[1:] - logits(tiny_llama(), X[1:2])).abs().max().item() <= 1e-5
 
 
 def test_save_load_round_trip_and_file_layout(tmp_path):

@@ -85,8 +85,9 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(
                 f"BottleneckConfig.non_linearity must be one of {sorted(NON_LINEARITIES)}, got {self.non_linearity!r}"
             )
-        if self.bottleneck_size is not None and (not isinstance(self.bottleneck_size, int) or self.bottleneck_size <= 0):
-            raise ValueError(f"BottleneckConfig.bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
+        size = self.bottleneck_size
+        if size is not None and (not isinstance(size, int) or size <= 0):
+            raise ValueError(f"BottleneckConfig.bottleneck_size must be a positive integer, got {size!r}")
         if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
             raise ValueError(f"BottleneckConfig.reduction_factor must be positive, got {self.reduction_factor!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -141,7 +142,7 @@ class BottleneckLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.bypass():
+        if self.bypass() or not self.adapter_names:  # (a layer whose adapters were all deleted stays wrapped)
             return result
         if self.mixed is not None:
             return result + self._mixed_delta(result).to(result.dtype)
@@ -157,7 +158,25 @@ class BottleneckLayer(AdapterLayer):
 
         Base rows and absent adapters have all-zero weights and biases, and the padding of narrower bottlenecks
         is zero too; f(0) = 0 for every supported f, so those contribute exactly nothing."""
-        order, batch = self.mixed.order, y.shape[0]
+        batch = y.shape[0]
+        W_down, b_down, W_up, b_up, kinds, kind_of = self._stacked(self.mixed.order)
+        y3 = y.reshape(batch, -1, self.features).to(W_down.dtype)
+        down_rows = gather_rows(W_down, self.mixed, batch).transpose(1, 2)
+        z = torch.baddbmm(gather_rows(b_down, self.mixed, batch).unsqueeze(1), y3, down_rows)
+        if len(kinds) == 1:
+            h = NON_LINEARITIES[kinds[0]](z)
+        else:  # adapters with different non-linearities: apply each (m is small), keep each row's own
+            rows_kind = gather_rows(kind_of.to(y.device), self.mixed, batch)
+            h = torch.stack([NON_LINEARITIES[k](z) for k in kinds])[rows_kind, torch.arange(batch, device=y.device)]
+        up_rows = gather_rows(W_up, self.mixed, batch).transpose(1, 2)
+        delta = torch.baddbmm(gather_rows(b_up, self.mixed, batch).unsqueeze(1), h, up_rows)
+        return delta.reshape(y.shape)
+
+    def _stacked(
+        self, order: tuple[str, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+        """Weights of every adapter in ``order`` stacked on a leading axis (zeros where a name has none here),
+        the distinct non-linearities, and each name's index into them."""
         present = [n for n in order if n in self.adapter_down]
         m_max = max(self.adapter_down[n].out_features for n in present)
         ref = self.adapter_down[present[0]].weight
@@ -174,15 +193,7 @@ class BottleneckLayer(AdapterLayer):
                 W_down[i, :m], b_down[i, :m] = down.weight, down.bias
                 W_up[i, :, :m], b_up[i] = up.weight, up.bias
                 kind_of[i] = kinds.index(self.non_linearity[name])
-        y3 = y.reshape(batch, -1, self.features).to(ref.dtype)
-        z = torch.baddbmm(gather_rows(b_down, self.mixed, batch).unsqueeze(1), y3, gather_rows(W_down, self.mixed, batch).transpose(1, 2))
-        if len(kinds) == 1:
-            h = NON_LINEARITIES[kinds[0]](z)
-        else:  # adapters with different non-linearities: apply each, keep each row's own
-            rows_kind = gather_rows(kind_of.to(y.device), self.mixed, batch)
-            h = torch.stack([NON_LINEARITIES[k](z) for k in kinds])[rows_kind, torch.arange(batch, device=y.device)]
-        delta = torch.baddbmm(gather_rows(b_up, self.mixed, batch).unsqueeze(1), h, gather_rows(W_up, self.mixed, batch).transpose(1, 2))
-        return delta.reshape(y.shape)
+        return W_down, b_down, W_up, b_up, kinds, kind_of
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -174,7 +174,7 @@ class IA3Layer(AdapterLayer):
         return self.in_features if self.is_feedforward else self.out_features
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.bypass():
+        if self.bypass() or not self.adapter_names:  # (a layer whose adapters were all deleted stays wrapped)
             return self.base_layer(x, *args, **kwargs)
         if self.is_feedforward:
             scale = self._scale(x)
