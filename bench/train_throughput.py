@@ -159,7 +159,8 @@ def run_eval(args: argparse.Namespace) -> dict:
 def subprocess_json(side: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--side", side, "--workdir", args.workdir, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
-               "--data", args.data, "--model", args.model, "--eval-records", str(args.eval_records)]
+               "--data", args.data, "--model", args.model, "--eval-records", str(args.eval_records),
+               "--threads", str(args.threads)]
     print(f"[{time.strftime('%H:%M:%S')}] running {side} ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -175,7 +176,8 @@ def report(peak: float, ours: dict, hf: dict, scores: dict, args: argparse.Names
     lines = [
         f"Alpaca sample, {args.model}, LoRA r=8 q_proj/v_proj, batch {args.batch_size}, lr {args.lr:g}, {args.steps} steps; "
         f"eval on {scores['records']} held-out records (base model: {scores['base']:.4f})",
-        f"fp32 matmul peak (torch.mm 2048^2): {peak:.1f} GFLOP/s; matmul params {ours['matmul_params']:,}",
+        f"fp32 matmul peak (torch.mm 2048^2, {hf['torch_threads']} threads): {peak:.1f} GFLOP/s; "
+        f"matmul params {ours['matmul_params']:,}",
         "",
         "| side | useful tokens/s | padding | median step | LoRA step as % of matmul peak | peak RSS | final eval loss |",
         "|---|---|---|---|---|---|---|",
@@ -196,6 +198,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides and the peak (default: torch's)")
     parser.add_argument("--eval-records", type=int, default=10**6, help="score at most this many held-out records (default: all 86)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--model", default="smollm2-135m")
@@ -204,6 +207,10 @@ def main() -> int:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.side:
         result = {"peftkit": run_peftkit, "hf": run_hf, "eval": run_eval}[args.side](args)
         print(json.dumps(result))

@@ -125,6 +125,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
     g.add_argument("--seed", type=int, help="seed for the adapter's init, the data order and the held-out split (default 0)")
+    g.add_argument("--threads", type=int, help="torch threads (default: one per core; fewer helps on a busy machine)")
     g = p.add_argument_group("several processes (under torchrun; --batch-size is per process)")
     g.add_argument("--strategy", choices=["ddp", "fsdp"],
                    help="ddp: a full model copy per process (default); fsdp: the frozen base sharded across processes")

@@ -199,6 +199,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    threads: int | None = None
     # several processes (torchrun)
     strategy: str = "ddp"
     dist_timeout: float = DEFAULT_TIMEOUT
@@ -980,6 +981,8 @@ class TrainingRun:
         self.run_dir = Path(run_dir or config.out or default_run_dir(config.method))
         if not _resuming and (self.run_dir / CONFIG_FILE).exists():
             raise FileExistsError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, or pick another --out")
+        if config.threads:  # process-wide: on a shared machine fewer threads than cores can be much faster
+            torch.set_num_threads(config.threads)
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.config = resolve_config(config)
