@@ -38,7 +38,6 @@ import uvicorn
 
 import peftkit as pk
 from peftkit.serve import create_app
-from peftkit.tuners.base import BASE
 
 BASE_NAME = "smollm2-135m"
 ADAPTERS = {  # random non-zero LoRA factors (init_lora_weights=False), B scaled so the text stays readable
