@@ -69,6 +69,8 @@ def test_train_then_eval_generate_merge_inspect(tiny_lm, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"run folder: {run}" in out and "eval loss" in out
     summary = json.loads((run / "summary.json").read_text())
+    assert cli.main(["train", "--resume", str(run), "--quiet"]) == cli.EXIT_ERROR
+    assert "finished all 6 steps" in capsys.readouterr().err
 
     # eval of the run folder = the run's held-out split, scored exactly as during training
     assert cli.main(["eval", "--adapter", str(run), "--json"]) == 0

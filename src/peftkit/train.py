@@ -1008,6 +1008,8 @@ class TrainingRun:
         # every use of the model in training goes through the runner, so DDP / FSDP hooks run around it
         self.runner = self.dist.wrap(self.model)
         self.task = make_task(self.model, self.tokenizer, self.config)
+        if not self.data.eval and self.config.eval_every != 0:
+            raise ValueError(f"no evaluation examples ({'; '.join(self.data.notes)}): fix --eval-data, or pass --eval-every 0")
         self.params = list(trainable_parameters(self.model).values())
         if not self.params:
             raise ValueError(f"method {self.config.method!r} left no trainable parameter in {self.config.model}")
@@ -1044,6 +1046,11 @@ class TrainingRun:
         config = TrainConfig.from_dict({**saved, **(overrides or {}), "out": str(run_dir)}, source=str(path))
         run = cls(config, run_dir, progress=progress, _resuming=True)
         run._restore()
+        if run.step >= run.total_steps and (run_dir / "summary.json").exists():
+            raise ValueError(
+                f"{run_dir} finished all {run.total_steps} steps; to train further pass a larger --max-steps "
+                "(or --epochs) with --resume"
+            )
         return run
 
     # ----------------------------------------------------------------------------------------------------- state
