@@ -10,9 +10,15 @@ batch after training (same math for all variants: train mode without dropout, no
 Variants: ``fp32`` (peftkit, full-precision base), ``nf4`` (peftkit: load_model(quantization="nf4"),
 prepare_model_for_kbit_training), ``hf-qlora`` (transformers BitsAndBytesConfig nf4 + double quant, peft
 prepare_model_for_kbit_training + LoraConfig); ``nf4-gc`` and ``hf-qlora-gc`` add activation checkpointing
-(use_reentrant=False), QLoRA's usual recipe. All variants set ``use_cache=False`` (a training forward never reads
-the KV cache). Finally ``nf4`` and ``hf-qlora`` train side by side in one process, alternating steps, for a step-time
-ratio that machine noise hits alike. Two CPU cores are shared with other work: compare ratios, not absolute times.
+(use_reentrant=False), QLoRA's usual recipe (not run by default). All variants set ``use_cache=False`` (a training
+forward never reads the KV cache). Finally ``nf4`` and ``hf-qlora`` train side by side in one process, alternating
+steps, for a step-time ratio that machine noise hits alike. Two CPU cores are shared with other work: compare
+ratios, not absolute times.
+
+Children run with ``MALLOC_ARENA_MAX=1`` (``--default-malloc`` to skip): with glibc's per-thread arenas, the main
+thread occasionally gets moved to a fresh arena when another thread holds the main one, stranding memory it had
+freed; measured here, that adds 0 to 450 MiB to the same load at random, which would swamp the differences this
+benchmark compares. One arena makes peak RSS repeatable; every variant gets the same setting.
 
     python bench/qlora.py [--steps 10] [--variants fp32 nf4 hf-qlora nf4-gc hf-qlora-gc] [--json bench/results/qlora.json]
 """
@@ -35,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct" / "alpaca_sample_1727.json"
 VARIANTS = ("fp32", "nf4", "hf-qlora", "nf4-gc", "hf-qlora-gc")
+DEFAULT_VARIANTS = ("fp32", "nf4", "hf-qlora")
 R, ALPHA, TARGETS, LR = 8, 16, ["q_proj", "v_proj"], 1e-3
 
 
@@ -209,7 +216,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--records", type=int, default=64)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--default-malloc", action="store_true", help="do not set MALLOC_ARENA_MAX=1 in children")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "qlora.json")
     parser.add_argument("--no-interleave", action="store_true", help="skip the interleaved nf4 / hf-qlora step timing")
     parser.add_argument("--child", choices=VARIANTS + ("interleave",), help=argparse.SUPPRESS)  # one run, JSON out
@@ -223,11 +231,12 @@ def main() -> None:
     results = []
     load_avg = [os.getloadavg()]
     children = list(args.variants) + ([] if args.no_interleave else ["interleave"])
+    env = dict(os.environ) if args.default_malloc else {**os.environ, "MALLOC_ARENA_MAX": "1"}
     for variant in children:
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--batch", str(args.batch),
                "--seq", str(args.seq), "--records", str(args.records)]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-4000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -246,7 +255,8 @@ def main() -> None:
         "setup": {"model": "smollm2-135m", "lora": {"r": R, "lora_alpha": ALPHA, "target_modules": TARGETS},
                   "optimizer": f"adamw lr {LR}", "steps": args.steps, "batch": args.batch, "seq": args.seq,
                   "records": args.records, "data": str(DATA.name)},  # fmt: skip
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1m": [a[0] for a in load_avg]},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1m": [a[0] for a in load_avg],
+                    "malloc_arena_max": env.get("MALLOC_ARENA_MAX")},
         "results": results,
         "interleaved_step_times": interleaved,
         "ratios": summary,

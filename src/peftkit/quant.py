@@ -356,7 +356,15 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
+def _checkpoint_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if not path.is_dir():  # a hub id: its snapshot in the local Hugging Face cache (never downloaded here)
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(str(path), local_files_only=True))
+        except Exception as err:
+            raise FileNotFoundError(f"{path} is neither a local folder nor in the Hugging Face cache ({err})") from None
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -432,7 +440,7 @@ def load_quantized(
     tied = _tied_names(model)
     prefix = getattr(model, "base_model_prefix", "") or ""
     loaded: set[str] = set()
-    for file in _checkpoint_files(Path(path)):
+    for file in _checkpoint_files(path):
         for key, read in iter_safetensors(file):
             name = _model_key(key, params, prefix)
             if name is None:

@@ -1046,7 +1046,7 @@ class TrainingRun:
         config = TrainConfig.from_dict({**saved, **(overrides or {}), "out": str(run_dir)}, source=str(path))
         run = cls(config, run_dir, progress=progress, _resuming=True)
         run._restore()
-        if run.step >= run.total_steps and (run_dir / "summary.json").exists():
+        if run.step >= run.total_steps and (run_dir / "summary.json").exists():  # written last, at the very end
             raise ValueError(
                 f"{run_dir} finished all {run.total_steps} steps; to train further pass a larger --max-steps "
                 "(or --epochs) with --resume"
@@ -1250,8 +1250,8 @@ class TrainingRun:
                         f"interrupted at step {self.step}: checkpoint {saved} saved. "
                         f"Continue with: peftkit train --resume {self.run_dir}"
                     )
-                if self.save_every and self.step % self.save_every == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
+                if self.save_every and (self.step % self.save_every == 0 or self.step == self.total_steps):
+                    self.save_checkpoint()  # the last step too: --resume with a larger --max-steps continues from it
         finally:
             bar.close()
 
