@@ -220,7 +220,7 @@ def test_sft_run_lowers_eval_loss_and_writes_the_run_folder(tiny_lm, tmp_path):
     metrics = T.read_metrics(folder / T.METRICS_FILE)
     assert [m["step"] for m in metrics if m["type"] == "eval"] == [0, 6, 12]
     assert [m["step"] for m in metrics if m["type"] == "train"] == list(range(1, 13))
-    assert [p.name for p in T.list_checkpoints(folder)] == ["step-000004", "step-000008"]
+    assert [p.name for p in T.list_checkpoints(folder)] == ["step-000008", "step-000012"]
     assert {"adapter", "config.yaml", "metrics.jsonl", "metrics.png", "samples.md", "summary.json"} <= {p.name for p in folder.iterdir()}
     assert (folder / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert (folder / "samples.md").read_text().count("| before training (base model) | after training | reference |") == 2
