@@ -136,6 +136,18 @@ def test_forward_uses_the_copies_and_the_base_never_changes():
                 assert torch.equal(p, before[f"{name}.{p_name}"])
 
 
+def test_gradients_equal_those_of_the_plain_model():
+    reference = tiny_bert_classifier()
+    pm = pk.get_peft_model(copy.deepcopy(reference), BitFitConfig())
+    labels = torch.tensor([0, 1, 1])
+    pm(input_ids=IDS, labels=labels).loss.backward()
+    reference(input_ids=IDS, labels=labels).loss.backward()
+    ours = {n.replace(".selected.default.", ".").removeprefix("base_model."): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    assert len(ours) == 19
+    for name, grad in ours.items():
+        assert torch.allclose(grad, dict(reference.named_parameters())[name].grad, atol=1e-7), name
+
+
 def test_two_adapters_switch_add_up_and_mix_per_row():
     reference = tiny_bert_classifier()
     pm = pk.get_peft_model(copy.deepcopy(reference), BitFitConfig())
@@ -261,14 +273,14 @@ def train_sst2(pm: pk.PeftModel, tokenizer, lr: float, steps: int = 30, batch: i
     return losses
 
 
-def assert_learns_and_reloads(tmp_path, minilm, config, lr: float) -> list[float]:
+def assert_learns_and_reloads(tmp_path, minilm, config, lr: float, steps: int = 30, sentences: int = 160) -> list[float]:
     """Only the method's parameters train (the seeded classifier head stays frozen: no SEQ_CLS task type), so a
     falling loss (mean of the last 5 steps < 0.9 x the first 5) is the method's doing; then the saved adapter, loaded
     into a fresh copy of the base, gives the trained model's logits (<= 1e-6)."""
     base, tokenizer = minilm
     pm = pk.get_peft_model(copy.deepcopy(base), config)
     assert all("classifier" not in n for n in trainable(pm))
-    losses = train_sst2(pm, tokenizer, lr)
+    losses = train_sst2(pm, tokenizer, lr, steps=steps, sentences=sentences)
     first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
     assert last < 0.9 * first, losses
     texts, _ = sst2(24)
