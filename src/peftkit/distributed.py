@@ -42,8 +42,9 @@ _owns_group = False  # whether init_distributed created the default process grou
 def init_distributed(timeout: float = DEFAULT_TIMEOUT) -> bool:
     """Join the process group torchrun's environment describes, unless already joined; True when world size > 1.
 
-    CPU tensors go through gloo; with CUDA present, CUDA tensors go through NCCL on device ``LOCAL_RANK``.
-    ``timeout`` (seconds) bounds every collective, so ranks fail instead of hanging when one dies.
+    CPU tensors go through gloo; with CUDA present, CUDA tensors go through NCCL on device ``LOCAL_RANK`` (one
+    process per GPU). ``timeout`` (seconds) bounds every collective, so ranks fail instead of hanging when one dies
+    or stops answering.
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1

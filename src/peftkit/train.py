@@ -1031,7 +1031,8 @@ class TrainingRun:
         self.eval_initial: dict[str, float] = {}
         self.eval_last: dict[str, float] = {}
         self.last_loss: float | None = None
-        self._stop_requested = False
+        self._stop_requested = False  # set by the signal handler, on this process
+        self._stop_agreed = False  # set after each step from every process's request: all stop at the same step
         self.dist.barrier()  # no rank writes into the run folder before every rank has checked it
 
     @classmethod
@@ -1184,8 +1185,7 @@ class TrainingRun:
             total += float(loss.detach()) / world
         # checked after the sum over ranks, so that every rank stops at the same step
         total, stop = self.dist.sum([total, float(self._stop_requested)])
-        if stop:  # Ctrl-C on any rank stops all of them after this step
-            self._stop_requested = True
+        self._stop_agreed = stop > 0  # a signal to any rank stops all of them after this step
         if not math.isfinite(total):
             raise NonFiniteLossError(f"the loss became {total} at step {self.step + 1}")
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -1244,7 +1244,7 @@ class TrainingRun:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens / self.train_seconds:.0f}")
                 if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                     self.eval_last = self._eval_and_log()
-                if self._stop_requested:
+                if self._stop_agreed:
                     saved = self.save_checkpoint()
                     raise TrainingInterrupted(
                         f"interrupted at step {self.step}: checkpoint {saved} saved. "
