@@ -67,7 +67,7 @@ def _free_port() -> int:
 
 
 def _torchrun(cwd: Path, *command: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    """Two processes on this machine, on 127.0.0.1 and a free port; (result, seconds until torchrun exited)."""
+    """Two processes on this machine, on 127.0.0.1 and a free port; (result, time.time() when torchrun exited)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     result = subprocess.run([*launcher, *command], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
