@@ -135,6 +135,14 @@ def test_one_process_needs_no_process_group(monkeypatch):
         T.TrainConfig(strategy="zero3").resolved("sft")
 
 
+def test_ranks_that_see_different_checkpoints_stop_together(monkeypatch):
+    d = D.Distributed(rank=1, world_size=2)
+    monkeypatch.setattr(D.Distributed, "gather", lambda self, value: [4.0, float(value)])  # rank 0 resumes at 4
+    d.check_same("the step to resume from", 4, "share the run folder")
+    with pytest.raises(ValueError, match=r"disagree on the step to resume from \(rank 0: 4, rank 1: 0\): share the"):
+        d.check_same("the step to resume from", 0, "share the run folder")
+
+
 def test_a_missing_rank_fails_after_the_timeout_instead_of_hanging(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")  # rank 1 never starts

@@ -198,6 +198,22 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def gather(self, value: float) -> list[float]:
+        """*Collective*: every rank's ``value``, by rank."""
+        if not self.enabled:
+            return [float(value)]
+        tensor = torch.tensor([float(value)], dtype=torch.float64)
+        values = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(values, tensor)
+        return [float(v) for v in values]
+
+    def check_same(self, what: str, value: float, fix: str) -> None:
+        """*Collective*: raise on every rank (so all stop together) unless every rank holds the same ``value``."""
+        values = self.gather(value)
+        if len(set(values)) > 1:
+            seen = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(values))
+            raise ValueError(f"the processes disagree on {what} ({seen}): {fix}")
+
     def barrier(self) -> None:
         """*Collective*: wait until every rank gets here (e.g. until rank 0 has written a checkpoint)."""
         if self.enabled:

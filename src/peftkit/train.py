@@ -1047,6 +1047,8 @@ class TrainingRun:
         config = TrainConfig.from_dict({**saved, **(overrides or {}), "out": str(run_dir)}, source=str(path))
         run = cls(config, run_dir, progress=progress, _resuming=True)
         run._restore()
+        run.dist.check_same("the step to resume from", run.step, f"every process must read the same run folder "
+                            f"{run_dir}: on several machines, put it on a file system they all share")
         if run.step >= run.total_steps and (run_dir / "summary.json").exists():  # written last, at the very end
             raise ValueError(
                 f"{run_dir} finished all {run.total_steps} steps; to train further pass a larger --max-steps "
