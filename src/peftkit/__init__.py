@@ -2,8 +2,23 @@
 
 from .models import load_model, load_tokenizer
 from .peft_model import PeftModel, get_peft_model
-from .tuners import LoraConfig, PeftConfig
+from .quant import make_optimizer, memory_footprint, prepare_model_for_kbit_training
+from .tuners import (
+    BitFitConfig,
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    SelectiveConfig,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "load_tokenizer", "PeftModel", "get_peft_model", "LoraConfig", "PeftConfig"]
+__all__ = [
+    "load_model", "load_tokenizer", "PeftModel", "get_peft_model",
+    "LoraConfig", "IA3Config", "BottleneckConfig", "PromptTuningConfig", "PrefixTuningConfig",
+    "BitFitConfig", "SelectiveConfig", "PeftConfig",
+    "prepare_model_for_kbit_training", "memory_footprint", "make_optimizer",
+]
