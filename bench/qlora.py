@@ -152,7 +152,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
 def interleaved_step_times(args: argparse.Namespace, pair: tuple[str, str]) -> dict:
     """Both variants in one process, one training step each in turn (A B A B ...), so that load from other work on
-    the machine hits them alike: the step-time ratio is robust even when absolute times are not."""
+    the machine hits them alike; the ratio is the median over rounds of A's step time over B's in the same round."""
     import peftkit as pk
     from peftkit import quant
 
@@ -170,9 +170,11 @@ def interleaved_step_times(args: argparse.Namespace, pair: tuple[str, str]) -> d
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t)
-    medians = {v: statistics.median(times[1:]) for v, (_, _, times) in runs.items()}  # step 1 warms up
-    return {"pair": list(pair), "median_step_s": medians, "ratio": medians[pair[0]] / medians[pair[1]],
-            "step_s": {v: times for v, (_, _, times) in runs.items()}}  # fmt: skip
+    steps = {v: times[1:] for v, (_, _, times) in runs.items()}  # step 1 warms up
+    paired = [a / b for a, b in zip(steps[pair[0]], steps[pair[1]])]  # same round: similar machine load
+    return {"pair": list(pair), "median_step_s": {v: statistics.median(t) for v, t in steps.items()},
+            "min_step_s": {v: min(t) for v, t in steps.items()}, "ratio": statistics.median(paired),
+            "paired_ratios": paired, "step_s": {v: times for v, (_, _, times) in runs.items()}}  # fmt: skip
 
 
 def table(results: list[dict]) -> str:
