@@ -14,8 +14,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import peftkit as pk
+from timing import decode_fn, forward_fn as prefill_fn, interleaved
 
 R, TARGETS, N_ADAPTERS = 8, ["q_proj", "v_proj"], 32
 
@@ -52,37 +51,6 @@ def build(base):
     theirs_merged = copy.deepcopy(theirs)
     theirs_merged.merge_adapter(["a0"])
     return ours, theirs, ours_merged, theirs_merged
-
-
-def prefill_fn(model, x):
-    return lambda: model(input_ids=x, use_cache=False)
-
-
-def decode_fn(model, prompt, **kw):
-    """One decode step with a KV cache of the prompt's length; the cache is cropped back after each call."""
-    out = model(input_ids=prompt, use_cache=True, **kw)
-    cache = out.past_key_values
-    step = torch.randint(0, 1000, (prompt.shape[0], 1))
-
-    def run():
-        model(input_ids=step, past_key_values=cache, use_cache=True, **kw)
-        cache.crop(-1)  # drop the token just added
-
-    return run
-
-
-def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

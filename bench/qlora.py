@@ -15,10 +15,12 @@ forward never reads the KV cache). Finally ``nf4`` and ``hf-qlora`` train side b
 steps, for a step-time ratio that machine noise hits alike. Two CPU cores are shared with other work: compare
 ratios, not absolute times.
 
-Children run with ``MALLOC_ARENA_MAX=1`` (``--default-malloc`` to skip): with glibc's per-thread arenas, the main
-thread occasionally gets moved to a fresh arena when another thread holds the main one, stranding memory it had
-freed; measured here, that adds 0 to 450 MiB to the same load at random, which would swamp the differences this
-benchmark compares. One arena makes peak RSS repeatable; every variant gets the same setting.
+Children run with ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1048576`` (``--default-malloc`` to skip): with glibc's
+per-thread arenas, the main thread occasionally gets moved to a fresh arena when another thread holds the main one,
+stranding memory it had freed; and glibc's default mmap threshold grows with every large block freed, so later weight
+reads land in the heap, where freed blocks fragment between small quantized ones. Measured here, the same 4-bit load
+grew the process by 340-490 MiB with one arena alone and by 253-274 MiB with both settings (0.5x the fp32 weights).
+Every variant gets the same settings.
 
     python bench/qlora.py [--steps 10] [--variants fp32 nf4 hf-qlora nf4-gc hf-qlora-gc] [--json bench/results/qlora.json]
 """
@@ -219,7 +221,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--records", type=int, default=64)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--default-malloc", action="store_true", help="do not set MALLOC_ARENA_MAX=1 in children")
+    parser.add_argument("--default-malloc", action="store_true", help="do not set MALLOC_ARENA_MAX / MALLOC_MMAP_THRESHOLD_ in children")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "qlora.json")
     parser.add_argument("--no-interleave", action="store_true", help="skip the interleaved nf4 / hf-qlora step timing")
     parser.add_argument("--child", choices=VARIANTS + ("interleave",), help=argparse.SUPPRESS)  # one run, JSON out
@@ -233,7 +235,7 @@ def main() -> None:
     results = []
     load_avg = [os.getloadavg()]
     children = list(args.variants) + ([] if args.no_interleave else ["interleave"])
-    env = dict(os.environ) if args.default_malloc else {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    env = dict(os.environ) if args.default_malloc else {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
     for variant in children:
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--batch", str(args.batch),
@@ -258,7 +260,8 @@ def main() -> None:
                   "optimizer": f"adamw lr {LR}", "steps": args.steps, "batch": args.batch, "seq": args.seq,
                   "records": args.records, "data": str(DATA.name)},  # fmt: skip
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1m": [a[0] for a in load_avg],
-                    "malloc_arena_max": env.get("MALLOC_ARENA_MAX")},
+                    "malloc_arena_max": env.get("MALLOC_ARENA_MAX"),
+                    "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_")},
         "results": results,
         "interleaved_step_times": interleaved,
         "ratios": summary,
