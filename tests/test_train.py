@@ -13,6 +13,9 @@ import peftkit
 from peftkit import train as T
 from peftkit.data import PackedCollator, pack_examples
 from peftkit.losses import causal_lm_loss
+from peftkit.train import tasks as train_tasks
+from peftkit.train.attention import PACKED_ATTENTION, attention_implementation, packed_attention
+from peftkit.train.task_data import BatchOrder
 
 ALPACA_TINY = DATA / "instruct" / "alpaca_tiny_100.json"
 
@@ -89,19 +92,19 @@ def test_holdout_split_is_seeded_disjoint_and_never_empty():
 
 
 def test_batch_order_reshuffles_each_epoch_from_the_seed_alone():
-    order = T.BatchOrder(10, 4, seed=1)
+    order = BatchOrder(10, 4, seed=1)
     epoch0 = [order(k) for k in range(3)]
     assert sorted(i for b in epoch0 for i in b) == list(range(10)) and [len(b) for b in epoch0] == [4, 4, 2]
     assert order(3) != epoch0[0]
-    assert T.BatchOrder(10, 4, seed=1)(4) == order(4)  # a fresh object at a later position: same batch
+    assert BatchOrder(10, 4, seed=1)(4) == order(4)  # a fresh object at a later position: same batch
 
 
 def test_batch_order_groups_lengths_within_megabatches():
     lengths = [(i * 37) % 101 for i in range(400)]
-    order = T.BatchOrder(400, 4, seed=0, lengths=lengths)
+    order = BatchOrder(400, 4, seed=0, lengths=lengths)
     batches = [order(k) for k in range(100)]
     assert sorted(i for b in batches for i in b) == list(range(400))
-    plain = T.BatchOrder(400, 4, seed=0)
+    plain = BatchOrder(400, 4, seed=0)
     for m in range(2):  # megabatch m = the same 200 examples as the ungrouped order, sorted longest first
         grouped = [i for b in batches[50 * m : 50 * (m + 1)] for i in b]
         assert sorted(grouped) == sorted(i for k in range(50 * m, 50 * (m + 1)) for i in plain(k))
@@ -147,7 +150,7 @@ def test_packed_attention_is_used_and_matches_the_block_mask():
                           {"input_ids": list(range(20, 25)), "labels": list(range(20, 25))}], 12)
     batch = PackedCollator()(rows)
     calls = []
-    original = T.packed_attention
+    original = packed_attention
 
     def counting(*args, **kwargs):
         calls.append(1)
@@ -155,16 +158,16 @@ def test_packed_attention_is_used_and_matches_the_block_mask():
 
     from transformers import AttentionInterface
 
-    AttentionInterface.register(T.PACKED_ATTENTION, counting)
+    AttentionInterface.register(PACKED_ATTENTION, counting)
     try:
         with torch.no_grad():
             masked = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).last_hidden_state
-            with T.attention_implementation(model, T.PACKED_ATTENTION):
+            with attention_implementation(model, PACKED_ATTENTION):
                 varlen = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
     finally:
-        AttentionInterface.register(T.PACKED_ATTENTION, original)
+        AttentionInterface.register(PACKED_ATTENTION, original)
     assert len(calls) == model.config.num_hidden_layers
-    assert model.config._attn_implementation != T.PACKED_ATTENTION  # restored
+    assert model.config._attn_implementation != PACKED_ATTENTION  # restored
     torch.testing.assert_close(varlen, masked, atol=1e-5, rtol=1e-5)
 
 
@@ -240,7 +243,7 @@ def test_sft_run_lowers_eval_loss_and_writes_the_run_folder(tiny_lm, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_lm, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = T.causal_lm_loss
+    real = causal_lm_loss
 
     def poisoned(*args, **kwargs):
         loss = real(*args, **kwargs)
@@ -250,7 +253,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_lm, tmp_p
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(T, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(train_tasks, "causal_lm_loss", poisoned)  # the name LMTask calls
     config = T.TrainConfig(data=str(ALPACA_TINY), model=str(tiny_lm), max_steps=8, batch_size=2, save_every=2,
                            eval_every=100, out=str(tmp_path / "run"), num_samples=0)
     with pytest.raises(T.NonFiniteLossError) as err:

@@ -1,0 +1,68 @@
+"""The models of a run: the frozen base model and the method's adapter config, from a :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from .config import LORA_TARGETS, METHOD_OPTIONS, METHODS, TrainConfig, method_config_class
+
+def build_peft_config(config: TrainConfig, model: nn.Module) -> Any:
+    """The method's config from the run settings: its options, its fixed fields, default LoRA targets, task type."""
+    cls = method_config_class(config.method)
+    spec = METHODS[config.method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = dict(spec.fixed)
+    for option in METHOD_OPTIONS:
+        value = getattr(config, option)
+        if value is None:
+            continue
+        if option not in spec.options:
+            raise ValueError(
+                f"--{option.replace('_', '-')} does not apply to method {config.method!r} "
+                f"(it takes: {', '.join('--' + o.replace('_', '-') for o in spec.options) or 'no extra options'})"
+            )
+        kwargs[spec.options[option]] = value
+    if config.target_modules is not None:
+        kwargs["target_modules"] = config.target_modules
+    elif config.method == "lora":
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in LORA_TARGETS:
+            from ..tuners.base import describe_targets
+
+            raise ValueError(
+                f"no default LoRA targets for model type {model_type!r}: pass --target-modules (e.g. q_proj,v_proj "
+                f"or all-linear). Modules that can be targeted:\n{describe_targets(model)}"
+            )
+        kwargs["target_modules"] = list(LORA_TARGETS[model_type])
+    kwargs.update(config.method_options)
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; its fields: {', '.join(sorted(fields))}")
+    kwargs["task_type"] = "SEQ_CLS" if config.task == "seq-cls" else "CAUSAL_LM"
+    return cls(**kwargs)
+
+
+def load_base_model(config: TrainConfig, num_labels: int | None = None) -> tuple[nn.Module, Any]:
+    """The frozen base model for ``config.task`` (4-bit when ``config.quantization`` is set)."""
+    from ..models import load_model
+
+    task = "seq-cls" if config.task == "seq-cls" else "causal-lm"
+    kwargs: dict[str, Any] = {}
+    if config.quantization:
+        kwargs["quantization"] = config.quantization
+    try:
+        model, tokenizer = load_model(config.model, task=task, num_labels=num_labels, **kwargs)
+    except TypeError as err:
+        if config.quantization and "quantization" in str(err):
+            raise ValueError(f"--quantization {config.quantization}: this peftkit's load_model has no 4-bit path") from None
+        raise
+    if config.quantization:
+        from ..quant import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer

@@ -1,0 +1,162 @@
+"""Task runners: the summed loss of a micro-batch and the evaluation scores, for causal LM (sft, text) and
+sequence classification."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import IGNORE_INDEX, ClassificationCollator, PackedCollator, PaddingCollator, group_by_length, pack_examples, ungroup
+from ..losses import causal_lm_loss
+from .attention import PACKED_ATTENTION, attention_implementation, register_packed_attention, supports_packed_attention
+from .config import TrainConfig
+
+class LMTask:
+    """Causal-LM loss for sft and text: packed batches, backbone hidden states, head only where labels count.
+
+    Methods that rewrite the inputs (prompt and prefix tuning: their tuner overrides ``prepare_inputs``) cannot
+    see packed rows as separate sequences, so they get right-padded batches through the PeftModel's own forward
+    and the loss on its full logits (the last L positions: virtual tokens come first).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int) -> None:
+        from ..peft_model import PeftModel
+        from ..tuners.base import Tuner, tuner_for
+
+        self.model = model  # a PeftModel, or a plain transformers model (evaluating the base)
+        self.hf_model = model.base_model if isinstance(model, PeftModel) else model
+        self.max_length = max_length
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.padding = PaddingCollator(pad)
+        self.rewrites_inputs = isinstance(model, PeftModel) and any(
+            type(tuner_for(model.peft_config[name])).prepare_inputs is not Tuner.prepare_inputs for name in model.active_adapters
+        )
+        self.varlen = not self.rewrites_inputs and supports_packed_attention(self.hf_model)
+        dtype = next(p for p in self.hf_model.parameters() if p.is_floating_point()).dtype
+        self.packing = PackedCollator(pad, mask_dtype=dtype)
+        if self.varlen:
+            register_packed_attention()
+        self.mode = "padded" if self.rewrites_inputs else ("packed" if self.varlen else "packed-mask")
+
+    def collate(self, examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if self.rewrites_inputs:
+            return self.padding(examples)
+        # one row per micro-batch when attention is per sequence (no padding at all); rows of max_length otherwise
+        length = sum(len(e["input_ids"]) for e in examples) if self.varlen else self.max_length
+        return self.packing(pack_examples(examples, length))
+
+    @staticmethod
+    def count(batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        if self.rewrites_inputs:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return causal_lm_loss(logits[:, -labels.shape[1] :], nn.Identity(), labels, reduction="sum")
+        backbone = self.hf_model.base_model  # transformers' backbone: LlamaModel inside LlamaForCausalLM, ...
+        head = self.hf_model.get_output_embeddings()
+        if self.varlen:
+            with attention_implementation(self.hf_model, PACKED_ATTENTION):
+                hidden = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+        else:
+            hidden = backbone(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+        return causal_lm_loss(hidden, head, labels, reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, examples: Sequence[dict[str, list[int]]], batch_size: int) -> dict[str, float]:
+        """Mean next-token loss over every scored token of ``examples``."""
+        total, count = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            batch = self.collate(examples[start : start + batch_size])
+            total += float(self.loss_sum(batch))
+            count += self.count(batch)
+        return {"loss": total / max(count, 1), "tokens": count}
+
+
+class ClassificationTask:
+    """Sequence classification: cross-entropy on the classifier's logits; evaluation adds accuracy, F1, MCC."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.collator = ClassificationCollator(tokenizer, max_length)
+        self.mode = "padded"
+
+    def collate(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.collator(records)
+
+    @staticmethod
+    def count(batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["labels"].numel())
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_real_tokens")}
+        return self.model(**inputs).logits
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch), batch["labels"], reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, records: Sequence[dict[str, Any]], batch_size: int) -> dict[str, float]:
+        """Loss and scores over ``records``, batched by length (little padding), reported in the original order."""
+        pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
+        lengths = [len(ids) for ids in self.tokenizer([r["text"] for r in records], pairs, truncation=True, max_length=self.collator.max_length)["input_ids"]]
+        batches = group_by_length(lengths, batch_size)
+        total, predictions = 0.0, []
+        for indices in batches:
+            batch = self.collate([records[i] for i in indices])
+            logits = self.logits(batch)
+            total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            predictions.append(logits.argmax(-1).tolist())
+        predicted = ungroup(batches, predictions)
+        scores = classification_metrics(predicted, [r["label"] for r in records])
+        return {"loss": total / max(len(records), 1), **scores}
+
+
+def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
+    """Accuracy, F1 and Matthews correlation of predicted vs true class ids.
+
+    F1 is of class 1 for two classes (GLUE's MRPC score), the unweighted mean over classes otherwise.
+    MCC = (c s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2)(s^2 - sum_k t_k^2)) with c correct, s total, p_k / t_k
+    the predicted / true counts of class k (Gorodkin's multi-class form; the usual formula for two classes); 0 when
+    a factor of the denominator is 0.
+    """
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    total = len(labels)
+    if total == 0:
+        return {"accuracy": 0.0, "f1": 0.0, "matthews_corrcoef": 0.0}
+    classes = sorted(set(labels) | set(predictions) | {0, 1})
+    correct = sum(p == t for p, t in zip(predictions, labels))
+    predicted_count = {k: sum(p == k for p in predictions) for k in classes}
+    true_count = {k: sum(t == k for t in labels) for k in classes}
+
+    def f1(k: int) -> float:
+        tp = sum(p == k and t == k for p, t in zip(predictions, labels))
+        denominator = predicted_count[k] + true_count[k]
+        return 2 * tp / denominator if denominator else 0.0
+
+    f1_score = f1(1) if len(classes) == 2 else sum(f1(k) for k in classes) / len(classes)
+    numerator = correct * total - sum(predicted_count[k] * true_count[k] for k in classes)
+    denominator = math.sqrt(
+        (total**2 - sum(v**2 for v in predicted_count.values())) * (total**2 - sum(v**2 for v in true_count.values()))
+    )
+    return {
+        "accuracy": correct / total,
+        "f1": f1_score,
+        "matthews_corrcoef": numerator / denominator if denominator else 0.0,
+    }
+
+
+def make_task(model: nn.Module, tokenizer: Any, config: TrainConfig) -> LMTask | ClassificationTask:
+    """The loss/evaluation runner for ``config.task``."""
+    if config.task == "seq-cls":
+        return ClassificationTask(model, tokenizer, config.max_length)
+    return LMTask(model, tokenizer, config.max_length)
