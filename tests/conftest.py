@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random models for mechanics, paths to the real data and models for results."""
 
+import copy
+import csv
 import os
+import statistics
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,3 +55,82 @@ def smollm2():
     import peftkit
 
     return peftkit.load_model("smollm2-135m")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning: the real MiniLM on real SST-2 sentences (shared by the method tests)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The real MiniLM-L6 with a seeded classification head, loaded once per module; tests deep-copy it."""
+    import peftkit
+
+    torch.manual_seed(0)  # the classifier head is freshly initialised
+    return peftkit.load_model("minilm-l6", task="seq-cls")
+
+
+def sst2(n: int, balanced: bool) -> tuple[list[str], torch.Tensor]:
+    """``n`` SST-2 training sentences and labels (GLUE's TSV: no quoting).
+
+    ``balanced``: the first ``n / 2`` positive and ``n / 2`` negative sentences, alternating, so every batch is
+    balanced and the loss cannot fall by learning the class prior alone; else simply the first ``n``.
+    """
+    with open(DATA / "glue" / "SST-2" / "train.tsv", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        if not balanced:
+            rows = [next(reader) for _ in range(n)]
+            return [s for s, _ in rows], torch.tensor([int(label) for _, label in rows])
+        by_label: dict[str, list[str]] = {"0": [], "1": []}
+        for sentence, label in reader:
+            by_label[label].append(sentence)
+            if min(len(v) for v in by_label.values()) >= n // 2:
+                break
+    texts = [s for pair in zip(by_label["1"][: n // 2], by_label["0"][: n // 2]) for s in pair]
+    return texts, torch.tensor([1, 0] * (n // 2))
+
+
+def train_sst2(pm, tokenizer, lr: float, balanced: bool, steps: int = 30, batch: int = 16, sentences: int = 160):
+    """A few epochs of AdamW over ``sentences`` SST-2 sentences (max 32 tokens); returns the per-step losses."""
+    texts, labels = sst2(sentences, balanced)
+    torch.manual_seed(0)  # dropout
+    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    pm.train()
+    losses = []
+    for step in range(steps):
+        i = step % (sentences // batch) * batch
+        enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=32, return_tensors="pt")
+        loss = pm(**enc, labels=labels[i : i + batch]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    pm.eval()
+    return losses
+
+
+def assert_learns_and_reloads(
+    tmp_path, minilm, config, lr: float, balanced: bool, steps: int = 30, sentences: int = 160
+) -> list[float]:
+    """Only the method's parameters train (the seeded classifier head stays frozen: no SEQ_CLS task type), so a
+    falling loss (mean of the last 5 steps < 0.9 x the first 5) is the method's doing; then the saved adapter, loaded
+    into a fresh copy of the base, gives the trained model's logits (<= 1e-6)."""
+    import peftkit
+
+    base, tokenizer = minilm
+    pm = peftkit.get_peft_model(copy.deepcopy(base), config)
+    assert all("classifier" not in n for n, p in pm.named_parameters() if p.requires_grad)
+    losses = train_sst2(pm, tokenizer, lr, balanced, steps=steps, sentences=sentences)
+    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
+    assert last < 0.9 * first, losses
+    texts, _ = sst2(24, balanced)
+    enc = tokenizer(texts[-8:], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        trained = pm(**enc).logits
+    pm.save_pretrained(tmp_path)
+    fresh = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        assert (fresh(**enc).logits - trained).abs().max().item() <= 1e-6
+        assert (base(**enc).logits - trained).abs().max().item() > 1e-3
+    return losses

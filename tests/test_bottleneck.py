@@ -6,9 +6,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from conftest import assert_learns_and_reloads, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
-from test_ia3 import assert_learns_and_reloads, minilm  # noqa: F401  (minilm is a fixture)
 from torch import nn
 
 import peftkit as pk
@@ -92,7 +91,7 @@ def expected_count(d: int, m: int, placements: int) -> int:
 
 
 @pytest.mark.parametrize("variant,per_layer", [("houlsby", 2), ("pfeiffer", 1)])
-def test_parameter_count_minilm(minilm, variant, per_layer):  # noqa: F811
+def test_parameter_count_minilm(minilm, variant, per_layer):
     pm = pk.get_peft_model(copy.deepcopy(minilm[0]), BottleneckConfig(variant=variant))  # reduction 16: m = 24
     assert pm.get_nb_trainable_parameters()[0] == expected_count(384, 24, 6 * per_layer)
     assert expected_count(384, 24, 1) == 18_840
@@ -267,5 +266,5 @@ def test_save_load_round_trip_and_file_layout(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,lr", [("houlsby", 3e-3), ("pfeiffer", 1e-2)])
-def test_learns_sst2_and_reloads(tmp_path, minilm, variant, lr):  # noqa: F811
-    assert_learns_and_reloads(tmp_path, minilm, BottleneckConfig(variant=variant), lr=lr)
+def test_learns_sst2_and_reloads(tmp_path, minilm, variant, lr):
+    assert_learns_and_reloads(tmp_path, minilm, BottleneckConfig(variant=variant), lr=lr, balanced=True)

@@ -2,12 +2,10 @@
 move both ways with HF PEFT, and learning on real SST-2 with the real MiniLM."""
 
 import copy
-import csv
-import statistics
 
 import pytest
 import torch
-from conftest import DATA, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from conftest import assert_learns_and_reloads, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
@@ -231,13 +229,6 @@ def hf_peft():
     return pytest.importorskip("peft", reason="Hugging Face peft is a dev dependency: pip install -e .[dev]")
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    """The real MiniLM-L6 with a seeded classification head, loaded once per module; tests deep-copy it."""
-    torch.manual_seed(0)
-    return pk.load_model("minilm-l6", task="seq-cls")
-
-
 def compat_case(case, minilm):
     if case == "llama":
         return tiny_llama(), dict(LLAMA)
@@ -313,61 +304,6 @@ def test_parameter_counts_on_real_models(minilm, smollm2):
 # Learning: the real MiniLM on real SST-2 sentences
 
 
-def sst2(n: int) -> tuple[list[str], torch.Tensor]:
-    """The first ``n / 2`` positive and ``n / 2`` negative SST-2 training sentences, alternating, so every batch is
-    balanced and the loss cannot fall by learning the class prior alone (GLUE's TSV: no quoting)."""
-    by_label: dict[str, list[str]] = {"0": [], "1": []}
-    with open(DATA / "glue" / "SST-2" / "train.tsv", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(reader)
-        for sentence, label in reader:
-            by_label[label].append(sentence)
-            if min(len(v) for v in by_label.values()) >= n // 2:
-                break
-    texts = [s for pair in zip(by_label["1"][: n // 2], by_label["0"][: n // 2]) for s in pair]
-    return texts, torch.tensor([1, 0] * (n // 2))
-
-
-def train_sst2(pm: pk.PeftModel, tokenizer, lr: float, steps: int = 30, batch: int = 16, sentences: int = 160):
-    """A few epochs of AdamW over ``sentences`` SST-2 sentences; returns the per-step training losses."""
-    texts, labels = sst2(sentences)
-    torch.manual_seed(0)  # dropout
-    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    pm.train()
-    losses = []
-    for step in range(steps):
-        i = step % (sentences // batch) * batch
-        enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=32, return_tensors="pt")
-        loss = pm(**enc, labels=labels[i : i + batch]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    pm.eval()
-    return losses
-
-
-def assert_learns_and_reloads(tmp_path, minilm, config, lr: float) -> list[float]:
-    """Only the method's parameters train (the seeded classifier head stays frozen), so a falling loss is the
-    method's doing; then the saved adapter, loaded into a fresh copy of the base, gives the same logits."""
-    base, tokenizer = minilm
-    pm = pk.get_peft_model(copy.deepcopy(base), config)
-    assert all("classifier" not in n for n, p in pm.named_parameters() if p.requires_grad)
-    losses = train_sst2(pm, tokenizer, lr)
-    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
-    assert last < 0.9 * first, losses
-    texts, _ = sst2(24)
-    enc = tokenizer(texts[-8:], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        trained = pm(**enc).logits
-    pm.save_pretrained(tmp_path)
-    fresh = pk.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    with torch.no_grad():
-        assert (fresh(**enc).logits - trained).abs().max().item() <= 1e-6
-        assert (base(**enc).logits - trained).abs().max().item() > 1e-3
-    return losses
-
-
 @pytest.mark.slow
 def test_ia3_learns_sst2_and_reloads(tmp_path, minilm):
-    assert_learns_and_reloads(tmp_path, minilm, IA3Config(**BERT), lr=5e-2)
+    assert_learns_and_reloads(tmp_path, minilm, IA3Config(**BERT), lr=5e-2, balanced=True)

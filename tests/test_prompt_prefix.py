@@ -9,9 +9,8 @@ from contextlib import contextmanager
 import peft
 import pytest
 import torch
-from conftest import DATA, tiny_bert_classifier, tiny_llama
+from conftest import DATA, assert_learns_and_reloads, tiny_bert_classifier, tiny_llama
 from safetensors.torch import load_file
-from test_selective import assert_learns_and_reloads
 
 import peftkit as pk
 from peftkit.tuners.prefix import PrefixTuningConfig
@@ -257,12 +256,6 @@ def randomise_heads(model: torch.nn.Module) -> None:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    torch.manual_seed(0)  # the classifier head is freshly initialised
-    return pk.load_model("minilm-l6", task="seq-cls")
-
-
 def compat_case(case: str, minilm):
     """(base model, config kwargs, forward inputs) for one interop case."""
     if case == "minilm-prefix":
@@ -437,4 +430,4 @@ def test_prompt_tuning_learns_shakespeare_on_smollm2_and_reloads(tmp_path, smoll
 @pytest.mark.slow
 def test_prefix_tuning_learns_sst2_on_minilm_and_reloads(tmp_path, minilm):
     """10 virtual tokens (46,080 parameters) fitting one batch of 16 SST-2 sentences through the frozen head."""
-    assert_learns_and_reloads(tmp_path, minilm, PrefixTuningConfig(num_virtual_tokens=10), lr=1e-1, sentences=16)
+    assert_learns_and_reloads(tmp_path, minilm, PrefixTuningConfig(num_virtual_tokens=10), lr=1e-1, balanced=False, sentences=16)

@@ -2,12 +2,10 @@
 disable / delete / unload give back), mixing and merging, files, and learning on real SST-2 with the real MiniLM."""
 
 import copy
-import csv
-import statistics
 
 import pytest
 import torch
-from conftest import DATA, tiny_bert_classifier, tiny_llama
+from conftest import assert_learns_and_reloads, tiny_bert_classifier, tiny_llama
 from safetensors.torch import load_file
 from torch.func import functional_call
 
@@ -245,71 +243,15 @@ def test_file_holds_the_parameters_under_their_own_names_and_round_trips(tmp_pat
 # Learning: the real MiniLM on real SST-2 sentences
 
 
-def sst2(n: int) -> tuple[list[str], torch.Tensor]:
-    """The first ``n`` SST-2 training sentences and labels (GLUE's TSV: no quoting)."""
-    with open(DATA / "glue" / "SST-2" / "train.tsv", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(reader)
-        rows = [next(reader) for _ in range(n)]
-    return [s for s, _ in rows], torch.tensor([int(label) for _, label in rows])
-
-
-def train_sst2(pm: pk.PeftModel, tokenizer, lr: float, steps: int = 30, batch: int = 16, sentences: int = 160):
-    """A few epochs of AdamW over ``sentences`` SST-2 sentences (max 32 tokens); returns the per-step losses."""
-    texts, labels = sst2(sentences)
-    torch.manual_seed(0)  # dropout
-    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    pm.train()
-    losses = []
-    for step in range(steps):
-        i = step % (sentences // batch) * batch
-        enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=32, return_tensors="pt")
-        loss = pm(**enc, labels=labels[i : i + batch]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    pm.eval()
-    return losses
-
-
-def assert_learns_and_reloads(tmp_path, minilm, config, lr: float, steps: int = 30, sentences: int = 160) -> list[float]:
-    """Only the method's parameters train (the seeded classifier head stays frozen: no SEQ_CLS task type), so a
-    falling loss (mean of the last 5 steps < 0.9 x the first 5) is the method's doing; then the saved adapter, loaded
-    into a fresh copy of the base, gives the trained model's logits (<= 1e-6)."""
-    base, tokenizer = minilm
-    pm = pk.get_peft_model(copy.deepcopy(base), config)
-    assert all("classifier" not in n for n in trainable(pm))
-    losses = train_sst2(pm, tokenizer, lr, steps=steps, sentences=sentences)
-    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
-    assert last < 0.9 * first, losses
-    texts, _ = sst2(24)
-    enc = tokenizer(texts[-8:], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        trained = pm(**enc).logits
-    pm.save_pretrained(tmp_path)
-    fresh = pk.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    with torch.no_grad():
-        assert (fresh(**enc).logits - trained).abs().max().item() <= 1e-6
-        assert (base(**enc).logits - trained).abs().max().item() > 1e-3
-    return losses
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    torch.manual_seed(0)  # the classifier head is freshly initialised
-    return pk.load_model("minilm-l6", task="seq-cls")
-
-
 @pytest.mark.slow
 def test_bitfit_learns_sst2_and_reloads(tmp_path, minilm):
     """All encoder and pooler biases (26,112; the head's 2 make 26,114) fitting one batch of 16 SST-2 sentences
     through the frozen head. (Over 160 sentences BitFit needs far more than 30 steps: its loss barely moves.)"""
     config = BitFitConfig(exclude_modules=["classifier"])
     assert pk.get_peft_model(copy.deepcopy(minilm[0]), config).get_nb_trainable_parameters()[0] == 26_112
-    assert_learns_and_reloads(tmp_path, minilm, config, lr=1e-2, sentences=16)
+    assert_learns_and_reloads(tmp_path, minilm, config, lr=1e-2, balanced=False, sentences=16)
 
 
 @pytest.mark.slow
 def test_selective_top_layer_learns_sst2_and_reloads(tmp_path, minilm):
-    assert_learns_and_reloads(tmp_path, minilm, SelectiveConfig(layers=[-1]), lr=1e-3)
+    assert_learns_and_reloads(tmp_path, minilm, SelectiveConfig(layers=[-1]), lr=1e-3, balanced=False)

@@ -9,8 +9,9 @@ for classification) over all of them:
     lr(s) = peak * (s+1)/W for s < W, then cosine (or linear) decay from peak to 0 at the last step
 
 Where the speed comes from: causal-LM batches are packed (the micro-batch's examples concatenated in one row, no
-padding) and attention runs causally *within* each packed sequence (:func:`.attention.packed_attention`, sum L_i^2 work instead
-of (sum L_i)^2 for a masked row); the vocabulary head runs only where the loss counts (``causal_lm_loss``).
+padding) and attention runs causally *within* each packed sequence (:func:`.attention.packed_attention`, sum L_i^2
+work instead of (sum L_i)^2 for a masked row); the vocabulary head runs only where the loss counts
+(``causal_lm_loss``).
 
 Nothing is lost: every ``save_every`` steps a checkpoint (trainable parameters, AdamW state, RNG states, step) is
 written atomically, safetensors for tensors and JSON for the rest (never pickle); ``resume`` continues from the
