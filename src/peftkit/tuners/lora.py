@@ -98,6 +98,30 @@ class _StackCache:
         return self.value
 
 
+def _stack_factors(layer: LoraLayer | LoraEmbedding, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of every adapter in ``mixed.order`` stacked for one batched matmul: A (n, r_max, in) and
+    B * (alpha / r) (n, out, r_max), ranks zero-padded to r_max, all zeros for an adapter this layer lacks
+    (``layer.factor_tensors`` gives the per-adapter A: r x in, B: out x r). Cached in ``layer._stacks`` until an
+    adapter is added or removed or its values change."""
+    names = [n for n in mixed.order if n in layer.r]
+    key = (mixed.order,) + tuple((n, *(t._version for t in layer.factor_tensors(n))) for n in names)
+
+    def build():
+        r_max = max([layer.r[n] for n in names], default=1)
+        first_A, first_B = layer.factor_tensors(next(iter(layer.r)))
+        A = first_A.new_zeros(len(mixed.order), r_max, first_A.shape[1])
+        B = first_A.new_zeros(len(mixed.order), first_B.shape[0], r_max)
+        for i, name in enumerate(mixed.order):
+            if name in layer.r:
+                r = layer.r[name]
+                A_name, B_name = layer.factor_tensors(name)
+                A[i, :r] = A_name
+                B[i, :, :r] = B_name * layer.scaling[name]
+        return A, B
+
+    return layer._stacks.get(key, build)
+
+
 class LoraLayer(AdapterLayer):
     """LoRA around ``nn.Linear``, transformers' ``Conv1D`` or a bitsandbytes quantized linear layer."""
 
@@ -168,30 +192,12 @@ class LoraLayer(AdapterLayer):
         return result
 
     def _mixed_delta(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self._stacked(self.mixed)
+        A, B = _stack_factors(self, self.mixed)
         a = gather_rows(A, self.mixed, x.shape[0])  # (batch, r_max, in)
         b = gather_rows(B, self.mixed, x.shape[0])  # (batch, out, r_max), scale folded in
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
         delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
         return delta.reshape(*x.shape[:-1], self.out_features)
-
-    def _stacked(self, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        names = [n for n in mixed.order if n in self.lora_A]
-        key = (mixed.order,) + tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version) for n in names)
-
-        def build():
-            r_max = max([self.r[n] for n in names], default=1)
-            weight = next(iter(self.lora_A.values())).weight
-            A = weight.new_zeros(len(mixed.order), r_max, self.in_features)
-            B = weight.new_zeros(len(mixed.order), self.out_features, r_max)
-            for i, name in enumerate(mixed.order):
-                if name in self.lora_A:
-                    r = self.r[name]
-                    A[i, :r] = self.lora_A[name].weight
-                    B[i, :, :r] = self.lora_B[name].weight * self.scaling[name]
-            return A, B
-
-        return self._stacks.get(key, build)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -253,7 +259,8 @@ class LoraEmbedding(AdapterLayer):
         if self.bypass():
             return result
         if self.mixed is not None:
-            A_T, B = self._stacked(self.mixed)
+            A, B = _stack_factors(self, self.mixed)
+            A_T = A.transpose(1, 2)  # (n, vocab, r_max): a lookup table per adapter
             rows = gather_rows(torch.arange(A_T.shape[0], device=x.device), self.mixed, x.shape[0])
             h = A_T[rows.view(-1, *([1] * (x.dim() - 1))), x]  # (batch, ..., r_max): each row's own table
             b = B.index_select(0, rows)
@@ -263,26 +270,6 @@ class LoraEmbedding(AdapterLayer):
             h = self._lookup(x, self.lora_embedding_A[name].T)
             result = result + (h @ self.lora_embedding_B[name].T) * self.scaling[name]
         return result
-
-    def _stacked(self, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        names = [n for n in mixed.order if n in self.lora_embedding_A]
-        key = (mixed.order,) + tuple(
-            (n, self.lora_embedding_A[n]._version, self.lora_embedding_B[n]._version) for n in names
-        )
-
-        def build():
-            r_max = max([self.r[n] for n in names], default=1)
-            vocab, dim = self.base_layer.weight.shape
-            A_T = self.base_layer.weight.new_zeros(len(mixed.order), vocab, r_max)
-            B = self.base_layer.weight.new_zeros(len(mixed.order), dim, r_max)
-            for i, name in enumerate(mixed.order):
-                if name in self.lora_embedding_A:
-                    r = self.r[name]
-                    A_T[i, :, :r] = self.lora_embedding_A[name].T
-                    B[i, :, :r] = self.lora_embedding_B[name] * self.scaling[name]
-            return A_T, B
-
-        return self._stacks.get(key, build)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
