@@ -93,6 +93,12 @@ def split_holdout(count: int, fraction: float, seed: int, limit: int | None = No
     return [i for i in range(count) if i not in chosen], held_out
 
 
+def _hold_out(items: list[dict[str, Any]], config: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training items, held-out items): :func:`split_holdout` with the run's eval fraction, seed and eval limit."""
+    keep, out = split_holdout(len(items), config.eval_fraction, config.seed, config.max_eval_examples)
+    return [items[i] for i in keep], [items[i] for i in out]
+
+
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """``config`` with its task inferred from the data when not given, and every default filled in."""
     if not config.data:
@@ -142,9 +148,7 @@ def _classification_data(config: TrainConfig, path: Path, tokenizer: Any) -> Tas
         )
         notes.append(f"eval: {config.eval_data} ({len(held.records)} examples); {held.bad_rows}")
     if held is None:
-        keep, out = split_holdout(len(train_records), config.eval_fraction, config.seed, config.max_eval_examples)
-        eval_records = [train_records[i] for i in out]
-        train_records = [train_records[i] for i in keep]
+        train_records, eval_records = _hold_out(train_records, config)
         notes.append(f"eval: {len(eval_records)} examples held out of {path} (never trained on)")
     else:
         eval_records = held.records[: config.max_eval_examples]
@@ -169,9 +173,7 @@ def _sft_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
         eval_records = eval_records[: config.max_eval_examples]
         notes.append(f"eval: {config.eval_data} ({len(eval_records)} records); {eval_report}")
     else:
-        keep, out = split_holdout(len(records), config.eval_fraction, config.seed, config.max_eval_examples)
-        eval_records = [records[i] for i in out]
-        records = [records[i] for i in keep]
+        records, eval_records = _hold_out(records, config)
         notes.append(f"eval: {len(eval_records)} records held out of {path} (never trained on)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -198,9 +200,7 @@ def _text_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
         held = chunk_text(_read_text(eval_path), tokenizer, config.max_length)[: config.max_eval_examples]
         notes.append(f"eval: {eval_path} ({len(held)} chunks of {config.max_length} tokens)")
     else:
-        keep, out = split_holdout(len(chunks), config.eval_fraction, config.seed, config.max_eval_examples)
-        held = [chunks[i] for i in out]
-        chunks = [chunks[i] for i in keep]
+        chunks, held = _hold_out(chunks, config)
         notes.append(f"eval: {len(held)} chunks of {config.max_length} tokens held out of {path} (never trained on)")
     if not chunks:
         raise ValueError(f"{path}: shorter than one chunk of {config.max_length} tokens; lower --max-length")
