@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import json
 import os
 import statistics
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ALPACA_TINY = DATA / "instruct" / "alpaca_tiny_100.json"
 
 
 def tiny_llama(vocab_size: int = 128, layers: int = 2, seed: int = 0):
@@ -42,6 +44,34 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 2):
     config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         vocab_size=128, num_labels=num_labels)
     return BertForSequenceClassification(config).eval()
+
+
+def save_tiny_lm(folder: Path, vocab_size: int = 384) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer trained on the tiny Alpaca file, saved as a Hugging Face
+    folder (what --model takes). A small vocabulary keeps the output head, and so every step, cheap."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    records = json.loads(ALPACA_TINY.read_text())
+    bpe.train_from_iterator([r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in records], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<pad>")
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A tiny random Llama and its tokenizer saved as a model folder, built once per module."""
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 @pytest.fixture

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ALPACA_TINY, save_tiny_lm
+from conftest import ALPACA_TINY
 
 import peftkit
 from peftkit import cli
 from peftkit import train as T
 
 VERBS = ("train", "eval", "generate", "merge", "inspect", "bench")
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 def _subparser(verb):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import ALPACA_TINY, save_tiny_lm
+from conftest import ALPACA_TINY
 
 import peftkit
 from peftkit import distributed as D
@@ -53,11 +53,6 @@ def train_step(self):
 train.TrainingRun.train_step = train_step
 sys.exit(cli.main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 def _free_port() -> int:

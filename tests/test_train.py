@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, tiny_llama
+from conftest import ALPACA_TINY, DATA, save_tiny_lm, tiny_llama
 
 import peftkit
 from peftkit import train as T
@@ -16,31 +16,6 @@ from peftkit.losses import causal_lm_loss
 from peftkit.train import tasks as train_tasks
 from peftkit.train.attention import PACKED_ATTENTION, attention_implementation, packed_attention
 from peftkit.train.task_data import BatchOrder
-
-ALPACA_TINY = DATA / "instruct" / "alpaca_tiny_100.json"
-
-
-def save_tiny_lm(folder: Path, vocab_size: int = 384) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer trained on the tiny Alpaca file, saved as a Hugging Face
-    folder (what --model takes). A small vocabulary keeps the output head, and so every step, cheap."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    records = json.loads(ALPACA_TINY.read_text())
-    bpe.train_from_iterator([r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in records], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<pad>")
-    model = tiny_llama(vocab_size=len(tokenizer))
-    model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
 
 def save_tiny_classifier(folder: Path) -> Path:
     """A tiny random BERT classifier with MiniLM's tokenizer."""
@@ -55,11 +30,6 @@ def save_tiny_classifier(folder: Path) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 def test_learning_rate_warmup_then_cosine_or_linear_decay():
