@@ -279,17 +279,23 @@ def make_config(library, kwargs: dict):
     return (peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig)(**kwargs)
 
 
+def saved_and_loaded(tmp_path, base, kwargs: dict, writer, reader) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """An adapter made by ``writer`` (peftkit or peft) on a copy of ``base``, its heads randomised, saved, and loaded
+    by ``reader`` into another copy: (written model, read model), both in eval mode."""
+    written = writer.get_peft_model(copy.deepcopy(base), make_config(writer, kwargs))
+    randomise_heads(written)
+    written.eval()
+    written.save_pretrained(tmp_path)
+    return written, reader.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+
+
 CASES = ["prompt", "prefix", "prefix-projection", "bert-prompt", "minilm-prefix"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_peftkit_file_loads_in_hf(tmp_path, case, minilm):
     base, kwargs, inputs = compat_case(case, minilm)
-    pm = pk.get_peft_model(copy.deepcopy(base), make_config(pk, kwargs))
-    randomise_heads(pm)
-    pm.eval()
-    pm.save_pretrained(tmp_path)
-    hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    pm, hf = saved_and_loaded(tmp_path, base, kwargs, writer=pk, reader=peft)
     assert (logits(hf, **inputs) - logits(pm, **inputs)).abs().max().item() <= 1e-5
     assert (logits(base, **inputs).shape != logits(pm, **inputs).shape) or (
         (logits(base, **inputs) - logits(pm, **inputs)).abs().max().item() > 1e-4
@@ -299,11 +305,7 @@ def test_peftkit_file_loads_in_hf(tmp_path, case, minilm):
 @pytest.mark.parametrize("case", CASES)
 def test_hf_file_loads_in_peftkit(tmp_path, case, minilm):
     base, kwargs, inputs = compat_case(case, minilm)
-    hf = peft.get_peft_model(copy.deepcopy(base), make_config(peft, kwargs))
-    randomise_heads(hf)
-    hf.eval()
-    hf.save_pretrained(tmp_path)
-    pm = pk.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    hf, pm = saved_and_loaded(tmp_path, base, kwargs, writer=peft, reader=pk)
     assert (logits(pm, **inputs) - logits(hf, **inputs)).abs().max().item() <= 1e-5
     if kwargs["task_type"] == "CAUSAL_LM":
         with torch.no_grad():

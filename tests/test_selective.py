@@ -36,6 +36,16 @@ def adapter_values(pm: pk.PeftModel, adapter: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("base_model.model."): v for k, v in pm.adapter_tensors(adapter).items()}
 
 
+def bitfit_and_top_layer() -> tuple[torch.nn.Module, pk.PeftModel]:
+    """A tiny BERT classifier, and a copy with two perturbed adapters: BitFit ("default") and its top layer ("top")."""
+    reference = tiny_bert_classifier()
+    pm = pk.get_peft_model(copy.deepcopy(reference), BitFitConfig())
+    pm.add_adapter("top", SelectiveConfig(layers=[-1]))
+    perturb(pm, "default", seed=1)
+    perturb(pm, "top", seed=2)
+    return reference, pm
+
+
 IDS = torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(1))
 
 
@@ -147,11 +157,7 @@ def test_gradients_equal_those_of_the_plain_model():
 
 
 def test_two_adapters_switch_add_up_and_mix_per_row():
-    reference = tiny_bert_classifier()
-    pm = pk.get_peft_model(copy.deepcopy(reference), BitFitConfig())
-    pm.add_adapter("top", SelectiveConfig(layers=[-1]))
-    perturb(pm, "default", seed=1)
-    perturb(pm, "top", seed=2)
+    reference, pm = bitfit_and_top_layer()
     pm.eval()
     bias, top = adapter_values(pm, "default"), adapter_values(pm, "top")
     base_params = dict(reference.named_parameters())
@@ -183,11 +189,7 @@ def test_two_adapters_switch_add_up_and_mix_per_row():
 
 
 def test_merge_unmerge_and_merge_and_unload():
-    reference = tiny_bert_classifier()
-    pm = pk.get_peft_model(copy.deepcopy(reference), BitFitConfig())
-    pm.add_adapter("top", SelectiveConfig(layers=[-1]))
-    perturb(pm, "default", seed=1)
-    perturb(pm, "top", seed=2)
+    reference, pm = bitfit_and_top_layer()
     pm.set_adapter(["default", "top"])
     pm.eval()
     with torch.no_grad():
