@@ -180,6 +180,21 @@ def test_mixed_batch_equals_solo_runs():
         assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, name
 
 
+def test_mixed_batch_after_deleting_the_only_adapter_of_some_layers():
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]), "gone")
+    pm.add_adapter("kept", pk.LoraConfig(r=4, target_modules=["v_proj"]))
+    randomize_b(pm, "kept", seed=5)
+    pm.delete_adapter("gone")  # the q_proj layers keep their wrapper but hold no adapter
+    pm.eval()
+    mixed = logits(pm, X, adapter_names=["kept", "__base__", "kept"])
+    solo = logits(pm, X)
+    with pm.disable_adapter():
+        base = logits(pm, X)
+    assert (mixed[[0, 2]] - solo[[0, 2]]).abs().max().item() < 1e-5
+    assert (mixed[1] - base[1]).abs().max().item() < 1e-6
+    assert (solo - base).abs().max().item() > 1e-3  # the kept adapter does change the output
+
+
 def test_mixed_batch_generate_matches_solo():
     pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     pm.add_adapter("b", pk.LoraConfig(r=4, target_modules=["o_proj"]))

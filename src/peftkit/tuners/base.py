@@ -265,9 +265,10 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement _merge_one")
 
     def bypass(self) -> bool:
-        """True when forward should be the base layer alone (adapters off, or merged, or none active)."""
+        """True when forward should be the base layer alone (adapters off, or merged, or none active; in a mixed
+        batch: none left in this layer, e.g. after deleting the only adapter that targeted it)."""
         if self.mixed is not None:
-            return False
+            return not self.adapter_names
         return self.disabled or bool(self.merged_adapters) or not self.active_adapters
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
