@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,6 +80,7 @@ def main() -> None:
         args.rounds,
     )
     rows += [("prefill 4x128", k, v, v / t["base"]) for k, v in t.items()]
+    print(f"prefill done: {t}", file=sys.stderr, flush=True)
 
     prompt = torch.randint(0, 49152, (32, 64))
     with torch.inference_mode():
@@ -93,6 +95,7 @@ def main() -> None:
             args.rounds * 3,
         )
         rows += [("decode 32x1 (cache 64)", k, v, v / t["base"]) for k, v in t.items()]
+        print(f"decode done: {t}", file=sys.stderr, flush=True)
         for n in (1, 4, 16, 32):
             names = [f"a{i % n}" for i in range(32)]
             t = interleaved(
@@ -104,6 +107,7 @@ def main() -> None:
                 args.rounds * 3,
             )
             rows += [(f"mixed decode 32 rows, {n} adapters", k, v, v / t["base"]) for k, v in t.items() if k != "base"]
+            print(f"mixed {n} done: {t}", file=sys.stderr, flush=True)
 
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, LoRA r={R} on {TARGETS}, {N_ADAPTERS} adapters loaded")
     print("| case | variant | median ms | ratio to base |\n|---|---|---|---|")

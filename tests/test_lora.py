@@ -180,6 +180,27 @@ def test_mixed_batch_equals_solo_runs():
         assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, name
 
 
+def test_mixed_batch_sees_weights_changed_in_place_and_new_adapters():
+    """The per-layer stacks are cached between forwards: in-place updates and added adapters must reach them."""
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("b", pk.LoraConfig(r=2, target_modules=["v_proj"]))
+    randomize_b(pm, "default", seed=1)
+    pm.eval()
+
+    def check(names: list[str]) -> None:
+        mixed = logits(pm, X, adapter_names=names)
+        for row, name in enumerate(names):
+            pm.set_adapter(name)
+            assert (mixed[row] - logits(pm, X[row : row + 1])[0]).abs().max().item() < 1e-5, name
+
+    check(["default", "b", "default"])
+    randomize_b(pm, "b", seed=2)  # in place, like an optimizer step or a reload
+    check(["b", "default", "b"])
+    pm.add_adapter("c", pk.LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_b(pm, "c", seed=3)
+    check(["c", "b", "default"])
+
+
 def test_mixed_batch_after_deleting_the_only_adapter_of_some_layers():
     pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]), "gone")
     pm.add_adapter("kept", pk.LoraConfig(r=4, target_modules=["v_proj"]))

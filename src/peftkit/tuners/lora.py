@@ -84,17 +84,30 @@ def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
 
 
 class _StackCache:
-    """Stacked per-adapter weights for mixed batches, rebuilt only when adapters or their values change."""
+    """Stacked per-adapter weights for mixed batches, rebuilt only when the adapters or their values change.
+
+    The check runs in every forward of every layer, so it is kept cheap (it was a fifth of a decode step when it
+    looked every tensor up by name): the factor tensors are looked up again only when the adapter set or the batch's
+    adapter order changes; otherwise their version counters (bumped by every in-place write: optimizer steps,
+    loading, merging) and storage pointers (changed by ``.to()``) tell whether the values moved.
+    """
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
+        self.structure: tuple | None = None
+        self.tensors: tuple[torch.Tensor, ...] = ()
+        self.state: tuple | None = None
         self.value: tuple[torch.Tensor, ...] = ()
 
-    def get(self, key: tuple, build) -> tuple[torch.Tensor, ...]:
-        if key != self.key:
+    def get(self, layer: LoraLayer | LoraEmbedding, order: tuple[str, ...], build) -> tuple[torch.Tensor, ...]:
+        structure = (order, tuple(layer.r.items()), tuple(layer.scaling.items()))
+        if structure != self.structure:
+            self.tensors = tuple(t for n in order if n in layer.r for t in layer.factor_tensors(n))
+            self.structure, self.state = structure, None
+        state = tuple((t._version, t.data_ptr()) for t in self.tensors)
+        if state != self.state:
             with torch.no_grad():
                 self.value = build()
-            self.key = key
+            self.state = state
         return self.value
 
 
@@ -103,10 +116,9 @@ def _stack_factors(layer: LoraLayer | LoraEmbedding, mixed: MixedBatch) -> tuple
     B * (alpha / r) (n, out, r_max), ranks zero-padded to r_max, all zeros for an adapter this layer lacks
     (``layer.factor_tensors`` gives the per-adapter A: r x in, B: out x r). Cached in ``layer._stacks`` until an
     adapter is added or removed or its values change."""
-    names = [n for n in mixed.order if n in layer.r]
-    key = (mixed.order,) + tuple((n, *(t._version for t in layer.factor_tensors(n))) for n in names)
 
     def build():
+        names = [n for n in mixed.order if n in layer.r]
         r_max = max([layer.r[n] for n in names], default=1)
         first_A, first_B = layer.factor_tensors(next(iter(layer.r)))
         A = first_A.new_zeros(len(mixed.order), r_max, first_A.shape[1])
@@ -119,7 +131,7 @@ def _stack_factors(layer: LoraLayer | LoraEmbedding, mixed: MixedBatch) -> tuple
                 B[i, :, :r] = B_name * layer.scaling[name]
         return A, B
 
-    return layer._stacks.get(key, build)
+    return layer._stacks.get(layer, mixed.order, build)
 
 
 class LoraLayer(AdapterLayer):
