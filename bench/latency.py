@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import peftkit as pk
+from report import write_report
 from timing import decode_fn, forward_fn, interleaved
 
 VARIANTS = ["base", "lora merged", "lora unmerged", "ia3 merged", "houlsby", "pfeiffer", "prefix"]
@@ -120,6 +120,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ratios = [next(r["ratio"] for r in rows if r["case"] == case and r["variant"] == v) for v in variants]
         ax.bar([j + i * width for j in range(len(variants))], ratios, width, label=case)
     ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylim(0.8, max(1.2, max(r["ratio"] for r in rows) + 0.05))  # the differences are a few percent
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(variants))], variants)
     ax.set_ylabel("latency / base latency")
     ax.set_title("SmolLM2-135M inference latency relative to the base model (fp32, CPU)")
@@ -145,7 +146,6 @@ def main() -> None:
         raise SystemExit(f"these variants do not change the base model's output: {unchanged}")
     shapes, batches, rounds = (FORWARD_SHAPES, DECODE_BATCHES, args.rounds) if not args.quick else ([(1, 128)], [1], 2)
     rows = measure(models, rounds, shapes, batches)
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,
@@ -153,10 +153,7 @@ def main() -> None:
         "max_abs_logit_difference_from_base": differences,
         "rows": rows,
     }
-    (args.out / "latency.json").write_text(json.dumps(report, indent=1))
-    (args.out / "latency.md").write_text(markdown(rows))
-    plot(rows, args.out / "latency.png")
-    print(markdown(rows))
+    write_report(args.out, "latency", report, markdown(rows), lambda path: plot(rows, path))
 
 
 if __name__ == "__main__":
