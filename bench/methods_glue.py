@@ -14,8 +14,8 @@ three rates (the method's default / 3, x1, x3) and scores them on a disjoint hel
 examples (never on dev); the best rate is then used for every task and seed. Without ``--sweep`` the defaults below
 (the rates each method's paper used for BERT-size models) are used.
 
-Budget: this CPU trains MiniLM at roughly 2,000 tokens/s, so the default run is short: 400 steps on SST-2 (a fifth
-of an epoch) and 60 on RTE (three quarters of an epoch), far less than the papers' 10-60 epochs.
+Budget: this CPU trains MiniLM at roughly 2,000 tokens/s, so the default run is short: 300 steps on SST-2 (a seventh
+of an epoch) and 30 on RTE (0.4 epoch), far less than the papers' 10-60 epochs.
 
     python bench/methods_glue.py                            # the BENCHMARKS.md tables (about 30 minutes on 2 cores)
     python bench/methods_glue.py --sweep                    # learning rates swept first (about 15 minutes more)
@@ -316,8 +316,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tasks", nargs="+", default=list(TASK_FOLDERS), choices=list(TASK_FOLDERS))
-    parser.add_argument("--sst2-steps", type=int, default=400, help="training steps on SST-2 (batch 32: a fifth of an epoch)")
-    parser.add_argument("--rte-steps", type=int, default=60, help="training steps on RTE (batch 32: three quarters of an epoch)")
+    parser.add_argument("--sst2-steps", type=int, default=300, help="training steps on SST-2 (batch 32: a seventh of an epoch)")
+    parser.add_argument("--rte-steps", type=int, default=30, help="training steps on RTE (batch 32: 960 examples, 0.4 epoch)")
     parser.add_argument("--rte-seeds", type=int, default=3)
     parser.add_argument("--sweep", action="store_true", help="choose each learning rate on SST-2 training slices first")
     parser.add_argument("--sweep-steps", type=int, default=100)
