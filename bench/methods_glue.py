@@ -17,7 +17,8 @@ examples (never on dev); the best rate is then used for every task and seed. Wit
 Budget: this CPU trains MiniLM at roughly 2,000 tokens/s, so the default run is short: 300 steps on SST-2 (a seventh
 of an epoch) and 30 on RTE (0.4 epoch), far less than the papers' 10-60 epochs.
 
-    python bench/methods_glue.py                            # the BENCHMARKS.md tables (about 30 minutes on 2 cores)
+    python bench/methods_glue.py --tasks sst-2              # the BENCHMARKS.md table (about 20 minutes on 2 cores)
+    python bench/methods_glue.py                            # both tasks (RTE adds about 45 minutes)
     python bench/methods_glue.py --sweep                    # learning rates swept first (about 15 minutes more)
     python bench/methods_glue.py --quick --out /tmp/mg      # a few steps of everything (what the test runs)
 """
