@@ -1,0 +1,62 @@
+"""The paper-comparison benchmarks run end to end in --quick mode, so they cannot rot between full runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+sys.path.insert(0, str(BENCH))  # the scripts' variant lists are the reference for what a report must hold
+
+
+def run_quick(script: str, out: Path) -> dict:
+    subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out)], check=True, timeout=900, capture_output=True)
+    assert (out / script.replace(".py", ".png")).read_bytes()[:8] == PNG_MAGIC
+    assert (out / script.replace(".py", ".md")).read_text().startswith(("|", "**"))
+    return json.loads((out / script.replace(".py", ".json")).read_text())
+
+
+@pytest.mark.slow
+def test_methods_glue_quick(tmp_path: Path) -> None:
+    import methods_glue
+
+    report = run_quick("methods_glue.py", tmp_path)
+    rows = {(r["task"], r["variant"]): r for r in report["rows"]}
+    assert set(rows) == {(t, v) for t in ("sst-2", "rte") for v in methods_glue.VARIANTS}
+    hidden, layers, r = 384, 6, 8
+    for task in ("sst-2", "rte"):
+        row = lambda v: rows[(task, v)]  # noqa: E731
+        # parameter counts from the formulas: LoRA r(d_in + d_out) per matrix on query and value of every layer
+        assert row("lora-qv")["trainable_params"] == layers * 2 * r * (hidden + hidden) == 73_728
+        assert row("hf-lora-qv")["trainable_params"] == row("lora-qv")["trainable_params"]
+        assert row("prompt")["trainable_params"] == 20 * hidden
+        assert row("prefix")["trainable_params"] == 20 * 2 * layers * hidden  # a key and a value per layer
+        assert row("full")["trainable_params"] == row("full")["model_params"]
+        assert all(rows[(task, v)]["head_params"] == hidden * 2 + 2 for v in methods_glue.VARIANTS)
+        # adapter files hold the adapter and the head: tiny next to the full model
+        for v in methods_glue.VARIANTS:
+            if v != "full":
+                assert row(v)["file_bytes"] < row("full")["file_bytes"] / 50
+                assert row(v)["file_bytes"] >= 4 * (row(v)["trainable_params"] + row(v)["head_params"])
+        for v in methods_glue.VARIANTS:
+            assert 0.0 <= row(v)["accuracy_mean"] <= 1.0 and row(v)["peak_rss_mib"] > 100
+    assert all(run["eval_examples"] == 32 and run["steps"] == 2 for run in report["runs"])
+
+
+@pytest.mark.slow
+def test_latency_quick(tmp_path: Path) -> None:
+    import latency
+
+    report = run_quick("latency.py", tmp_path)
+    cases = {(r["case"], r["variant"]): r for r in report["rows"]}
+    assert set(cases) == {(c, v) for c in ("forward 1x128", "decode 1x1 (cache 128)") for v in latency.VARIANTS}
+    assert all(r["ms"] > 0 for r in report["rows"])
+    assert all(cases[(c, "base")]["ratio"] == 1.0 for c in ("forward 1x128", "decode 1x1 (cache 128)"))
+    # every variant really changes the model (a no-op adapter would make its latency meaningless)
+    assert set(report["max_abs_logit_difference_from_base"]) == set(latency.VARIANTS) - {"base"}
+    assert min(report["max_abs_logit_difference_from_base"].values()) > 1e-4
