@@ -68,6 +68,7 @@ class PeftModel(nn.Module):
         if config.task_type == "SEQ_CLS" and config.modules_to_save is None:
             heads = [h for h in _CLASSIFIER_HEADS if any(n.split(".")[-1] == h for n, _ in self.base_model.named_modules())]
             config.modules_to_save = heads or None
+        self._mixed_layers = ((), [])  # the module tree changes: find the adapter layers again
         tuner_for(config).inject(self.base_model, config, adapter_name)
         if config.modules_to_save:
             self._wrap_modules_to_save(config, adapter_name)
@@ -119,6 +120,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
         if len(self.peft_config) == 1:
             raise ValueError("cannot delete the only adapter; use unload() to get the plain base model back")
+        self._mixed_layers = ((), [])
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         tuner_for(self.peft_config[adapter_name]).delete_adapter(self.base_model, adapter_name)
@@ -277,8 +279,8 @@ class PeftModel(nn.Module):
                 layer.mixed = None
 
     def _layers_for_mixed_batches(self) -> list[AdapterLayer]:
-        """The adapter layers, found once per set of adapters: walking the module tree on every decode step of a
-        mixed batch cost about a tenth of the step."""
+        """The adapter layers, found once per set of adapters (forgotten when one is added or deleted): walking the
+        module tree on every decode step of a mixed batch cost about a tenth of the step."""
         names = tuple(self.peft_config)
         if self._mixed_layers[0] != names:
             self._mixed_layers = (names, [layer for _, layer in self.adapter_layers()])
