@@ -12,6 +12,7 @@ HF PEFT's: ``...q_proj.lora_A.default.weight``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -194,7 +195,7 @@ class MixedBatch:
     index: torch.Tensor
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(nn.Module, abc.ABC):
     """Wraps ``base_layer`` and holds named adapters. Subclasses implement ``update_layer`` and ``forward``.
 
     State: ``active_adapters`` (names summed in ``forward``), ``merged_adapters`` (names folded into the base
@@ -202,7 +203,6 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
-    mergeable: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -216,9 +216,9 @@ class AdapterLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(getattr(self, self.adapter_attrs[0]).keys())
 
+    @abc.abstractmethod
     def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
         """Create the parameters of adapter ``adapter_name`` for this layer."""
-        raise NotImplementedError(f"{type(self).__name__} must implement update_layer")
 
     def adapter_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
         for attr in self.adapter_attrs:
@@ -246,11 +246,6 @@ class AdapterLayer(nn.Module):
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights."""
-        if not self.mergeable:
-            raise TypeError(
-                f"{type(self).__name__} adapters add layers to the model and cannot be merged into its weights; "
-                "serve them unmerged (or use LoRA / (IA)^3 for zero-latency merging)"
-            )
         for name in adapter_names or self.active_adapters:
             if name in self.adapter_names and name not in self.merged_adapters:
                 self._merge_one(name, sign=+1)
@@ -262,7 +257,12 @@ class AdapterLayer(nn.Module):
             self._merge_one(self.merged_adapters.pop(), sign=-1)
 
     def _merge_one(self, adapter_name: str, sign: int) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _merge_one")
+        """Add (``sign`` +1) or subtract (-1) the adapter's update to the base weights. Layers whose adapters
+        add computation that no weight can absorb (bottleneck adapters) keep this refusal."""
+        raise TypeError(
+            f"{type(self).__name__} adapters add layers to the model and cannot be merged into its weights; "
+            "serve them unmerged (or use LoRA / (IA)^3 for zero-latency merging)"
+        )
 
     def bypass(self) -> bool:
         """True when forward should be the base layer alone (adapters off, or merged, or none active; in a mixed

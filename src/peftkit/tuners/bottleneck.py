@@ -110,7 +110,6 @@ class BottleneckLayer(AdapterLayer):
     """Adds ``up(dropout(f(down(y))))`` to the output y of the wrapped module (``nn.Linear`` or ``Conv1D``)."""
 
     adapter_attrs = ("adapter_down", "adapter_up")
-    mergeable = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)

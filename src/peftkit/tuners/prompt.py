@@ -18,6 +18,7 @@ Neither method can be merged into the weights or mixed per row of a batch.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -101,7 +102,7 @@ def _first_attr(cfg: Any, names: tuple[str, ...], field_name: str, config: PeftC
     raise ValueError(f"cannot read {field_name} from the model config; set {type(config).__name__}.{field_name}")
 
 
-class PromptLearningTuner(Tuner):
+class PromptLearningTuner(Tuner, abc.ABC):
     """Shared by prompt and prefix tuning: one encoder per adapter in ``model.<encoder_attr>`` (an ``nn.ModuleDict``)."""
 
     mergeable = False
@@ -109,8 +110,9 @@ class PromptLearningTuner(Tuner):
     file_prefix = "base_model."
     encoder_attr: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def make_encoder(self, model: nn.Module, config: PromptLearningConfig) -> nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} must implement make_encoder")
+        """The module that produces this adapter's virtual tokens (or per-layer keys and values)."""
 
     def inject(self, model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> None:
         config.fill_from_model(model)

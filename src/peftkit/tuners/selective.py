@@ -19,6 +19,7 @@ and a parameter shared by two modules (tied input and output embeddings) is refu
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -91,6 +92,11 @@ class SelectiveLayer(AdapterLayer):
         super().__init__(base_layer)
         self.selected = nn.ModuleDict()
         self._originals: dict[str, torch.Tensor] = {}  # base values from before the first merge
+
+    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
+        # which parameters to copy is decided across the whole model (tied weights, layer indices), so the tuner picks
+        # them and calls add_selection; a config alone does not say what to create in one module
+        raise TypeError(f"{type(self).__name__} adapters are added by BitFitTuner / SelectiveTuner, which call add_selection")
 
     def add_selection(self, adapter_name: str, param_names: list[str]) -> None:
         """Make trainable copies of ``base_layer``'s parameters ``param_names`` for adapter ``adapter_name``."""
@@ -188,12 +194,12 @@ def _full_name(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-class _SelectiveTunerBase(Tuner):
+class _SelectiveTunerBase(Tuner, abc.ABC):
     layer_cls = SelectiveLayer
 
+    @abc.abstractmethod
     def choose(self, model: nn.Module, config: PeftConfig) -> dict[str, list[str]]:
         """module path -> names of its parameters this adapter trains."""
-        raise NotImplementedError(f"{type(self).__name__} must implement choose")
 
     def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         for path, params in self.choose(model, config).items():
