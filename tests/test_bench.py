@@ -46,6 +46,27 @@ def test_methods_glue_quick(tmp_path: Path) -> None:
         for v in methods_glue.VARIANTS:
             assert 0.0 <= row(v)["accuracy_mean"] <= 1.0 and row(v)["peak_rss_mib"] > 100
     assert all(run["eval_examples"] == 32 and run["steps"] == 2 for run in report["runs"])
+    assert not (tmp_path / "methods_glue.partial.jsonl").exists()  # a finished benchmark leaves nothing to resume
+
+
+def test_methods_glue_resumes_finished_runs(tmp_path: Path) -> None:
+    """Runs recorded before an interruption are reused only when every job argument matches; a torn line is skipped."""
+    import methods_glue
+
+    path = tmp_path / "methods_glue.partial.jsonl"
+    job = dict(variant="bitfit", task="rte", seed=1, lr=1e-3, steps=30, batch=32, max_eval=None)
+    result = {"accuracy": 0.6, "first_loss": 0.7, "last_loss": 0.65, "train_s": 12.0}
+    methods_glue.FinishedRuns(path).add(job, result)
+    with path.open("a") as f:
+        f.write('{"job": "cut short by a ki')  # what a kill in the middle of a write leaves
+    finished = methods_glue.FinishedRuns(path)
+    assert finished.get(dict(reversed(list(job.items())))) == result  # argument order does not matter
+    assert finished.get({**job, "seed": 2}) is None and finished.get({**job, "lr": 3e-3}) is None
+    logs: list[str] = []
+    assert methods_glue.run_all([job], 1, 1, logs.append, finished) == [result]  # nothing spawned
+    assert logs[0].startswith("reusing 1 of 1 runs") and "accuracy 0.600" in logs[1]
+    finished.forget()
+    assert not path.exists()
 
 
 @pytest.mark.slow
