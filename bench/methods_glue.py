@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -290,7 +289,7 @@ def sweep(variants: list[str], steps: int, workers: int, threads: int, log, fini
 def summarize(results: list[dict]) -> list[dict]:
     """One row per (variant, task): mean and standard deviation of accuracy over seeds, means of the rest."""
     rows = []
-    keys = sorted({(r["task"], r["variant"]) for r in results}, key=lambda k: (k[0], list(VARIANTS).index(k[1])))
+    keys = sorted({(r["task"], r["variant"]) for r in results}, key=lambda k: (list(TASK_FOLDERS).index(k[0]), list(VARIANTS).index(k[1])))
     for task, variant in keys:
         runs = [r for r in results if r["task"] == task and r["variant"] == variant]
         accuracies = [r["accuracy"] for r in runs]
@@ -314,7 +313,7 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], floors: dict[str, float]) -> str:
-    tasks = sorted({r["task"] for r in rows})
+    tasks = [t for t in TASK_FOLDERS if any(r["task"] == t for r in rows)]
     lines = []
     for task in tasks:
         lines += [
@@ -351,18 +350,15 @@ def plot(rows: list[dict], path: Path, floors: dict[str, float]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in rows})
+    tasks = [t for t in TASK_FOLDERS if any(r["task"] == t for r in rows)]
     colors = dict(zip(VARIANTS, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    markers = dict(zip(VARIANTS, "osD^v<>phX"))  # HF PEFT's LoRA a small X: visible on top of ours when they agree
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + 2.5, 4.5), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks):
-        placed: list[tuple[float, float]] = []  # label anchors so far, to stack labels of points that coincide
         for r in (r for r in rows if r["task"] == task):
             x, y = r["trainable_params"] + r["head_params"], 100 * r["accuracy_mean"]
-            ax.errorbar(x, y, yerr=100 * r["accuracy_std"], fmt="o", capsize=3, color=colors[r["variant"]])
-            near = sum(abs(math.log10(x / px)) < 0.3 and abs(y - py) < 0.8 for px, py in placed)
-            placed.append((x, y))
-            ax.annotate(LABELS[r["variant"]], (x, y), fontsize=7, xytext=(5, 3 - 9 * near), textcoords="offset points",
-                        color=colors[r["variant"]])
+            ax.errorbar(x, y, yerr=100 * r["accuracy_std"], fmt=markers[r["variant"]], capsize=3, color=colors[r["variant"]],
+                        markersize=5 if r["variant"] == "hf-lora-qv" else 9, label=LABELS[r["variant"]])
         ax.axhline(100 * floors[task], color="grey", linestyle="--", linewidth=1)
         ax.annotate("majority class", (0.01, 100 * floors[task]), xycoords=("axes fraction", "data"), fontsize=7,
                     xytext=(0, 3), textcoords="offset points", color="grey")
@@ -371,7 +367,8 @@ def plot(rows: list[dict], path: Path, floors: dict[str, float]) -> None:
         ax.set_ylabel("dev accuracy (%)")
         ax.set_title(f"MiniLM-L6 on {task.upper()}")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
