@@ -344,17 +344,21 @@ def majority_share(task: str) -> float:
 
 
 def plot(rows: list[dict], path: Path, floors: dict[str, float]) -> None:
-    """Accuracy against trainable parameters on a log axis, one panel per task (the LoRA paper's Figure 2 style)."""
+    """Top: accuracy against trainable parameters on a log axis, one panel per task (the LoRA paper's Figure 2 style).
+    Bottom: what each method costs to ship (file size) and to train (peak RSS)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASK_FOLDERS if any(r["task"] == t for r in rows)]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     colors = dict(zip(VARIANTS, plt.get_cmap("tab10").colors))
     markers = dict(zip(VARIANTS, "osD^v<>phX"))  # HF PEFT's LoRA a small X: visible on top of ours when they agree
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + 2.5, 4.5), squeeze=False, layout="constrained")
-    for ax, task in zip(axes[0], tasks):
+    fig = plt.figure(figsize=(5.5 * max(2, len(tasks)) + 2.5, 9), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 0.9])
+    axes = top.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
         for r in (r for r in rows if r["task"] == task):
             x, y = r["trainable_params"] + r["head_params"], 100 * r["accuracy_mean"]
             ax.errorbar(x, y, yerr=100 * r["accuracy_std"], fmt=markers[r["variant"]], capsize=3, color=colors[r["variant"]],
@@ -367,8 +371,25 @@ def plot(rows: list[dict], path: Path, floors: dict[str, float]) -> None:
         ax.set_ylabel("dev accuracy (%)")
         ax.set_title(f"MiniLM-L6 on {task.upper()}")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    top.legend(handles, labels, loc="outside right center", fontsize=8)
+
+    size_ax, rss_ax = bottom.subplots(1, 2)
+    first = {v: next(r for r in rows if r["variant"] == v) for v in variants}  # file size does not depend on the task
+    y = range(len(variants))
+    size_ax.barh(y, [first[v]["file_bytes"] / 1024 for v in variants], color=[colors[v] for v in variants])
+    size_ax.set_xscale("log")
+    size_ax.set_xlabel("file a user ships (KiB, log scale; full fine-tuning: the whole model)")
+    height = 0.8 / len(tasks)
+    for i, task in enumerate(tasks):
+        rss = {r["variant"]: r["peak_rss_mib"] for r in rows if r["task"] == task}
+        rss_ax.barh([k + (i - (len(tasks) - 1) / 2) * height for k in y], [rss.get(v, 0) for v in variants], height,
+                    color=[colors[v] for v in variants], alpha=1.0 - 0.45 * i)
+    rss_ax.set_xlabel("peak training RSS (MiB)" + (f"; bars top to bottom: {', '.join(t.upper() for t in tasks)}" if len(tasks) > 1 else ""))
+    for ax in (size_ax, rss_ax):
+        ax.set_yticks(list(y), [LABELS[v] for v in variants], fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
