@@ -3,9 +3,9 @@
 For SST-2 and RTE (``../shared/data/glue``) trains and evaluates: full fine-tuning, BitFit, Houlsby and Pfeiffer
 adapters, LoRA on query/value, LoRA on all linear layers, (IA)^3, prompt tuning, prefix tuning, and Hugging Face
 PEFT's LoRA on query/value with the same hyperparameters as ours. Every variant runs the same loop (AdamW, linear
-decay after 6% warmup as in the LoRA paper, batch 32 on SST-2 and 16 on RTE, max 128 tokens, gradient clipping at 1.0, the same seeded data
-order, batches of similar lengths) in its own subprocess, so the peak RSS it reports belongs to that variant alone;
-``--jobs`` runs go at once, each on cpus / jobs threads. Reported per variant: trainable
+decay after 6% warmup as in the LoRA paper, batch 32 on SST-2 and 16 on RTE, max 128 tokens, gradient clipping at
+1.0, the same seeded data order, batches of similar lengths) in its own subprocess, so the peak RSS it reports
+belongs to that variant alone; ``--jobs`` runs go at once, each on cpus / jobs threads. Reported per variant: trainable
 parameters (the classifier head, trained by every method, counted separately), dev accuracy (mean and standard
 deviation over seeds), training wall time, adapter file size and peak RSS.
 
@@ -45,7 +45,8 @@ from report import write_report  # noqa: E402  (bench/ is the script's folder)
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 TASK_FOLDERS = {"sst-2": "SST-2", "rte": "RTE"}
-BATCH, MAX_LENGTH, WARMUP = 32, 128, 0.06  # the LoRA paper's GLUE setup uses batch 16-32 and 6% warmup
+MAX_LENGTH, WARMUP = 128, 0.06
+BATCH = {"sst-2": 32, "rte": 16}  # the LoRA paper's GLUE setup uses batch 16-32 and 6% warmup
 
 # Variant -> default peak learning rate (the usual rates of each method's paper for BERT-size models).
 VARIANTS: dict[str, float] = {
@@ -122,7 +123,7 @@ def saved_bytes(variant: str, model) -> int:
 
 
 def run_one(
-    variant: str, task: str, seed: int, lr: float, steps: int, batch: int = BATCH,
+    variant: str, task: str, seed: int, lr: float, steps: int, batch: int | None = None,
     train_slice: tuple[int, int] | None = None, eval_slice: tuple[int, int] | None = None, max_eval: int | None = None,
 ) -> dict:
     """Train ``variant`` on ``task`` and score it; ``*_slice`` pick training-set ranges (for the learning-rate sweep)."""
@@ -161,7 +162,7 @@ def run_one(
     task_runner = ClassificationTask(model, tokenizer, MAX_LENGTH)
     pairs = [r["text_pair"] for r in train] if "text_pair" in train[0] else None
     lengths = [len(ids) for ids in tokenizer([r["text"] for r in train], pairs, truncation=True, max_length=MAX_LENGTH)["input_ids"]]
-    batches = BatchOrder(len(train), batch, seed, lengths)  # random batches of similar lengths: little padding
+    batches = BatchOrder(len(train), batch or BATCH[task], seed, lengths)  # random batches of similar lengths: little padding
     warmup = max(1, round(WARMUP * steps))
     losses = []
     model.train()
@@ -407,7 +408,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once, each on cpus/jobs threads")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for methods_glue.{json,md,png}")
     args = parser.parse_args()
-    batches, max_eval = ({"sst-2": 8, "rte": 8}, 32) if args.quick else ({"sst-2": BATCH, "rte": 16}, None)
+    batches, max_eval = ({"sst-2": 8, "rte": 8}, 32) if args.quick else (BATCH, None)
     slices = {"train_slice": (0, 500)} if args.quick else {}  # quick: skip reading and tokenizing all of SST-2
     if args.quick:
         args.sst2_steps = args.rte_steps = 2
@@ -452,7 +453,7 @@ if __name__ == "__main__":
             train_slice=tuple(options["train_slice"]) if "train_slice" in options else None,
             eval_slice=tuple(options["eval_slice"]) if "eval_slice" in options else None,
             max_eval=options.get("max_eval"),
-            batch=options.get("batch", BATCH),
+            batch=options.get("batch"),
         )
         print(json.dumps(result))
     else:

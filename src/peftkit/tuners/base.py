@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
 import torch
