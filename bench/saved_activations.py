@@ -2,7 +2,7 @@
 
 Explains the peak-RSS column of ``methods_glue.py``, where LoRA on all linear layers peaks as high as full
 fine-tuning on MiniLM-L6. One training forward of a batch of 32 x 128 tokens per variant; the tensors autograd
-saves are counted once per storage (a tensor saved by two ops costs once), through
+saves are counted once per storage (a tensor saved by two ops costs once; weights not at all), through
 ``torch.autograd.graph.saved_tensors_hooks``. "Trainable state" is what full-precision AdamW adds per trainable
 parameter: a gradient and two moments, 12 bytes.
 
@@ -29,11 +29,14 @@ VARIANTS = {
 
 
 def saved_mib(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
-    """MiB of distinct storages autograd saves in one training forward (then runs backward to check it is usable)."""
+    """MiB of distinct storages autograd saves in one training forward, the model's own weights excluded (they are
+    held anyway); then runs backward to check the graph is usable."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     model.train()
