@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from peftkit.hf_compat import cache_arg, find_cache
+
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds (A B C A B C ...).
@@ -36,11 +38,11 @@ def forward_fn(model: torch.nn.Module, x: torch.Tensor, **kw) -> Callable[[], ob
 def decode_fn(model: torch.nn.Module, prompt: torch.Tensor, **kw) -> Callable[[], None]:
     """One decode step of one token per row with a KV cache of the prompt's length (cropped back after each call)."""
     with torch.inference_mode():
-        cache = model(input_ids=prompt, use_cache=True, **kw).past_key_values
+        cache = find_cache(model(input_ids=prompt, use_cache=True, **kw))
     step = torch.randint(0, 1000, (prompt.shape[0], 1))
 
     def run() -> None:
-        model(input_ids=step, past_key_values=cache, use_cache=True, **kw)
+        model(input_ids=step, use_cache=True, **{cache_arg(model): cache}, **kw)
         cache.crop(-1)  # drop the token just added (transformers 5 crops by a negative count)
 
     return run

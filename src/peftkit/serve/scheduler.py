@@ -289,7 +289,7 @@ class Scheduler:
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
             cache = self.host.new_cache()
             logits = self.host.forward(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                 adapter_names=[s.adapter for s in group],
             )
         except Exception as err:
@@ -321,7 +321,7 @@ class Scheduler:
             inputs = self._batch.step_inputs()
             logits = self.host.forward(
                 input_ids=torch.tensor([[s.output_ids[-1]] for s in rows], dtype=torch.long),
-                past_key_values=self._batch.cache, adapter_names=[s.adapter for s in rows], **inputs,
+                cache=self._batch.cache, adapter_names=[s.adapter for s in rows], **inputs,
             )
         except Exception:
             # The shared cache may be half-updated. Start every row again on its own from its tokens so far:

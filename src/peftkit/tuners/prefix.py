@@ -6,7 +6,8 @@ positions per key/value head. The prefixes are one matrix
     P = E                          (num_virtual_tokens x num_layers*2*token_dim), or with ``prefix_projection``
     P = W2 tanh(W1 E + b1) + b2    E: num_virtual_tokens x token_dim, W1: encoder_hidden_size x token_dim
 
-handed to the model as a pre-filled transformers ``DynamicCache`` (``past_key_values``), exactly as HF PEFT does:
+handed to the model as a pre-filled transformers ``DynamicCache`` (its ``cache`` or, before transformers 5.24,
+``past_key_values`` argument), as HF PEFT does:
 decoder models (Llama, GPT-2, ...) and, in transformers 5.x, BERT-style encoders (their self-attention still updates
 a passed cache) take it through their normal forward. The attention mask gains ``num_virtual_tokens`` ones in front
 and explicit ``position_ids`` shift by as many, as after a cached prefix; as in HF PEFT, models that count positions
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..hf_compat import find_cache, with_cache
 from .base import PeftConfig, register
 from .prompt import PromptLearningConfig, PromptLearningTuner, _text_config, cache_is_filled, extend_front, input_batch
 
@@ -145,10 +147,10 @@ class PrefixTuningTuner(PromptLearningTuner):
     def prepare_inputs(
         self, peft_model: nn.Module, adapter_name: str, kwargs: dict[str, Any], generate: bool
     ) -> dict[str, Any]:
-        """Pass the prefix as ``past_key_values`` and extend the attention mask (and explicit positions) by it.
+        """Pass the prefix as the model's key/value cache and extend the attention mask (and explicit positions) by it.
 
-        A filled ``past_key_values`` in forward already holds the prefix (it came from an earlier call with
-        ``use_cache=True``) and is kept. In ``generate``, ``inputs_embeds`` get placeholder rows in front because
+        A filled cache passed to forward (``cache`` or ``past_key_values``) already holds the prefix (it came from an
+        earlier call with ``use_cache=True``) and is kept. In ``generate``, ``inputs_embeds`` get placeholder rows in front because
         transformers skips as many leading positions as the cache holds.
         """
         batch, length = input_batch(kwargs, "prefix tuning")
@@ -156,13 +158,13 @@ class PrefixTuningTuner(PromptLearningTuner):
         model = peft_model.base_model
         count = config.num_virtual_tokens
         kwargs = dict(kwargs)
-        filled = cache_is_filled(kwargs.get("past_key_values"))
+        filled = cache_is_filled(kwargs)
         rows = batch
         if generate:
             if filled:
                 raise ValueError(
                     "generate with prefix tuning starts its own cache holding the prefix; pass the whole prompt as "
-                    "input_ids rather than a filled past_key_values"
+                    "input_ids rather than a filled key/value cache"
                 )
             rows = _generate_rows(model, kwargs, batch)
             embeds = kwargs.get("inputs_embeds")
@@ -172,9 +174,11 @@ class PrefixTuningTuner(PromptLearningTuner):
                 kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=device)
             if embeds is not None:
                 kwargs["inputs_embeds"] = torch.cat((embeds.new_zeros(batch, count, embeds.shape[-1]), embeds), dim=1)
-        if not filled:
+        if filled:  # under the name this transformers version reads (a cache passed as ``cache=`` to 5.23 is ignored)
+            kwargs = with_cache(kwargs, model, find_cache(kwargs))
+        else:
             prefix = self.encoder(model, adapter_name)()
-            kwargs["past_key_values"] = prefix_cache(prefix, config, rows, getattr(model, "dtype", prefix.dtype))
+            kwargs = with_cache(kwargs, model, prefix_cache(prefix, config, rows, getattr(model, "dtype", prefix.dtype)))
         if kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = extend_front(kwargs["attention_mask"], count, 1)
         if kwargs.get("position_ids") is not None:

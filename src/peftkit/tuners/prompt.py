@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..hf_compat import find_cache
 from .base import PeftConfig, Tuner, register
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # HF PEFT's one key for every prompt-learning method
@@ -168,7 +169,9 @@ def extend_front(tensor: torch.Tensor, count: int, fill: float) -> torch.Tensor:
     return torch.cat((front, tensor), dim=1)
 
 
-def cache_is_filled(cache: Any) -> bool:
+def cache_is_filled(kwargs: dict[str, Any]) -> bool:
+    """Whether the forward's keyword arguments carry a key/value cache that already holds positions."""
+    cache = find_cache(kwargs)
     return cache is not None and cache.get_seq_length() > 0
 
 
@@ -284,10 +287,10 @@ class PromptTuningTuner(PromptLearningTuner):
         step and returns ``input_ids`` plus the new tokens.
         """
         batch, length = input_batch(kwargs, "prompt tuning")
-        if generate and cache_is_filled(kwargs.get("past_key_values")):
+        if generate and cache_is_filled(kwargs):
             raise ValueError(
                 "prompt tuning adds input positions, which generate cannot combine with an already filled "
-                "past_key_values; with prefix-tuning adapters active too, put the prompt-tuning adapter first in "
+                "key/value cache; with prefix-tuning adapters active too, put the prompt-tuning adapter first in "
                 "set_adapter([...])"
             )
         model = peft_model.base_model
