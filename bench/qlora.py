@@ -3,7 +3,7 @@
 Every variant trains LoRA r=8 (alpha 16) on q_proj and v_proj with AdamW (lr 1e-3) on the same fixed-length
 chunks of the first Alpaca records, for the same steps, each in a fresh Python process so that its peak RSS
 (VmHWM: imports, loading and training together) is its own. Reported per variant: load time and peak RSS right
-after loading, whole-process peak RSS, base-weight bytes (peftkit.quant.memory_footprint of the loaded base),
+after loading, whole-process peak RSS, base-weight bytes (peftkit.memory_footprint of the loaded base),
 median step time (forward + backward + optimizer step), training loss at the last step, and the loss on a held-out
 batch after training (same math for all variants: train mode without dropout, no gradients).
 
@@ -77,7 +77,6 @@ def load(variant: str):
     import torch
 
     import peftkit as pk
-    from peftkit import quant
 
     gc = variant.endswith("-gc")
     if variant.startswith("hf-qlora"):
@@ -93,15 +92,15 @@ def load(variant: str):
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-        footprint = quant.memory_footprint(model)
+        footprint = pk.memory_footprint(model)
         torch.manual_seed(0)
         lora = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
     else:
         model, _ = pk.load_model("smollm2-135m", quantization=None if variant == "fp32" else "nf4")
         loaded = time.perf_counter()
         if variant != "fp32":
-            model = quant.prepare_model_for_kbit_training(model, gradient_checkpointing=gc)
-        footprint = quant.memory_footprint(model)
+            model = pk.prepare_model_for_kbit_training(model, gradient_checkpointing=gc)
+        footprint = pk.memory_footprint(model)
         torch.manual_seed(0)
         lora = pk.get_peft_model(model, pk.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
     model.config.use_cache = False
@@ -113,7 +112,6 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401  (import cost is not loading cost)
 
     import peftkit as pk
-    from peftkit import quant
 
     tokenizer = pk.load_tokenizer("smollm2-135m")
     train, held_out = batches(tokenizer, args.records, args.steps, args.batch, args.seq)
@@ -122,7 +120,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     model, footprint, loaded = load(variant)
     load_s, load_peak = loaded - start, rss()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = quant.make_optimizer("adamw", params, lr=LR)
+    optimizer = pk.make_optimizer("adamw", params, lr=LR)
     model.train()
     times, losses = [], []
     for x in train:
@@ -156,7 +154,6 @@ def interleaved_step_times(args: argparse.Namespace, pair: tuple[str, str]) -> d
     """Both variants in one process, one training step each in turn (A B A B ...), so that load from other work on
     the machine hits them alike; the ratio is the median over rounds of A's step time over B's in the same round."""
     import peftkit as pk
-    from peftkit import quant
 
     tokenizer = pk.load_tokenizer("smollm2-135m")
     train, _ = batches(tokenizer, args.records, args.steps, args.batch, args.seq)
@@ -164,7 +161,7 @@ def interleaved_step_times(args: argparse.Namespace, pair: tuple[str, str]) -> d
     for variant in pair:
         model = load(variant)[0]
         params = [p for p in model.parameters() if p.requires_grad]
-        runs[variant] = (model.train(), quant.make_optimizer("adamw", params, lr=LR), [])
+        runs[variant] = (model.train(), pk.make_optimizer("adamw", params, lr=LR), [])
     for x in train:
         for variant, (model, optimizer, times) in runs.items():
             t = time.perf_counter()

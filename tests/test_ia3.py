@@ -91,7 +91,7 @@ def test_default_targets_written_into_config(tmp_path):
 def test_config_and_target_errors():
     with pytest.raises(ValueError, match="subset of target_modules"):
         IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
-    with pytest.raises(TypeError, match="supports nn.Linear and transformers' Conv1D"):
+    with pytest.raises(TypeError, match=r"cannot wrap model.embed_tokens \(Embedding\): it supports linear layers \(Linear4bit, Linear8bitLt, Conv1D, Linear\)"):
         pk.get_peft_model(tiny_llama(), IA3Config(target_modules=["embed_tokens"], feedforward_modules=[]))
     pm = pk.get_peft_model(tiny_llama(), IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]))
     with pytest.raises(ValueError, match="classifies it the other way"):

@@ -16,6 +16,9 @@ from torch import nn
 
 import peftkit as pk
 from peftkit import quant
+from peftkit.base_layers import has_quantized_layers, is_quantized, kind_of
+from peftkit.merge_report import _probe_input
+from peftkit.quant_loading import load_quantized
 
 pytest.importorskip("bitsandbytes")
 
@@ -89,7 +92,7 @@ def test_bits_per_parameter(double_quant):
     # SmolLM2's attention and MLP shapes: small layers would be dominated by the per-layer code tables
     shapes = [(576, 1536), (1536, 576), (576, 576)]
     model = quant.quantize_model(nn.Sequential(*[nn.Linear(i, o) for i, o in shapes]), "nf4", double_quant)
-    fp = quant.memory_footprint(model)
+    fp = pk.memory_footprint(model)
     n = sum(i * o for i, o in shapes)
     assert fp.quantized_params == n
     code_tables = 16 * 4 + (4 + 256 * 4 if double_quant else 0)  # NF4 code, and offset + 8-bit code table
@@ -110,10 +113,10 @@ def test_memory_footprint_counts_tied_weights_once_and_adapters_apart():
     model = quantized_llama()
     model.config.tie_word_embeddings = True
     model.lm_head.weight = model.model.embed_tokens.weight
-    before = quant.memory_footprint(model)
+    before = pk.memory_footprint(model)
     assert before.base_bytes["float32"] == 4 * (128 * 64 + 64 * 5)  # one embedding table, 5 RMSNorm weights
     pm = pk.get_peft_model(model, pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    after = quant.memory_footprint(pm)
+    after = pk.memory_footprint(pm)
     assert after.base_bytes == before.base_bytes
     assert after.adapter_bytes == 4 * 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)  # 2 layers x (q: A, B; v: A, B)
 
@@ -125,17 +128,17 @@ def test_load_matches_transformers_bitsandbytes_path(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_llama().save_pretrained(tmp_path)
-    ours = quant.load_quantized(AutoModelForCausalLM, tmp_path, AutoConfig.from_pretrained(tmp_path), "nf4")
+    ours = load_quantized(AutoModelForCausalLM, tmp_path, AutoConfig.from_pretrained(tmp_path), "nf4")
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
     )
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config, dtype=torch.float32)
-    quant.prepare_model_for_kbit_training(theirs, gradient_checkpointing=False)  # fp32 matmuls, as ours
+    pk.prepare_model_for_kbit_training(theirs, gradient_checkpointing=False)  # fp32 matmuls, as ours
     kinds = {n: type(m).__name__ for n, m in ours.named_modules() if n.endswith(("proj", "lm_head", "embed_tokens"))}
     assert kinds["lm_head"] == "Linear" and kinds["model.embed_tokens"] == "Embedding"
     assert sum(k == "Linear4bit" for k in kinds.values()) == 2 * 7
     for name, module in ours.named_modules():
-        if quant.is_quantized(module):
+        if is_quantized(module):
             other = theirs.get_submodule(name).weight
             assert torch.equal(module.weight.data, other.data)
             assert torch.equal(module.weight.quant_state.absmax, other.quant_state.absmax)
@@ -147,7 +150,7 @@ def test_load_seq_cls_initialises_the_new_head(tmp_path):
 
     tiny_bert_classifier().bert.save_pretrained(tmp_path)  # an encoder checkpoint without a classifier
     config = AutoConfig.from_pretrained(tmp_path, num_labels=3)
-    model = quant.load_quantized(AutoModelForSequenceClassification, tmp_path, config, "int8")
+    model = load_quantized(AutoModelForSequenceClassification, tmp_path, config, "int8")
     assert type(model.classifier).__name__ == "Linear"
     assert type(model.bert.pooler.dense).__name__ == "Linear8bitLt"
     std = model.classifier.weight.std().item()
@@ -164,7 +167,7 @@ def test_load_refuses_a_checkpoint_without_the_linear_weights(tmp_path):
     state = {k: v for k, v in model.state_dict().items() if "q_proj" not in k}
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="no weights for 2 linear layers"):
-        quant.load_quantized(AutoModelForCausalLM, tmp_path, AutoConfig.from_pretrained(tmp_path), "nf4")
+        load_quantized(AutoModelForCausalLM, tmp_path, AutoConfig.from_pretrained(tmp_path), "nf4")
     with pytest.raises(ValueError, match="quantization must be one of"):
         quant.quantize_model(tiny_llama(), "nf3")
 
@@ -177,7 +180,7 @@ def test_lora_over_quantized_equals_lora_over_its_dequantized_weights(kind):
     """Forward and backward: a quantized layer computes with dequant(W) exactly; LoRA adds the same update."""
     qmodel = quantized_llama(kind)
     fmodel = quant.dequantize_model(copy.deepcopy(qmodel))
-    assert not quant.has_quantized_layers(fmodel)
+    assert not has_quantized_layers(fmodel)
     pq, pf = lora(qmodel), lora(fmodel)
     pq.train(), pf.train()  # int8 eval matmuls also quantize activations; training dequantizes W
     losses = [pm(input_ids=X, labels=LABELS).loss for pm in (pq, pf)]
@@ -242,7 +245,7 @@ def test_hf_peft_loads_an_adapter_trained_on_our_4bit_base(tmp_path):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
     )
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config, dtype=torch.float32)
-    quant.prepare_model_for_kbit_training(base, gradient_checkpointing=False)
+    pk.prepare_model_for_kbit_training(base, gradient_checkpointing=False)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     torch.testing.assert_close(logits(theirs), logits(pm), rtol=1e-5, atol=1e-5)
 
@@ -254,9 +257,9 @@ def test_hf_peft_loads_an_adapter_trained_on_our_4bit_base(tmp_path):
 def test_merge_into_quantized_base_reports_its_error_and_unmerges_exactly(kind):
     pm = lora(quantized_llama(kind)).eval()
     base = pm.base_model
-    probe = quant._probe_input(base, 32)
+    probe = _probe_input(base, 32)
     unmerged = logits(pm, probe)
-    packed = {n: m.weight.data.clone() for n, m in base.named_modules() if quant.is_quantized(m)}
+    packed = {n: m.weight.data.clone() for n, m in base.named_modules() if is_quantized(m)}
     with pytest.warns(UserWarning, match="requantized 4 layers") as record:
         pm.merge_adapter()
     merged = logits(pm, probe)
@@ -277,20 +280,20 @@ def test_merge_into_quantized_base_reports_its_error_and_unmerges_exactly(kind):
     assert torch.equal(logits(pm, probe), unmerged)
 
 
-def test_merge_weight_scales_rows_for_ia3_style_merges():
+def test_a_quantized_kind_scales_rows_and_its_undo_restores_the_bits():
     layer = quant.quantize_linear(nn.Linear(64, 128, bias=False), "nf4")
-    original = quant.dequantize_weight(layer)
+    kind = kind_of(layer)
+    assert kind.name == "Linear4bit" and kind.quantized and kind.features(layer) == (64, 128)
+    original = kind.weight(layer)
     bits = layer.weight.data.clone()
     scale = torch.linspace(0.5, 1.5, 128)
-    quant.merge_weight(layer, +1, lambda w: w * scale[:, None])
-    merged = quant.dequantize_weight(layer)
+    undo = kind.apply_update(layer, lambda w: w * scale[:, None], lambda w: w / scale[:, None])
+    merged = kind.weight(layer)
     error = (merged - original * scale[:, None]).abs()
     assert error.max() <= 0.25 * original.abs().max() * 1.5  # one NF4 step at most (half the widest code gap)
-    assert getattr(layer, quant._MERGE_ERROR) == pytest.approx((error.max().item(), error.mean().item()))
-    quant.merge_weight(layer, -1, lambda w: w)
+    assert undo.error == pytest.approx((error.max().item(), error.mean().item()))
+    undo()
     assert torch.equal(layer.weight.data, bits)
-    with pytest.raises(RuntimeError, match="no merge to undo"):
-        quant.merge_weight(layer, -1, lambda w: w)
 
 
 def test_merge_and_unload_dequantize_exports_a_full_precision_model(tmp_path):
@@ -301,7 +304,7 @@ def test_merge_and_unload_dequantize_exports_a_full_precision_model(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # merging in full precision is exact: no requantization warning
         merged = pm.merge_and_unload(dequantize=True)
-    assert not quant.has_quantized_layers(merged) and not getattr(merged, "is_loaded_in_4bit", False)
+    assert not has_quantized_layers(merged) and not getattr(merged, "is_loaded_in_4bit", False)
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
     torch.testing.assert_close(logits(merged), expected, rtol=1e-5, atol=1e-5)
     merged.save_pretrained(tmp_path)
@@ -316,7 +319,7 @@ def test_merge_and_unload_dequantize_exports_a_full_precision_model(tmp_path):
 def test_prepare_model_for_kbit_training():
     model = quant.quantize_model(tiny_llama().to(torch.bfloat16), "nf4")
     model.config.use_cache = True
-    prepared = quant.prepare_model_for_kbit_training(model)
+    prepared = pk.prepare_model_for_kbit_training(model)
     assert prepared is model and model.config.use_cache is False
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     assert not any(p.requires_grad for p in model.parameters())
@@ -334,7 +337,7 @@ def _layer0_grads(pm):
 
 def test_reentrant_checkpointing_needs_and_gets_input_grads():
     reference = _layer0_grads(lora(quantized_llama()))
-    model = quant.prepare_model_for_kbit_training(quantized_llama(), gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = pk.prepare_model_for_kbit_training(quantized_llama(), gradient_checkpointing_kwargs={"use_reentrant": True})
     torch.testing.assert_close(_layer0_grads(lora(model)), reference, rtol=1e-4, atol=1e-7)
     # without input-grads hooks, no checkpointed segment's input requires grad: the adapters learn nothing
     model.get_input_embeddings()._forward_hooks.clear()
@@ -349,7 +352,7 @@ def test_training_after_eval_still_reaches_every_adapter():
     pm.eval()
     logits(pm)  # bitsandbytes' CPU fast path would repack the 4-bit weights here (no backward through it)
     for module in pm.modules():
-        if quant.is_quantized(module):
+        if is_quantized(module):
             assert not getattr(module.weight.quant_state, "packing_format_for_cpu", False)
     torch.testing.assert_close(_layer0_grads(pm), reference)
 
@@ -360,7 +363,7 @@ def test_make_optimizer():
     results = {}
     for name in ("adamw", "adamw_8bit"):
         param = nn.Parameter(torch.zeros(96, 128))
-        opt = quant.make_optimizer(name, [param], lr=1e-2)
+        opt = pk.make_optimizer(name, [param], lr=1e-2)
         for _ in range(30):
             opt.zero_grad()
             loss = ((param - target) ** 2).mean()
@@ -376,16 +379,15 @@ def test_make_optimizer():
     if not torch.cuda.is_available():
         for name in ("paged_adamw_32bit", "paged_adamw_8bit"):
             with pytest.raises(RuntimeError, match="needs a CUDA device.*use 'adamw'.*'adamw_8bit'"):
-                quant.make_optimizer(name, [nn.Parameter(torch.zeros(4))], lr=1e-3)
+                pk.make_optimizer(name, [nn.Parameter(torch.zeros(4))], lr=1e-3)
     with pytest.raises(ValueError, match="optimizer must be one of"):
-        quant.make_optimizer("sgd", [nn.Parameter(torch.zeros(4))], lr=1e-3)
+        pk.make_optimizer("sgd", [nn.Parameter(torch.zeros(4))], lr=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ the real model
 
 _LOAD_SCRIPT = """
 import json, torch, peftkit, transformers.models.llama.modeling_llama
-from peftkit import quant
 def rss(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 tokenizer = peftkit.load_tokenizer("smollm2-135m")
@@ -394,7 +396,7 @@ model, _ = peftkit.load_model("smollm2-135m", quantization="nf4")
 x = torch.tensor([tokenizer("The capital of France is Paris. The capital of Italy is").input_ids])
 with torch.no_grad():
     logits = model(x).logits[0]
-fp = quant.memory_footprint(model)
+fp = peftkit.memory_footprint(model)
 print(json.dumps({"load_peak_growth": rss("VmHWM") - before, "bits": fp.bits_per_param, "base": fp.base_total,
                   "kinds": fp.base_bytes, "top1": logits.argmax(-1).tolist(), "ids": x[0].tolist()}))
 """
@@ -410,7 +412,7 @@ def test_smollm2_nf4_load_memory_and_footprint(smollm2):
         [sys.executable, "-c", _LOAD_SCRIPT], capture_output=True, text=True, check=True, timeout=600, env=env
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    fp32 = quant.memory_footprint(model)
+    fp32 = pk.memory_footprint(model)
     assert fp32.base_bytes == {"float32": fp32.base_total}
     assert result["bits"] <= 4.2
     assert result["base"] <= 0.35 * fp32.base_total
@@ -422,3 +424,65 @@ def test_smollm2_nf4_load_memory_and_footprint(smollm2):
         reference = model(torch.tensor([result["ids"]])).logits[0].argmax(-1).tolist()
     agree = sum(a == b for a, b in zip(result["top1"], reference)) / len(reference)
     assert agree >= 0.75
+
+
+# ------------------------------------------------------------------------------------------------ (IA)^3 over k-bit
+
+
+def train_ia3(pm, steps: int = 3):
+    """A few AdamW steps on the (IA)^3 vectors (the loss must move them off their init)."""
+    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
+    pm.train()
+    losses = []
+    for _ in range(steps):
+        loss = pm(input_ids=X, labels=LABELS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return pm.eval(), losses
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_ia3_over_a_quantized_base_trains_and_its_file_moves_to_the_full_precision_base_and_back(tmp_path, kind):
+    """(IA)^3 wraps 4-bit and 8-bit layers through the base-layer contract, with the same file format: an adapter
+    trained on the quantized base, loaded on the fp32 model holding the dequantized weights, gives the same logits,
+    and so does one trained on that fp32 model loaded on the quantized base. NF4 layers compute with exactly the
+    dequantized weight (<= 1e-5); LLM.int8() also rounds the activations to 8 bits, so int8 is compared within
+    its own rounding, measured as the base models' difference."""
+    quantized = quantized_llama(kind)
+    dequantized = quant.dequantize_model(copy.deepcopy(quantized))
+    base_gap = (logits(quantized) - logits(dequantized)).abs().max().item()
+    tolerance = 1e-5 if kind == "nf4" else 4 * base_gap
+    targets = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+    on_quantized, losses = train_ia3(pk.get_peft_model(copy.deepcopy(quantized), pk.IA3Config(**targets)))
+    assert losses[-1] < losses[0] and all(is_quantized(m.base_layer) for _, m in on_quantized.adapter_layers())
+    tolerance = 1e-5
+    if kind == "int8":
+        with on_quantized.disable_adapter():
+            tolerance = 4 * (logits(on_quantized) - logits(dequantized)).abs().max().item()
+    on_quantized.save_pretrained(tmp_path / "q")
+    moved = pk.PeftModel.from_pretrained(copy.deepcopy(dequantized), tmp_path / "q")
+    assert (logits(moved) - logits(on_quantized)).abs().max().item() <= tolerance
+    assert (logits(on_quantized) - logits(quantized)).abs().max().item() > 3 * tolerance  # it did learn
+
+    on_full, _ = train_ia3(pk.get_peft_model(copy.deepcopy(dequantized), pk.IA3Config(**targets)))
+    on_full.save_pretrained(tmp_path / "f")
+    back = pk.PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "f")
+    assert (logits(back) - logits(on_full)).abs().max().item() <= tolerance
+
+
+def test_ia3_merges_into_a_quantized_base_and_unmerges_to_the_same_bits():
+    pm, _ = train_ia3(pk.get_peft_model(quantized_llama("nf4"), pk.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"])))
+    packed = {n: m.weight.data.clone() for n, m in pm.named_modules() if is_quantized(m)}
+    unmerged = logits(pm)
+    with pytest.warns(UserWarning, match="requantized 4 layers"):
+        pm.merge_adapter()
+    merged = logits(pm)
+    pm.unmerge_adapter()
+    with pm.disable_adapter():
+        adapter_effect = (unmerged - logits(pm)).abs().max().item()
+    assert (merged - unmerged).abs().max().item() < 0.5 * adapter_effect  # the requantization error is small
+    assert all(torch.equal(m.weight.data, packed[n]) for n, m in pm.named_modules() if n in packed)
+    assert torch.equal(logits(pm), unmerged)

@@ -314,3 +314,21 @@ def test_bitfit_on_a_classifier_and_nf4_quantized_base(tmp_path):
     before = {k: v.detach().clone() for k, v in T.trainable_parameters(run.model).items()}
     run.fit()
     assert all(not torch.equal(before[k], v) for k, v in T.trainable_parameters(run.model).items() if ".lora_A." in k)
+
+
+def test_building_a_run_leaves_the_process_random_state_and_threads_alone(tmp_path, tiny_lm):
+    """TrainingRun(config) seeds its own stream for initialisation; the caller's random state and thread count are
+    untouched until fit(), which restores the thread count when it returns."""
+    torch.manual_seed(1234)
+    random.seed(1234)
+    expected_torch, expected_py = torch.rand(3), random.random()
+    torch.manual_seed(1234)
+    random.seed(1234)
+    threads = torch.get_num_threads()
+    config = T.TrainConfig(model=str(tiny_lm), data=str(ALPACA_TINY), max_steps=1, batch_size=2, out=str(tmp_path / "run"),
+                         eval_every=0, threads=1, seed=7)
+    run = T.TrainingRun(config, progress=False)
+    assert torch.equal(torch.rand(3), expected_torch) and random.random() == expected_py
+    assert torch.get_num_threads() == threads
+    run.fit()
+    assert torch.get_num_threads() == threads

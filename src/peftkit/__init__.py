@@ -2,7 +2,8 @@
 
 from .models import load_model, load_tokenizer
 from .peft_model import PeftModel, get_peft_model
-from .quant import make_optimizer, memory_footprint, prepare_model_for_kbit_training
+from .kbit_training import make_optimizer, prepare_model_for_kbit_training
+from .memory import memory_footprint
 from .tuners import (
     BitFitConfig,
     BottleneckConfig,

@@ -141,7 +141,7 @@ def load_model(
     if quantization is None:
         model = model_cls.from_pretrained(path, dtype=dtype, **kwargs)
     else:
-        from .quant import load_quantized
+        from .quant_loading import load_quantized
 
         config.update(kwargs)
         model = load_quantized(model_cls, path, config, quantization, double_quant, compute_dtype, dtype)

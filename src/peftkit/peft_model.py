@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from . import checkpoint, quant
+from .base_layers import has_quantized_layers
+from .merge_report import merge_report
 from .tuners.base import (
     BASE,
     AdapterLayer,
@@ -187,8 +189,8 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} is {tuner.peft_type}, which adds computation the base weights cannot absorb; "
                     "it cannot be merged (serve it unmerged)"
                 )
-        quantized = quant.has_quantized_layers(self.base_model)
-        with quant.merge_report(self.base_model, names) if quantized else nullcontext():  # warns with the error
+        quantized = has_quantized_layers(self.base_model)
+        with merge_report(self.base_model, names) if quantized else nullcontext():  # warns with the error
             for _, layer in self.adapter_layers():
                 layer.merge([n for n in names if n in layer.adapter_names])
 
@@ -202,13 +204,11 @@ class PeftModel(nn.Module):
         ``dequantize``: first replace a 4-bit/8-bit base's layers by full-precision ``nn.Linear`` ones, so the merge
         is exact (W = dequant(W0) + delta, no requantization) and transformers saves and loads the result as a
         plain model."""
-        if dequantize and quant.has_quantized_layers(self.base_model):
+        if dequantize and has_quantized_layers(self.base_model):
             self.unmerge_adapter()
             quant.dequantize_model(self.base_model)
         self.merge_adapter(adapter_names)
-        model = self._unwrap(keep=list(adapter_names or self._active))
-        quant.forget_merges(model)  # the pre-merge copies only served unmerging
-        return model
+        return self._unwrap(keep=list(adapter_names or self._active))  # the merge undos go with the layers
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""

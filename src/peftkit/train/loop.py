@@ -42,6 +42,17 @@ from .run_folder import (
 from .task_data import BatchOrder, example_length, load_task_data, resolve_config
 from .tasks import make_task
 
+@contextmanager
+def _isolated_rng() -> Iterator[None]:
+    """Python's and torch's CPU random state are restored on exit, whatever the block drew."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient became NaN or infinite; the last good checkpoint is kept."""
 
@@ -62,10 +73,16 @@ class TrainingRun:
         self.run_dir = Path(run_dir or config.out or default_run_dir(config.method))
         if not _resuming and (self.run_dir / CONFIG_FILE).exists():
             raise FileExistsError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, or pick another --out")
-        if config.threads:  # process-wide: on a shared machine fewer threads than cores can be much faster
-            torch.set_num_threads(config.threads)
-        random.seed(config.seed)
-        torch.manual_seed(config.seed)
+        # Building the run draws random numbers (adapter init, a new classifier head) from a stream seeded here, but
+        # leaves the process's own random state as it was; fit() starts training from the state kept in _start_rng.
+        with _isolated_rng():
+            random.seed(config.seed)
+            torch.manual_seed(config.seed)
+            self._build(config, progress)
+            self._start_rng: tuple | None = (torch.get_rng_state(), random.getstate())
+        self.dist.barrier()  # no rank writes into the run folder before every rank has checked it
+
+    def _build(self, config: TrainConfig, progress: bool) -> None:
         self.config = resolve_config(config)
         self.dist = Distributed.setup(self.config.strategy, self.config.dist_timeout)
         self.progress = progress and self.dist.is_main
@@ -114,7 +131,6 @@ class TrainingRun:
         self.last_loss: float | None = None
         self._stop_requested = False  # set by the signal handler, on this process
         self._stop_agreed = False  # set after each step from every process's request: all stop at the same step
-        self.dist.barrier()  # no rank writes into the run folder before every rank has checked it
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None, progress: bool = True) -> "TrainingRun":
@@ -146,6 +162,7 @@ class TrainingRun:
             except (ValueError, KeyError, FileNotFoundError, OSError) as err:
                 self._say(f"skipping unreadable checkpoint {directory}: {err}")
                 continue
+            self._start_rng = None  # load_checkpoint set the random state the run had at that step
             self.step = state["step"]
             self.tokens = state["tokens"]
             self.train_seconds = state["train_seconds"]
@@ -293,12 +310,21 @@ class TrainingRun:
         )
         for note in self.data.notes:
             self._say(f"  {note}")
-        samples_before = self._samples_before()
-        if self.step == 0 and self.eval_every:
-            self.eval_initial = self.eval_last = self._eval_and_log()
-        with self._stop_signals_save():
-            self._loop()
-        return self._finish(samples_before, trainable, total)
+        if self._start_rng is not None:
+            torch.set_rng_state(self._start_rng[0])
+            random.setstate(self._start_rng[1])
+        threads = torch.get_num_threads()
+        if self.config.threads:  # on a shared machine fewer threads than cores can be much faster
+            torch.set_num_threads(self.config.threads)
+        try:
+            samples_before = self._samples_before()
+            if self.step == 0 and self.eval_every:
+                self.eval_initial = self.eval_last = self._eval_and_log()
+            with self._stop_signals_save():
+                self._loop()
+            return self._finish(samples_before, trainable, total)
+        finally:
+            torch.set_num_threads(threads)
 
     def _loop(self) -> None:
         from tqdm import tqdm

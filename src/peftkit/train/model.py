@@ -60,7 +60,7 @@ def load_base_model(config: TrainConfig, num_labels: int | None = None) -> tuple
             raise ValueError(f"--quantization {config.quantization}: this peftkit's load_model has no 4-bit path") from None
         raise
     if config.quantization:
-        from ..quant import prepare_model_for_kbit_training
+        from ..kbit_training import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
     elif config.gradient_checkpointing:

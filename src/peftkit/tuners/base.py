@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import nn
 
+from ..base_layers import BaseLayerKind, Undo, is_linear, kind_of
+
 BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
 FILE_PREFIX = "base_model.model."  # HF PEFT's key prefix for module parameters in adapter files
 
@@ -120,12 +122,6 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, transformers' Conv1D (GPT-2) and bitsandbytes' quantized linear layers."""
-    kind = type(module).__name__
-    return isinstance(module, nn.Linear) or kind in ("Conv1D", "Linear4bit", "Linear8bitLt")
-
-
 def find_targets(model: nn.Module, config: PeftConfig, allowed: tuple[type, ...] | None = None) -> list[str]:
     """Names of the modules ``config`` selects, in model order. Raises ``ValueError`` listing candidates if none."""
     spec = config.target_modules
@@ -199,7 +195,9 @@ class AdapterLayer(nn.Module, abc.ABC):
     """Wraps ``base_layer`` and holds named adapters. Subclasses implement ``update_layer`` and ``forward``.
 
     State: ``active_adapters`` (names summed in ``forward``), ``merged_adapters`` (names folded into the base
-    weights), ``disabled`` (bypass all adapters), ``mixed`` (a :class:`MixedBatch` while one is running).
+    weights, oldest first) with ``merge_undos`` (the :class:`Undo` of each of those merges), ``disabled`` (bypass
+    all adapters), ``mixed`` (a :class:`MixedBatch` while one is running). ``kind``: what the base layer is
+    (:mod:`peftkit.base_layers`); methods ask it for shapes, dtype, device and weight updates.
     """
 
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
@@ -209,8 +207,14 @@ class AdapterLayer(nn.Module, abc.ABC):
         self.base_layer = base_layer
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.merge_undos: list[Undo] = []
         self.disabled = False
         self.mixed: MixedBatch | None = None
+
+    @property
+    def kind(self) -> BaseLayerKind | None:
+        """The base layer's kind, looked up each time: ``dequantize_model`` may swap the base layer underneath."""
+        return kind_of(self.base_layer)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -248,17 +252,19 @@ class AdapterLayer(nn.Module, abc.ABC):
         """Fold adapters (default: the active ones) into the base weights."""
         for name in adapter_names or self.active_adapters:
             if name in self.adapter_names and name not in self.merged_adapters:
-                self._merge_one(name, sign=+1)
+                self.merge_undos.append(self._merge_one(name))
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Undo every merge, newest first, restoring the base weights."""
         while self.merged_adapters:
-            self._merge_one(self.merged_adapters.pop(), sign=-1)
+            self.merged_adapters.pop()
+            self.merge_undos.pop()()
 
-    def _merge_one(self, adapter_name: str, sign: int) -> None:
-        """Add (``sign`` +1) or subtract (-1) the adapter's update to the base weights. Layers whose adapters
-        add computation that no weight can absorb (bottleneck adapters) keep this refusal."""
+    def _merge_one(self, adapter_name: str) -> Undo:
+        """Fold the adapter's update into the base weights (through ``self.kind.apply_update``) and return how to
+        take it out again. Layers whose adapters add computation that no weight can absorb (bottleneck adapters)
+        keep this refusal."""
         raise TypeError(
             f"{type(self).__name__} adapters add layers to the model and cannot be merged into its weights; "
             "serve them unmerged (or use LoRA / (IA)^3 for zero-latency merging)"

@@ -107,15 +107,13 @@ class BottleneckConfig(PeftConfig):
 
 
 class BottleneckLayer(AdapterLayer):
-    """Adds ``up(dropout(f(down(y))))`` to the output y of the wrapped module (``nn.Linear`` or ``Conv1D``)."""
+    """Adds ``up(dropout(f(down(y))))`` to the output y of the wrapped module (any linear base-layer kind)."""
 
     adapter_attrs = ("adapter_down", "adapter_up")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        # the adapter acts on the output: Conv1D keeps W as (in, out), nn.Linear as (out, in)
-        is_conv1d = type(base_layer).__name__ == "Conv1D"
-        self.features = base_layer.weight.shape[1] if is_conv1d else base_layer.out_features
+        self.features = self.kind.features(base_layer)[1]  # the adapter acts on the output
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
@@ -123,10 +121,9 @@ class BottleneckLayer(AdapterLayer):
 
     def update_layer(self, adapter_name: str, config: BottleneckConfig, module_name: str) -> None:
         m = config.bottleneck_for(self.features, module_name)
-        weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        down = nn.Linear(self.features, m, device=weight.device, dtype=dtype)
-        up = nn.Linear(m, self.features, device=weight.device, dtype=dtype)
+        device, dtype = self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
+        down = nn.Linear(self.features, m, device=device, dtype=dtype)
+        up = nn.Linear(m, self.features, device=device, dtype=dtype)
         with torch.no_grad():
             std = config.init_scale
             nn.init.trunc_normal_(down.weight, std=std, a=-2 * std, b=2 * std)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..base_layers import KINDS, Undo, kind_of
 from .base import AdapterLayer, PeftConfig, Tuner, find_targets, gather_rows, register
 
 # HF PEFT's defaults when target_modules / feedforward_modules are not given, for the families peftkit supports.
@@ -91,29 +92,18 @@ class IA3Config(PeftConfig):
         return any(module_name.endswith(key) for key in spec or [])
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
-def _supported(module: nn.Module) -> bool:
-    # bitsandbytes' quantized layers subclass nn.Linear, but their weights cannot be rescaled in place
-    quantized = type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-    return (isinstance(module, nn.Linear) and not quantized) or _is_conv1d(module)
-
-
 class IA3Layer(AdapterLayer):
-    """(IA)^3 around ``nn.Linear`` or transformers' ``Conv1D``: one learned vector per adapter (``ia3_l``)."""
+    """(IA)^3 around any linear base-layer kind (``nn.Linear``, ``Conv1D``, 4-bit and 8-bit bitsandbytes layers): one
+    learned vector per adapter (``ia3_l``). The vector scales activations, so the forward never touches the base
+    weight and works the same over quantized weights; merging scales the weight through the base layer's kind."""
 
     adapter_attrs = ("ia3_l",)
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
         super().__init__(base_layer)
         self.is_feedforward = is_feedforward
-        self.fan_in_fan_out = _is_conv1d(base_layer)  # Conv1D keeps W as (in, out)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.fan_in_fan_out = self.kind.fan_in_fan_out  # Conv1D keeps W as (in, out)
+        self.in_features, self.out_features = self.kind.features(base_layer)
         self.ia3_l = nn.ParameterDict()
 
     def update_layer(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
@@ -124,11 +114,10 @@ class IA3Layer(AdapterLayer):
                 f"{adapter_name!r} classifies it the other way. Use the same feedforward_modules for every "
                 "(IA)^3 adapter on a model."
             )
-        weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        device, dtype = self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         init = torch.ones if config.init_ia3_weights else torch.randn
-        self.ia3_l[adapter_name] = nn.Parameter(init(shape, dtype=dtype, device=weight.device))
+        self.ia3_l[adapter_name] = nn.Parameter(init(shape, dtype=dtype, device=device))
 
     def _weight_factor(self, adapter_name: str) -> torch.Tensor:
         """The vector shaped to broadcast over the base weight: rows of W for output vectors, columns for input
@@ -136,25 +125,27 @@ class IA3Layer(AdapterLayer):
         vector = self.ia3_l[adapter_name].detach()
         return vector.T if self.fan_in_fan_out else vector
 
-    def _merge_one(self, adapter_name: str, sign: int) -> None:
-        vector = self.ia3_l[adapter_name].detach()
-        if sign > 0 and not (torch.isfinite(vector).all() and (vector != 0).all()):
+    def _merge_one(self, adapter_name: str) -> Undo:
+        vector = self.ia3_l[adapter_name].detach().float()
+        if not (torch.isfinite(vector).all() and (vector != 0).all()):
             raise ValueError(
                 f"cannot merge (IA)^3 adapter {adapter_name!r}: its vector has zero or non-finite entries, so the "
                 "scaled weights could not be restored by unmerging. Run it unmerged instead."
             )
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        factor = self._weight_factor(adapter_name).to(weight.dtype)
-        scale_bias = not self.is_feedforward and bias is not None  # W (l ⊙ x) + b leaves b alone
+        factor = self._weight_factor(adapter_name).float()
+        undo_weight = self.kind.apply_update(self.base_layer, lambda w: w * factor, lambda w: w / factor)
+        bias = self.base_layer.bias
+        if self.is_feedforward or bias is None:  # W (l ⊙ x) + b leaves b alone
+            return undo_weight
         with torch.no_grad():
-            if sign > 0:
-                weight.mul_(factor)
-                if scale_bias:
-                    bias.mul_(vector.flatten().to(bias.dtype))
-            else:
-                weight.div_(factor)
-                if scale_bias:
-                    bias.div_(vector.flatten().to(bias.dtype))
+            bias.mul_(vector.flatten().to(bias.dtype))
+
+        def restore() -> None:
+            undo_weight()
+            with torch.no_grad():
+                bias.div_(vector.flatten().to(bias.dtype))
+
+        return Undo(restore, undo_weight.error)
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         """The vector to multiply with: the product over active adapters, or each row's own in a mixed batch
@@ -214,11 +205,12 @@ class IA3Tuner(Tuner):
             config.feedforward_modules = list(feedforward)
 
     def make_layer(self, module: nn.Module, config: IA3Config, module_name: str) -> AdapterLayer:
-        if not _supported(module):
+        kind = kind_of(module)
+        if kind is None or not kind.linear:
             raise TypeError(
-                f"(IA)^3 cannot wrap {module_name} ({type(module).__name__}): it supports nn.Linear and transformers' "
-                "Conv1D. Remove it from target_modules."
+                f"(IA)^3 cannot wrap {module_name} ({type(module).__name__}): it supports linear layers "
+                f"({', '.join(k.name for k in KINDS if k.linear)}). Remove it from target_modules."
             )
-        if _is_conv1d(module):
+        if kind.fan_in_fan_out:
             config.fan_in_fan_out = True
         return IA3Layer(module, is_feedforward=config.is_feedforward(module_name))

@@ -20,17 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import quant
-from .base import (
-    FILE_PREFIX,
-    AdapterLayer,
-    MixedBatch,
-    PeftConfig,
-    Tuner,
-    gather_rows,
-    is_linear,
-    register,
-)
+from ..base_layers import KINDS, Undo, kind_of
+from .base import FILE_PREFIX, AdapterLayer, MixedBatch, PeftConfig, Tuner, gather_rows, register
 
 
 @dataclass
@@ -134,6 +125,14 @@ def _stack_factors(layer: LoraLayer | LoraEmbedding, mixed: MixedBatch) -> tuple
     return layer._stacks.get(layer, mixed.order, build)
 
 
+def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
+    """W <- W + (alpha / r) B A through the base layer's kind (a quantized kind requantizes, and its Undo restores
+    the old bits; a full-precision one subtracts the same delta again)."""
+    with torch.no_grad():
+        delta = layer.delta_weight(adapter_name).float()
+    return layer.kind.apply_update(layer.base_layer, lambda w: w + delta.to(w.dtype), lambda w: w - delta.to(w.dtype))
+
+
 class LoraLayer(AdapterLayer):
     """LoRA around ``nn.Linear``, transformers' ``Conv1D`` or a bitsandbytes quantized linear layer."""
 
@@ -141,11 +140,8 @@ class LoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out or type(base_layer).__name__ == "Conv1D"
-        if hasattr(base_layer, "in_features"):
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        else:  # Conv1D keeps W as (in, out)
-            self.in_features, self.out_features = base_layer.weight.shape
+        self.fan_in_fan_out = fan_in_fan_out or self.kind.fan_in_fan_out
+        self.in_features, self.out_features = self.kind.features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -155,12 +151,11 @@ class LoraLayer(AdapterLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         r, alpha = config.rank_and_alpha(module_name)
-        weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        device, dtype = self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = _scaling(r, alpha, config.use_rslora)
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         # p = 0 skips dropout entirely instead of running an identity that still copies
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
@@ -185,11 +180,8 @@ class LoraLayer(AdapterLayer):
         delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
 
-    def _merge_one(self, adapter_name: str, sign: int) -> None:
-        if quant.is_quantized(self.base_layer):  # dequantize, add, requantize; unmerge restores the old bits
-            return quant.merge_weight(self.base_layer, sign, lambda w: w + self.delta_weight(adapter_name).to(w.dtype))
-        with torch.no_grad():
-            self.base_layer.weight.add_(self.delta_weight(adapter_name).to(self.base_layer.weight.dtype), alpha=sign)
+    def _merge_one(self, adapter_name: str) -> Undo:
+        return _merge_delta(self, adapter_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -238,12 +230,12 @@ class LoraEmbedding(AdapterLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         r, alpha = config.rank_and_alpha(module_name)
-        weight = self.base_layer.weight
-        vocab, dim = weight.shape
+        vocab, dim = self.kind.features(self.base_layer)
+        device, dtype = self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = _scaling(r, alpha, config.use_rslora)
-        A = torch.zeros(r, vocab, dtype=weight.dtype, device=weight.device)
-        B = torch.empty(dim, r, dtype=weight.dtype, device=weight.device)
+        A = torch.zeros(r, vocab, dtype=dtype, device=device)
+        B = torch.empty(dim, r, dtype=dtype, device=device)
         nn.init.normal_(B)
         if config.init_lora_weights is False:
             nn.init.normal_(A)
@@ -262,9 +254,8 @@ class LoraEmbedding(AdapterLayer):
         A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
         return (B @ A).T * self.scaling[adapter_name]
 
-    def _merge_one(self, adapter_name: str, sign: int) -> None:
-        with torch.no_grad():
-            self.base_layer.weight.add_(self.delta_weight(adapter_name), alpha=sign)
+    def _merge_one(self, adapter_name: str) -> Undo:
+        return _merge_delta(self, adapter_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -296,13 +287,14 @@ class LoraTuner(Tuner):
     layer_cls = (LoraLayer, LoraEmbedding)  # type: ignore[assignment]
 
     def make_layer(self, module: nn.Module, config: LoraConfig, module_name: str) -> AdapterLayer:
-        if isinstance(module, nn.Embedding):
-            return LoraEmbedding(module)
-        if is_linear(module):
+        kind = kind_of(module)
+        if kind is not None and kind.linear:
             return LoraLayer(module, fan_in_fan_out=config.fan_in_fan_out)
+        if kind is not None:  # a lookup table (nn.Embedding)
+            return LoraEmbedding(module)
         raise TypeError(
-            f"LoRA cannot wrap {module_name} ({type(module).__name__}): it supports nn.Linear, transformers' "
-            "Conv1D, nn.Embedding and bitsandbytes Linear4bit/Linear8bitLt"
+            f"LoRA cannot wrap {module_name} ({type(module).__name__}): it supports "
+            f"{', '.join(k.name for k in KINDS)} layers"
         )
 
     def _bias_params(self, model: nn.Module, bias: str) -> dict[str, nn.Parameter]:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..base_layers import Undo
 from .base import (
     AdapterLayer,
     PeftConfig,
@@ -152,18 +153,28 @@ class SelectiveLayer(AdapterLayer):
             out.index_copy_(0, rows, part)
         return out
 
-    def _merge_one(self, adapter_name: str, sign: int) -> None:
-        # merge() appends the name after this call and unmerge() pops it before: rebuild theta from the originals
-        merged = self.merged_adapters + [adapter_name] if sign > 0 else list(self.merged_adapters)
+    def _merge_one(self, adapter_name: str) -> Undo:
+        """Set each parameter this adapter holds to theta over every merged adapter (built from the originals, kept
+        in ``_originals`` while a merge is in place); the Undo copies the previous values back, bit for bit."""
         params = dict(self.base_layer.named_parameters(recurse=False))
+        touched = list(self.selected[adapter_name])
+        before = {name: params[name].detach().clone() for name in touched}
+        merged = [n for n in self.merged_adapters + [adapter_name] if n in self.selected]
         with torch.no_grad():
-            for name in self.selected[adapter_name]:
-                self._originals.setdefault(name, params[name].detach().clone())
-            values = self._values([n for n in merged if n in self.selected], self._originals)
-            for name in list(self._originals):
-                params[name].copy_(values.get(name, self._originals[name]))
-                if not merged:
-                    del self._originals[name]
+            for name in touched:
+                self._originals.setdefault(name, before[name])  # untouched by earlier merges: still the original
+            values = self._values(merged, self._originals)
+            for name in touched:
+                params[name].copy_(values[name])
+
+        def restore() -> None:
+            with torch.no_grad():
+                for name in touched:
+                    params[name].copy_(before[name])
+            if not self.merged_adapters:  # unmerge pops the name first: this was the last merge
+                self._originals.clear()
+
+        return Undo(restore)
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:
