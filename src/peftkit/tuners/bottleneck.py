@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, PeftConfig, Tuner, find_targets, gather_rows, is_linear, register
+from .base import AdapterLayer, PeftConfig, Tuner, find_targets, is_linear, register
+from .layer import StackedAdapterLayer
 
 _LLAMA = (r"(.*\.)?layers\.\d+\.self_attn\.o_proj", r"(.*\.)?layers\.\d+\.mlp\.down_proj")
 # BERT's feed-forward output is `layer.N.output.dense`; the bare suffix `output.dense` would also match the
@@ -106,7 +107,7 @@ class BottleneckConfig(PeftConfig):
         return m
 
 
-class BottleneckLayer(AdapterLayer):
+class BottleneckLayer(StackedAdapterLayer):
     """Adds ``up(dropout(f(down(y))))`` to the output y of the wrapped module (any linear base-layer kind)."""
 
     adapter_attrs = ("adapter_down", "adapter_up")
@@ -136,39 +137,41 @@ class BottleneckLayer(AdapterLayer):
         self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.non_linearity[adapter_name] = config.non_linearity
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def active_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.bypass() or not self.adapter_names:  # (a layer whose adapters were all deleted stays wrapped)
-            return result
-        if self.mixed is not None:
-            return result + self._mixed_delta(result).to(result.dtype)
         out = result
-        for name in self.active_adapters:
+        for name in names:  # several active adapters each add their output (in parallel, on the same y)
             down, up = self.adapter_down[name], self.adapter_up[name]
             h = NON_LINEARITIES[self.non_linearity[name]](down(result.to(down.weight.dtype)))
             out = out + self.adapter_dropout[name](up(h)).to(result.dtype)
         return out
 
-    def _mixed_delta(self, y: torch.Tensor) -> torch.Tensor:
+    def mixed_forward(self, x: torch.Tensor, stacks: tuple, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         """Each row's adapter on its own row: gather stacked weights per row, then two batched matmuls.
 
         Base rows and absent adapters have all-zero weights and biases, and the padding of narrower bottlenecks
         is zero too; f(0) = 0 for every supported f, so those contribute exactly nothing."""
+        y = self.base_layer(x, *args, **kwargs)
         batch = y.shape[0]
-        W_down, b_down, W_up, b_up, kinds, kind_of = self._stacked(self.mixed.order)
+        W_down, b_down, W_up, b_up, kinds, kind_index = stacks
         y3 = y.reshape(batch, -1, self.features).to(W_down.dtype)
-        down_rows = gather_rows(W_down, self.mixed, batch).transpose(1, 2)
-        z = torch.baddbmm(gather_rows(b_down, self.mixed, batch).unsqueeze(1), y3, down_rows)
+        z = torch.baddbmm(self.rows(b_down, batch).unsqueeze(1), y3, self.rows(W_down, batch).transpose(1, 2))
         if len(kinds) == 1:
             h = NON_LINEARITIES[kinds[0]](z)
         else:  # adapters with different non-linearities: apply each (m is small), keep each row's own
-            rows_kind = gather_rows(kind_of.to(y.device), self.mixed, batch)
+            rows_kind = self.rows(kind_index.to(y.device), batch)
             h = torch.stack([NON_LINEARITIES[k](z) for k in kinds])[rows_kind, torch.arange(batch, device=y.device)]
-        up_rows = gather_rows(W_up, self.mixed, batch).transpose(1, 2)
-        delta = torch.baddbmm(gather_rows(b_up, self.mixed, batch).unsqueeze(1), h, up_rows)
-        return delta.reshape(y.shape)
+        delta = torch.baddbmm(self.rows(b_up, batch).unsqueeze(1), h, self.rows(W_up, batch).transpose(1, 2))
+        return y + delta.reshape(y.shape).to(y.dtype)
 
-    def _stacked(
+    def stack_sources(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        down, up = self.adapter_down[adapter_name], self.adapter_up[adapter_name]
+        return down.weight, down.bias, up.weight, up.bias
+
+    def stack_signature(self) -> tuple:
+        return tuple(self.non_linearity.items())
+
+    def build_stacks(
         self, order: tuple[str, ...]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
         """Weights of every adapter in ``order`` stacked on a leading axis (zeros where a name has none here),
@@ -181,15 +184,15 @@ class BottleneckLayer(AdapterLayer):
         W_up = ref.new_zeros(len(order), self.features, m_max)
         b_up = ref.new_zeros(len(order), self.features)
         kinds = sorted({self.non_linearity[n] for n in present})
-        kind_of = torch.zeros(len(order), dtype=torch.long)
+        kind_index = torch.zeros(len(order), dtype=torch.long)
         for i, name in enumerate(order):
             if name in self.adapter_down:
                 down, up = self.adapter_down[name], self.adapter_up[name]
                 m = down.out_features
                 W_down[i, :m], b_down[i, :m] = down.weight, down.bias
                 W_up[i, :, :m], b_up[i] = up.weight, up.bias
-                kind_of[i] = kinds.index(self.non_linearity[name])
-        return W_down, b_down, W_up, b_up, kinds, kind_of
+                kind_index[i] = kinds.index(self.non_linearity[name])
+        return W_down, b_down, W_up, b_up, kinds, kind_index
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..base_layers import KINDS, Undo, kind_of
-from .base import AdapterLayer, PeftConfig, Tuner, find_targets, gather_rows, register
+from .base import AdapterLayer, PeftConfig, Tuner, find_targets, register
+from .layer import StackedAdapterLayer
 
 # HF PEFT's defaults when target_modules / feedforward_modules are not given, for the families peftkit supports.
 DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
@@ -92,7 +93,7 @@ class IA3Config(PeftConfig):
         return any(module_name.endswith(key) for key in spec or [])
 
 
-class IA3Layer(AdapterLayer):
+class IA3Layer(StackedAdapterLayer):
     """(IA)^3 around any linear base-layer kind (``nn.Linear``, ``Conv1D``, 4-bit and 8-bit bitsandbytes layers): one
     learned vector per adapter (``ia3_l``). The vector scales activations, so the forward never touches the base
     weight and works the same over quantized weights; merging scales the weight through the base layer's kind."""
@@ -147,32 +148,34 @@ class IA3Layer(AdapterLayer):
 
         return Undo(restore, undo_weight.error)
 
-    def _scale(self, x: torch.Tensor) -> torch.Tensor:
-        """The vector to multiply with: the product over active adapters, or each row's own in a mixed batch
-        (shaped (batch, 1, ..., features) to broadcast over the sequence)."""
-        if self.mixed is not None:
-            ones = next(iter(self.ia3_l.values())).new_ones(self._features)
-            stack = torch.stack([self.ia3_l[n].flatten() if n in self.ia3_l else ones for n in self.mixed.order])
-            rows = gather_rows(stack, self.mixed, x.shape[0])
-            return rows.view(x.shape[0], *([1] * (x.dim() - 2)), self._features)
-        scale = self.ia3_l[self.active_adapters[0]].flatten()
-        for name in self.active_adapters[1:]:
+    def stack_sources(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        return (self.ia3_l[adapter_name],)
+
+    def build_stacks(self, order: tuple[str, ...]) -> tuple[torch.Tensor]:
+        """The vectors of ``order`` as rows of one (n, features) matrix; ones (no scaling) for names it lacks."""
+        ones = next(iter(self.ia3_l.values())).new_ones(self._features)
+        return (torch.stack([self.ia3_l[n].flatten() if n in self.ia3_l else ones for n in order]),)
+
+    def active_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        scale = self.ia3_l[names[0]].flatten()
+        for name in names[1:]:  # several active adapters compose: their vectors multiply
             scale = scale * self.ia3_l[name].flatten()
-        return scale
+        return self._apply(x, scale, args, kwargs)
+
+    def mixed_forward(self, x: torch.Tensor, stacks: tuple, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        rows = self.rows(stacks[0], x.shape[0])  # (batch, features): broadcast over the sequence axes
+        return self._apply(x, rows.view(x.shape[0], *([1] * (x.dim() - 2)), self._features), args, kwargs)
+
+    def _apply(self, x: torch.Tensor, scale: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """l ⊙ x into the base layer (feed-forward modules), or l ⊙ base(x)."""
+        if self.is_feedforward:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result.to(scale.dtype) * scale).to(result.dtype)
 
     @property
     def _features(self) -> int:
         return self.in_features if self.is_feedforward else self.out_features
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.bypass() or not self.adapter_names:  # (a layer whose adapters were all deleted stays wrapped)
-            return self.base_layer(x, *args, **kwargs)
-        if self.is_feedforward:
-            scale = self._scale(x)
-            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        scale = self._scale(result)
-        return (result.to(scale.dtype) * scale).to(result.dtype)
 
 
 @register

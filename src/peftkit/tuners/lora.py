@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base_layers import KINDS, Undo, kind_of
-from .base import FILE_PREFIX, AdapterLayer, MixedBatch, PeftConfig, Tuner, gather_rows, register
+from .base import FILE_PREFIX, AdapterLayer, PeftConfig, Tuner, register
+from .layer import StackedAdapterLayer
 
 
 @dataclass
@@ -74,55 +75,38 @@ def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class _StackCache:
-    """Stacked per-adapter weights for mixed batches, rebuilt only when the adapters or their values change.
-
-    The check runs in every forward of every layer, so it is kept cheap (it was a fifth of a decode step when it
-    looked every tensor up by name): the factor tensors are looked up again only when the adapter set or the batch's
-    adapter order changes; otherwise their version counters (bumped by every in-place write: optimizer steps,
-    loading, merging) and storage pointers (changed by ``.to()``) tell whether the values moved.
-    """
-
-    def __init__(self) -> None:
-        self.structure: tuple | None = None
-        self.tensors: tuple[torch.Tensor, ...] = ()
-        self.state: tuple | None = None
-        self.value: tuple[torch.Tensor, ...] = ()
-
-    def get(self, layer: LoraLayer | LoraEmbedding, order: tuple[str, ...], build) -> tuple[torch.Tensor, ...]:
-        structure = (order, tuple(layer.r.items()), tuple(layer.scaling.items()))
-        if structure != self.structure:
-            self.tensors = tuple(t for n in order if n in layer.r for t in layer.factor_tensors(n))
-            self.structure, self.state = structure, None
-        state = tuple((t._version, t.data_ptr()) for t in self.tensors)
-        if state != self.state:
-            with torch.no_grad():
-                self.value = build()
-            self.state = state
-        return self.value
-
-
-def _stack_factors(layer: LoraLayer | LoraEmbedding, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors of every adapter in ``mixed.order`` stacked for one batched matmul: A (n, r_max, in) and
+def _stack_factors(layer: LoraLayer | LoraEmbedding, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of every adapter in ``order`` stacked for one batched matmul: A (n, r_max, in) and
     B * (alpha / r) (n, out, r_max), ranks zero-padded to r_max, all zeros for an adapter this layer lacks
-    (``layer.factor_tensors`` gives the per-adapter A: r x in, B: out x r). Cached in ``layer._stacks`` until an
-    adapter is added or removed or its values change."""
+    (``layer.factor_tensors`` gives the per-adapter A: r x in, B: out x r)."""
+    names = [n for n in order if n in layer.r]
+    r_max = max([layer.r[n] for n in names], default=1)
+    first_A, first_B = layer.factor_tensors(next(iter(layer.r)))
+    A = first_A.new_zeros(len(order), r_max, first_A.shape[1])
+    B = first_A.new_zeros(len(order), first_B.shape[0], r_max)
+    for i, name in enumerate(order):
+        if name in layer.r:
+            r = layer.r[name]
+            A_name, B_name = layer.factor_tensors(name)
+            A[i, :r] = A_name
+            B[i, :, :r] = B_name * layer.scaling[name]
+    return A, B
 
-    def build():
-        names = [n for n in mixed.order if n in layer.r]
-        r_max = max([layer.r[n] for n in names], default=1)
-        first_A, first_B = layer.factor_tensors(next(iter(layer.r)))
-        A = first_A.new_zeros(len(mixed.order), r_max, first_A.shape[1])
-        B = first_A.new_zeros(len(mixed.order), first_B.shape[0], r_max)
-        for i, name in enumerate(mixed.order):
-            if name in layer.r:
-                r = layer.r[name]
-                A_name, B_name = layer.factor_tensors(name)
-                A[i, :r] = A_name
-                B[i, :, :r] = B_name * layer.scaling[name]
-        return A, B
 
-    return layer._stacks.get(layer, mixed.order, build)
+class _LoraStacks:
+    """What LoRA's two layer classes share of the mixed-batch template: the stacks are the scaled factors."""
+
+    r: dict[str, int]
+    scaling: dict[str, float]
+
+    def stack_sources(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        return self.factor_tensors(adapter_name)
+
+    def stack_signature(self) -> tuple:
+        return tuple(self.r.items()), tuple(self.scaling.items())
+
+    def build_stacks(self, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _stack_factors(self, order)
 
 
 def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
@@ -133,7 +117,7 @@ def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
     return layer.kind.apply_update(layer.base_layer, lambda w: w + delta.to(w.dtype), lambda w: w - delta.to(w.dtype))
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(_LoraStacks, StackedAdapterLayer):
     """LoRA around ``nn.Linear``, transformers' ``Conv1D`` or a bitsandbytes quantized linear layer."""
 
     adapter_attrs = ("lora_A", "lora_B")
@@ -147,7 +131,6 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self._stacks = _StackCache()
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         r, alpha = config.rank_and_alpha(module_name)
@@ -183,25 +166,21 @@ class LoraLayer(AdapterLayer):
     def _merge_one(self, adapter_name: str) -> Undo:
         return _merge_delta(self, adapter_name)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def active_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.bypass():
-            return result
-        if self.mixed is not None:
-            return result + self._mixed_delta(x).to(result.dtype)
-        for name in self.active_adapters:
+        for name in names:
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
             result = result + (F.linear(h, B) * self.scaling[name]).to(result.dtype)
         return result
 
-    def _mixed_delta(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = _stack_factors(self, self.mixed)
-        a = gather_rows(A, self.mixed, x.shape[0])  # (batch, r_max, in)
-        b = gather_rows(B, self.mixed, x.shape[0])  # (batch, out, r_max), scale folded in
+    def mixed_forward(self, x: torch.Tensor, stacks: tuple, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        a = self.rows(stacks[0], x.shape[0])  # (batch, r_max, in)
+        b = self.rows(stacks[1], x.shape[0])  # (batch, out, r_max), scale folded in
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
         delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
-        return delta.reshape(*x.shape[:-1], self.out_features)
+        return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -211,7 +190,7 @@ class LoraLayer(AdapterLayer):
         self.scaling.pop(adapter_name, None)
 
 
-class LoraEmbedding(AdapterLayer):
+class LoraEmbedding(_LoraStacks, StackedAdapterLayer):
     """LoRA on ``nn.Embedding``: h = E[x] + (alpha / r) (A^T[x]) B^T, with A: r x vocab (zeros), B: dim x r (normal).
 
     The initialisation is the other way round from linear layers (A = 0, B random), as in HF PEFT, so that the
@@ -226,7 +205,6 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self._stacks = _StackCache()
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         r, alpha = config.rank_and_alpha(module_name)
@@ -257,22 +235,21 @@ class LoraEmbedding(AdapterLayer):
     def _merge_one(self, adapter_name: str) -> Undo:
         return _merge_delta(self, adapter_name)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def active_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.bypass():
-            return result
-        if self.mixed is not None:
-            A, B = _stack_factors(self, self.mixed)
-            A_T = A.transpose(1, 2)  # (n, vocab, r_max): a lookup table per adapter
-            rows = gather_rows(torch.arange(A_T.shape[0], device=x.device), self.mixed, x.shape[0])
-            h = A_T[rows.view(-1, *([1] * (x.dim() - 1))), x]  # (batch, ..., r_max): each row's own table
-            b = B.index_select(0, rows)
-            delta = torch.bmm(h.reshape(x.shape[0], -1, h.shape[-1]), b.transpose(1, 2))
-            return result + delta.reshape(result.shape)
-        for name in self.active_adapters:
+        for name in names:
             h = self._lookup(x, self.lora_embedding_A[name].T)
             result = result + (h @ self.lora_embedding_B[name].T) * self.scaling[name]
         return result
+
+    def mixed_forward(self, x: torch.Tensor, stacks: tuple, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        A_T = stacks[0].transpose(1, 2)  # (n, vocab, r_max): a lookup table per adapter
+        rows = self.rows(torch.arange(A_T.shape[0], device=x.device), x.shape[0])
+        h = A_T[rows.view(-1, *([1] * (x.dim() - 1))), x]  # (batch, ..., r_max): each row's own table
+        b = stacks[1].index_select(0, rows)
+        delta = torch.bmm(h.reshape(x.shape[0], -1, h.shape[-1]), b.transpose(1, 2))
+        return result + delta.reshape(result.shape)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -1,0 +1,258 @@
+"""Adapter layers: the shared wrapper every layer-based method builds on.
+
+An adapter layer keeps the original module as ``base_layer`` (frozen) and holds its adapters in ``nn.ModuleDict`` /
+``nn.ParameterDict`` attributes keyed by adapter name (listed in ``adapter_attrs``), so parameter names look like
+HF PEFT's: ``...q_proj.lora_A.default.weight``. :class:`AdapterLayer` holds the state every method shares (active,
+merged, disabled, a mixed batch) and merging; :class:`StackedAdapterLayer` is the template for methods whose
+adapters can run one per row of a batch: it decides between the base layer alone, the active adapters and a mixed
+batch, and builds and caches the per-row stacks, so that a method writes only its math.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from ..base_layers import BaseLayerKind, Undo, kind_of
+
+if TYPE_CHECKING:  # (tuners.base imports this module)
+    from .base import PeftConfig
+
+
+@dataclass
+class MixedBatch:
+    """Per-row adapter choice for one forward: row i uses adapter ``order[index[i]]``; ``order[0]`` is the base."""
+
+    order: tuple[str, ...]
+    index: torch.Tensor
+
+
+class AdapterLayer(nn.Module, abc.ABC):
+    """Wraps ``base_layer`` and holds named adapters. Subclasses implement ``update_layer`` and ``forward``.
+
+    State: ``active_adapters`` (names summed in ``forward``), ``merged_adapters`` (names folded into the base
+    weights, oldest first) with ``merge_undos`` (the :class:`Undo` of each of those merges), ``disabled`` (bypass
+    all adapters), ``mixed`` (a :class:`MixedBatch` while one is running). ``kind``: what the base layer is
+    (:mod:`peftkit.base_layers`); methods ask it for shapes, dtype, device and weight updates.
+    """
+
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.merge_undos: list[Undo] = []
+        self.disabled = False
+        self.mixed: MixedBatch | None = None
+
+    @property
+    def kind(self) -> BaseLayerKind | None:
+        """The base layer's kind, looked up each time: ``dequantize_model`` may swap the base layer underneath."""
+        return kind_of(self.base_layer)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_attrs[0]).keys())
+
+    @abc.abstractmethod
+    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
+        """Create the parameters of adapter ``adapter_name`` for this layer."""
+
+    def adapter_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if adapter_name in store:
+                item = store[adapter_name]
+                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+
+    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
+        """Make ``names`` (those this layer has) active; only adapters in ``trainable`` get gradients."""
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+        trainable = set(trainable)
+        for name in self.adapter_names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge before deleting it")
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if adapter_name in store:
+                del store[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights."""
+        for name in adapter_names or self.active_adapters:
+            if name in self.adapter_names and name not in self.merged_adapters:
+                self.merge_undos.append(self._merge_one(name))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo every merge, newest first, restoring the base weights."""
+        while self.merged_adapters:
+            self.merged_adapters.pop()
+            self.merge_undos.pop()()
+
+    def _merge_one(self, adapter_name: str) -> Undo:
+        """Fold the adapter's update into the base weights (through ``self.kind.apply_update``) and return how to
+        take it out again. Layers whose adapters add computation that no weight can absorb (bottleneck adapters)
+        keep this refusal."""
+        raise TypeError(
+            f"{type(self).__name__} adapters add layers to the model and cannot be merged into its weights; "
+            "serve them unmerged (or use LoRA / (IA)^3 for zero-latency merging)"
+        )
+
+    def bypass(self) -> bool:
+        """True when forward should be the base layer alone (adapters off, or merged, or none active; in a mixed
+        batch: none left in this layer, e.g. after deleting the only adapter that targeted it)."""
+        if self.mixed is not None:
+            return not self.adapter_names
+        return self.disabled or bool(self.merged_adapters) or not self.active_adapters
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed as in files, relative to the layer ("lora_A.weight" for the parameter
+        ``lora_A.<name>.weight``). They share storage with the parameters, so loading copies into them."""
+        out = {}
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if adapter_name not in store:
+                continue
+            item = store[adapter_name]
+            if isinstance(item, nn.Parameter):
+                out[attr] = item.detach()
+            else:
+                out.update({f"{attr}.{k}": v.detach() for k, v in item.state_dict().items()})
+        return out
+
+
+def gather_rows(stack: torch.Tensor, mixed: MixedBatch, batch: int) -> torch.Tensor:
+    """Per-row weights ``stack[index]``, checking the mixed batch matches the input's batch size."""
+    if mixed.index.numel() != batch:
+        raise ValueError(f"adapter_names has {mixed.index.numel()} entries but the batch has {batch} rows")
+    return stack.index_select(0, mixed.index)
+
+
+class StackCache:
+    """Per-adapter tensors stacked for mixed batches, rebuilt only when the adapters or their values change.
+
+    The check runs in every forward of every layer, so it is kept cheap: the source tensors are looked up again only
+    when the batch's adapter order or the layer's :meth:`StackedAdapterLayer.stack_signature` changes; otherwise
+    their version counters (bumped by every in-place write: optimizer steps, loading, merging) and storage pointers
+    (changed by ``.to()``) tell whether the values moved.
+    """
+
+    def __init__(self) -> None:
+        self.structure: tuple | None = None
+        self.sources: tuple[torch.Tensor, ...] = ()
+        self.state: tuple | None = None
+        self.value: tuple = ()
+
+    def get(self, layer: StackedAdapterLayer, order: tuple[str, ...]) -> tuple:
+        structure = (order, layer.stack_signature())
+        if structure != self.structure:
+            self.sources = tuple(t for n in order if n in layer.adapter_names for t in layer.stack_sources(n))
+            self.structure, self.state = structure, None
+        state = tuple((t._version, t.data_ptr()) for t in self.sources)
+        if state != self.state:
+            with torch.no_grad():  # mixed batches are for inference
+                self.value = layer.build_stacks(order)
+            self.state = state
+        return self.value
+
+
+class StackedAdapterLayer(AdapterLayer):
+    """The template for methods whose adapters can serve one row each of a mixed batch (LoRA, (IA)^3, bottleneck).
+
+    ``forward`` runs the base layer alone when the adapters are disabled, merged, none is active or none is left
+    here; the active adapters through :meth:`active_forward`; or, in a mixed batch, each row through its own
+    adapter with :meth:`mixed_forward`, given the per-adapter stacks that :meth:`build_stacks` makes from the
+    tensors :meth:`stack_sources` names, cached until those change. Row ``i`` of a stack belongs to adapter
+    ``mixed.order[i]``; rows for names this layer lacks (and for the base, ``order[0]``) must leave the output as
+    the base layer's. A method supplies the four methods below and nothing else of the dispatch.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self._stacks = StackCache()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.bypass() or not self.adapter_names:  # (a layer whose adapters were all deleted stays wrapped)
+            return self.base_layer(x, *args, **kwargs)
+        if self.mixed is not None:
+            return self.mixed_forward(x, self._stacks.get(self, self.mixed.order), args, kwargs)
+        return self.active_forward(x, self.active_adapters, args, kwargs)
+
+    @abc.abstractmethod
+    def active_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The output with the adapters ``names`` applied together (the method's own composition rule)."""
+
+    @abc.abstractmethod
+    def mixed_forward(self, x: torch.Tensor, stacks: tuple, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The output with row b through adapter ``mixed.order[mixed.index[b]]`` (use :meth:`rows` on a stack)."""
+
+    @abc.abstractmethod
+    def stack_sources(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """The tensors the stacks are built from for this adapter (their changes invalidate the cache)."""
+
+    @abc.abstractmethod
+    def build_stacks(self, order: tuple[str, ...]) -> tuple:
+        """Every adapter in ``order`` stacked on a leading axis, with identity rows for names this layer lacks."""
+
+    def stack_signature(self) -> tuple:
+        """Whatever besides the adapter names decides the stacks' shape (LoRA: ranks and scales)."""
+        return tuple(self.adapter_names)
+
+    def rows(self, stack: torch.Tensor, batch: int) -> torch.Tensor:
+        """Each row's entry of ``stack``: ``stack[mixed.index]``."""
+        return gather_rows(stack, self.mixed, batch)
+
+
+class ModulesToSaveWrapper(AdapterLayer):
+    """A module trained in full per adapter (e.g. a classification head): one copy per adapter name.
+
+    Saved in adapter files under the module's own key (``base_model.model.score.weight``), as HF PEFT does.
+    """
+
+    adapter_attrs = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.base_layer)
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[adapter_name].state_dict())
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        # nothing to fold: the copy simply stays in use (merge_and_unload swaps it in)
+        return None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mixed is not None:
+            out = None
+            for i, name in enumerate(self.mixed.order):
+                rows = (self.mixed.index == i).nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                module = self.modules_to_save[name] if name in self.modules_to_save else self.base_layer
+                part = module(x.index_select(0, rows), *args, **kwargs)
+                if out is None:
+                    out = part.new_empty((x.shape[0],) + part.shape[1:])
+                out.index_copy_(0, rows, part)
+            return out
+        if self.disabled or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        return self.modules_to_save[self.active_adapters[0]](x, *args, **kwargs)
+
+
