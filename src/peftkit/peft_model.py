@@ -37,14 +37,16 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        self._hold(model)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def _hold(self, model: nn.Module) -> None:
+        """Hold ``model`` with no adapter yet; the first :meth:`add_adapter` freezes its parameters."""
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._mixed_layers: tuple[tuple[str, ...], list[AdapterLayer]] = ((), [])
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -70,6 +72,9 @@ class PeftModel(nn.Module):
         if config.task_type == "SEQ_CLS" and config.modules_to_save is None:
             heads = [h for h in _CLASSIFIER_HEADS if any(n.split(".")[-1] == h for n, _ in self.base_model.named_modules())]
             config.modules_to_save = heads or None
+        if not self.peft_config:  # the first adapter: from now on only adapters train
+            for p in self.base_model.parameters():
+                p.requires_grad_(False)
         self._mixed_layers = ((), [])  # the module tree changes: find the adapter layers again
         tuner_for(config).inject(self.base_model, config, adapter_name)
         if config.modules_to_save:
@@ -336,47 +341,94 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add an adapter from a folder written by peftkit or HF PEFT, checking every key and shape."""
-        config = checkpoint.read_config(model_id)
-        config.inference_mode = not is_trainable
-        tuner_for(config).check_loadable(config)
-        tensors = checkpoint.load_tensors(os.path.join(model_id, checkpoint.WEIGHTS_NAME))
-        self.add_adapter(adapter_name, config)
-        try:
-            self._copy_in(adapter_name, tensors, os.path.join(model_id, checkpoint.WEIGHTS_NAME))
-        except Exception:
-            self._remove_failed(adapter_name)
-            raise
-        self._apply_active(self._active)
-
-    def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-        config = self.peft_config[adapter_name]
-        optional = tuner_for(config).optional_tensors(self.base_model, adapter_name, config)
-        checkpoint.copy_checked(self.adapter_tensors(adapter_name), tensors, source, optional)
-
-    def _remove_failed(self, adapter_name: str) -> None:
-        for _, layer in self.adapter_layers():
-            layer.delete_adapter(adapter_name)
-        tuner_for(self.peft_config[adapter_name]).delete_adapter(self.base_model, adapter_name)
-        del self.peft_config[adapter_name]
+        config, tensors, source = _read_adapter_folder(model_id, is_trainable)
+        self.add_adapter_from_tensors(adapter_name, config, tensors, source)
 
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
     ) -> "PeftModel":
         """Wrap ``model`` with the adapter saved in ``model_id`` (by peftkit or HF PEFT)."""
-        config = checkpoint.read_config(model_id)
-        config.inference_mode = not is_trainable
-        tuner_for(config).check_loadable(config)
-        tensors = checkpoint.load_tensors(os.path.join(model_id, checkpoint.WEIGHTS_NAME))
-        peft_model = cls(model, config, adapter_name)
-        try:
-            peft_model._copy_in(adapter_name, tensors, os.path.join(model_id, checkpoint.WEIGHTS_NAME))
-        except Exception:
-            peft_model.unload()  # hand the caller's model back unchanged
-            raise
+        config, tensors, source = _read_adapter_folder(model_id, is_trainable)
+        peft_model = cls.from_tensors(model, adapter_name, config, tensors, source)
         if not is_trainable:
             peft_model.eval()
         return peft_model
+
+    @classmethod
+    def from_tensors(
+        cls, model: nn.Module, adapter_name: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
+        source: str | os.PathLike = "tensors",
+    ) -> "PeftModel":
+        """Wrap ``model`` with one adapter holding ``tensors``; on any error ``model`` is handed back exactly as it
+        was (see :meth:`add_adapter_from_tensors`)."""
+        # built without __init__, which adds its adapter unchecked: the first adapter must be undoable as well
+        peft_model = cls.__new__(cls)
+        nn.Module.__init__(peft_model)
+        peft_model._hold(model)
+        peft_model.add_adapter_from_tensors(adapter_name, config, tensors, source)
+        return peft_model
+
+    def add_adapter_from_tensors(
+        self, adapter_name: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
+        source: str | os.PathLike = "tensors",
+    ) -> None:
+        """Add adapter ``adapter_name`` holding ``tensors`` (HF PEFT file keys), all or nothing.
+
+        Every load goes through here (:meth:`from_pretrained`, :meth:`load_adapter`, the server), so files are
+        checked the same way everywhere: the config first, then, once the adapter is injected, every key and shape
+        before anything is copied. On any error the half-added adapter is taken out again and the model (adapters,
+        parameters, outputs) is exactly as before, so a refused load never leaves a broken model behind. ``source``
+        names the tensors in errors (the file they came from).
+        """
+        tuner = tuner_for(config)
+        tuner.check_loadable(config)
+        with self._undone_on_error(adapter_name, config):
+            self.add_adapter(adapter_name, config)
+            optional = tuner.optional_tensors(self.base_model, adapter_name, config)
+            checkpoint.copy_checked(self.adapter_tensors(adapter_name), tensors, source, optional)
+
+    @contextmanager
+    def _undone_on_error(self, adapter_name: str, config: PeftConfig) -> Iterator[None]:
+        """Run a block that adds ``adapter_name``; if it raises, restore the model to what it was before the block:
+        the adapter's traces removed, the active set and every parameter's ``requires_grad`` as they were."""
+        existed = adapter_name in self.peft_config  # add_adapter refuses it then, before changing anything
+        layers = [layer for _, layer in self.adapter_layers()]
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        active = list(self._active)
+        try:
+            yield
+        except BaseException:
+            if not existed:
+                self._take_out(adapter_name, config, keep=layers)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self._active = active
+            raise
+
+    def _take_out(self, adapter_name: str, config: PeftConfig, keep: list[AdapterLayer]) -> None:
+        """Remove a half-added adapter wherever it got: its entries in adapter layers, the layers made for it (each
+        replaced by the module it wrapped, so module and parameter names are as before) and the tuner's own state."""
+        kept = {id(layer) for layer in keep}
+        # innermost first: unwrapping an outer layer first would leave an inner one's path dangling
+        for name, layer in reversed(list(self.adapter_layers())):
+            layer.delete_adapter(adapter_name)
+            if id(layer) not in kept:
+                parent, child = get_submodule_parent(self.base_model, name)
+                setattr(parent, child, layer.base_layer)
+        tuner_for(config).delete_adapter(self.base_model, adapter_name)
+        self.peft_config.pop(adapter_name, None)
+        self._mixed_layers = ((), [])
+
+
+def _read_adapter_folder(
+    model_id: str | os.PathLike, is_trainable: bool
+) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:
+    """An adapter folder's config (set up for inference unless ``is_trainable``), tensors and weights file path."""
+    config = checkpoint.read_config(model_id)
+    config.inference_mode = not is_trainable
+    source = os.path.join(model_id, checkpoint.WEIGHTS_NAME)
+    return config, checkpoint.load_tensors(source), source
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:

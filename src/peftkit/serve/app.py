@@ -4,6 +4,7 @@ bearer-protected adapter management.
 Handlers run on the event loop and only validate, tokenize and wait; the model lives on the scheduler thread
 (:mod:`peftkit.serve.scheduler`), which reports each request's text through a thread-safe callback. Errors use
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` so its clients raise their usual exceptions.
+The routes are small functions on a module-level router; each finds the shared :class:`Server` in the app's state.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ import copy
 import hmac
 import json
 import logging
-import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,6 +27,7 @@ from torch import nn
 from ..tuners.base import BASE
 from .protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     LoadAdapterRequest,
     describe_validation_errors,
@@ -41,6 +41,7 @@ from .registry import (
     read_adapter,
     resolve_adapter_path,
 )
+from .responses import ChatReply, CompletionReply, Reply
 from .sampling import SamplingParams
 from .scheduler import Event, QueueFull, Scheduler, Sequence
 
@@ -76,7 +77,7 @@ class Server:
         self.api_key = api_key
 
     # ---------------------------------------------------------------------------------------------------------
-    # Validation shared by both generation endpoints
+    # Validation (every check raises an APIError that says what to change)
 
     def adapter_for(self, model: str) -> str:
         adapter = self.registry.lookup(model)
@@ -111,6 +112,28 @@ class Server:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               seed=body.seed, stop=tuple(body.stop or ()))
 
+    def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The conversation through the tokenizer's chat template, ending where the assistant's reply begins."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, f"model {self.registry.base_name!r} has no chat template; use /v1/completions",
+                           param="messages")
+        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # the template itself rejects some conversations (e.g. role order)
+            raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def adapter_path(self, requested: str) -> Path:
+        """Where POST /v1/adapters may load ``requested`` from: inside --adapters-dir only."""
+        if self.adapters_dir is None:
+            raise APIError(403, "loading adapters at run time needs --adapters-dir DIR (adapters load only from "
+                           "inside it)", type_="permission_error")
+        try:
+            return resolve_adapter_path(self.adapters_dir, requested)
+        except AdapterPathError as err:
+            raise APIError(400, str(err), param="path") from None
+
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
             raise APIError(403, "adapter management is disabled: start the server with --api-key-file FILE "
@@ -124,7 +147,7 @@ class Server:
     # Running one request
 
     def submit(self, adapter: str, prompt_ids: list[int], params: SamplingParams,
-               on_event) -> Sequence:
+               on_event: Callable[[Event], None]) -> Sequence:
         seq = Sequence(adapter, prompt_ids, params, self.stream_tokenizer, on_event)
         try:
             self.scheduler.submit(seq)
@@ -157,28 +180,38 @@ class Server:
             raise APIError(500, event.error or "generation failed", type_="server_error")
         return seq
 
-    def stream(self, adapter: str, prompt_ids: list[int], params: SamplingParams,
-               chunk, final_chunks) -> StreamingResponse:
-        """Server-sent events: ``chunk(text)`` per piece of text, ``final_chunks(seq)`` at the end, then [DONE]."""
+    async def respond(self, request: Request, body: CompletionRequest | ChatCompletionRequest, adapter: str,
+                      prompt_ids: list[int], max_tokens: int | None, reply: Reply) -> Response | dict:
+        """What both generation endpoints do once the prompt is checked: stream ``reply`` or send it whole."""
+        params = self.params(body, len(prompt_ids), max_tokens)
+        if body.stream:
+            return self.stream(adapter, prompt_ids, params, reply, body.include_usage)
+        seq = await self.complete(request, adapter, prompt_ids, params)
+        if seq is None:
+            return Response(status_code=499)
+        return reply.whole(seq)
+
+    def stream(self, adapter: str, prompt_ids: list[int], params: SamplingParams, reply: Reply,
+               include_usage: bool) -> StreamingResponse:
+        """Server-sent events: the reply's opening chunks, one per piece of text, its closing chunks, then [DONE]."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         seq = self.submit(adapter, prompt_ids, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
 
         async def events() -> AsyncIterator[str]:
             try:
-                for first in chunk(None):
-                    yield _sse(first)
+                for chunk in reply.opening():
+                    yield _sse(chunk)
                 while True:
                     event = await queue.get()
                     if event.kind == "error":
                         yield _sse(error_body(event.error or "generation failed", "server_error"))
                         return
                     if event.text:
-                        for piece in chunk(event.text):
-                            yield _sse(piece)
+                        yield _sse(reply.chunk(event.text))
                     if event.kind == "finish":
-                        for last in final_chunks(seq):
-                            yield _sse(last)
+                        for chunk in reply.closing(seq, include_usage):
+                            yield _sse(chunk)
                         yield "data: [DONE]\n\n"
                         return
             finally:  # also runs when the client disconnects (the response task is cancelled)
@@ -191,9 +224,138 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _usage(seq: Sequence) -> dict[str, int]:
-    prompt, completion = len(seq.prompt_ids), len(seq.output_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _card(model_id: str, created: int, parent: str | None) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "peftkit", "parent": parent,
+            "root": parent or model_id}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routes
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(_server)]
+
+
+def _authorize(request: Request) -> None:
+    _server(request).authorize(request)
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(server: ServerDep) -> dict:
+    registry = server.registry
+    return {"status": "ok", "model": registry.base_name, "adapters": [a.name for a in registry.models()],
+            **server.scheduler.load}
+
+
+@router.get("/v1/models")
+async def models(server: ServerDep) -> dict:
+    registry = server.registry
+    cards = [_card(registry.base_name, registry.created, None)]
+    cards += [_card(a.name, a.created, registry.base_name) for a in registry.models()]
+    return {"object": "list", "data": cards}
+
+
+@router.get("/v1/models/{model_id}")
+async def model_card(model_id: str, server: ServerDep) -> dict:
+    adapter, registry = server.adapter_for(model_id), server.registry
+    if adapter == BASE:
+        return _card(registry.base_name, registry.created, None)
+    info = next(a for a in registry.models() if a.name == adapter)
+    return _card(info.name, info.created, registry.base_name)
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request, server: ServerDep) -> Response | dict:
+    adapter = server.adapter_for(body.model)
+    if isinstance(body.prompt, str):
+        prompt_ids = server.tokenizer(body.prompt).input_ids
+    else:
+        prompt_ids = list(body.prompt)
+    server.check_prompt_ids(prompt_ids, "prompt")
+    return await server.respond(request, body, adapter, prompt_ids, body.max_tokens, CompletionReply(body.model))
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request, server: ServerDep) -> Response | dict:
+    adapter = server.adapter_for(body.model)
+    prompt_ids = server.chat_prompt_ids(body.messages)
+    server.check_prompt_ids(prompt_ids, "messages")
+    return await server.respond(request, body, adapter, prompt_ids, body.limit, ChatReply(body.model))
+
+
+# authorization is a dependency so that it is checked before the body is validated
+@router.post("/v1/adapters", dependencies=[Depends(_authorize)])
+async def load_adapter(body: LoadAdapterRequest, server: ServerDep) -> dict:
+    path, registry = server.adapter_path(body.path), server.registry
+    try:
+        registry.reserve(body.name, loading=True)
+    except AdapterConflict as err:
+        raise APIError(409, str(err), param="name", code="adapter_exists") from None
+    try:
+        # disk reads off the event loop and off the scheduler: serving goes on meanwhile
+        config, tensors = await asyncio.to_thread(read_adapter, path)
+        attach = server.scheduler.call(lambda: registry.attach(body.name, config, tensors, str(path)))
+        info = await asyncio.wrap_future(attach)
+    except (OSError, ValueError, TypeError) as err:
+        shown = str(err).replace(str(server.adapters_dir), "<adapters-dir>")
+        raise APIError(400, f"cannot load adapter {body.name!r} from {body.path!r}: {shown}", param="path") from None
+    finally:
+        registry.release(body.name)
+    return _card(info.name, info.created, registry.base_name)
+
+
+@router.delete("/v1/adapters/{name}", dependencies=[Depends(_authorize)])
+async def delete_adapter(name: str, server: ServerDep) -> dict:
+    registry, scheduler = server.registry, server.scheduler
+    try:
+        registry.reserve(name, loading=False)
+    except UnknownAdapter as err:
+        raise APIError(404, str(err), param="name", code="model_not_found") from None
+    except AdapterConflict as err:
+        raise APIError(409, str(err), param="name") from None
+    try:
+        # requests already using it finish first; new ones get 404 from now on
+        await asyncio.wrap_future(scheduler.call(lambda: registry.detach(name), ready=lambda: not scheduler.in_use(name)))
+    finally:
+        registry.release(name)
+    return {"id": name, "object": "model", "deleted": True}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors, in OpenAI's shape
+
+
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
+    return err.response()
+
+
+async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+    message, param = describe_validation_errors(list(err.errors()))
+    return JSONResponse(error_body(message, param=param), 400)
+
+
+async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+    return JSONResponse(error_body(message), err.status_code, headers=getattr(err, "headers", None))
+
+
+async def _crash(request: Request, err: Exception) -> JSONResponse:
+    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    return JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error"), 500)
+
+
+_ERROR_HANDLERS = {APIError: _api_error, RequestValidationError: _invalid, StarletteHTTPException: _http, Exception: _crash}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app
 
 
 def create_app(
@@ -214,183 +376,29 @@ def create_app(
     """
     registry = AdapterRegistry(model, tokenizer, base_name)
     for name, path in (adapters or {}).items():
-        registry.reserve(name, loading=True)
-        try:
-            config, tensors = read_adapter(path)
-            registry.attach(name, config, tensors, path)
-        finally:
-            registry.release(name)
+        _attach_at_start(registry, name, path)
     scheduler = Scheduler(registry, max_batch_size=max_batch_size, max_queue=max_queue)
-    server = Server(registry, tokenizer, scheduler, adapters_dir, api_key)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        scheduler.start()
-        try:
-            yield
-        finally:
-            scheduler.shutdown()
-
-    app = FastAPI(title="peftkit serve", version="1", lifespan=lifespan)
-    app.state.server = server
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, err: APIError) -> JSONResponse:
-        return err.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_errors(list(err.errors()))
-        return JSONResponse(error_body(message, param=param), 400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
-        return JSONResponse(error_body(message), err.status_code, headers=getattr(err, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server_error"), 500)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": base_name, "adapters": [a.name for a in registry.models()], **scheduler.load}
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        cards = [_card(base_name, registry.created, None)]
-        cards += [_card(a.name, a.created, base_name) for a in registry.models()]
-        return {"object": "list", "data": cards}
-
-    @app.get("/v1/models/{model_id}")
-    async def model_card(model_id: str) -> dict:
-        adapter = server.adapter_for(model_id)
-        if adapter == BASE:
-            return _card(base_name, registry.created, None)
-        info = next(a for a in registry.models() if a.name == adapter)
-        return _card(info.name, info.created, base_name)
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Response | dict:
-        adapter = server.adapter_for(body.model)
-        if isinstance(body.prompt, str):
-            prompt_ids = server.tokenizer(body.prompt).input_ids
-        else:
-            prompt_ids = list(body.prompt)
-        server.check_prompt_ids(prompt_ids, "prompt")
-        params = server.params(body, len(prompt_ids), body.max_tokens)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def choice(text: str, finish_reason: str | None) -> dict:
-            return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-
-        def base(choices: list[dict]) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices}
-
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            def chunk(text: str | None) -> list[dict]:
-                return [] if text is None else [base([choice(text, None)])]
-
-            def final(seq: Sequence) -> list[dict]:
-                out = [base([choice("", seq.finish_reason)])]
-                if include_usage:
-                    out.append({**base([]), "usage": _usage(seq)})
-                return out
-
-            return server.stream(adapter, prompt_ids, params, chunk, final)
-        seq = await server.complete(request, adapter, prompt_ids, params)
-        if seq is None:
-            return Response(status_code=499)
-        return {**base([choice(seq.text, seq.finish_reason)]), "usage": _usage(seq)}
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict:
-        adapter = server.adapter_for(body.model)
-        if not getattr(server.tokenizer, "chat_template", None):
-            raise APIError(400, f"model {base_name!r} has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # the template itself rejects some conversations (e.g. role order)
-            raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
-        prompt_ids = server.tokenizer(text, add_special_tokens=False).input_ids
-        server.check_prompt_ids(prompt_ids, "messages")
-        params = server.params(body, len(prompt_ids), body.limit)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def base(choices: list[dict], object_: str) -> dict:
-            return {"id": rid, "object": object_, "created": created, "model": body.model, "choices": choices}
-
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            def delta(content: dict, finish_reason: str | None = None) -> dict:
-                return base([{"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}],
-                            "chat.completion.chunk")
-
-            def chunk(text: str | None) -> list[dict]:
-                return [delta({"role": "assistant", "content": ""})] if text is None else [delta({"content": text})]
-
-            def final(seq: Sequence) -> list[dict]:
-                out = [delta({}, seq.finish_reason)]
-                if include_usage:
-                    out.append({**base([], "chat.completion.chunk"), "usage": _usage(seq)})
-                return out
-
-            return server.stream(adapter, prompt_ids, params, chunk, final)
-        seq = await server.complete(request, adapter, prompt_ids, params)
-        if seq is None:
-            return Response(status_code=499)
-        message = {"role": "assistant", "content": seq.text}
-        choice = {"index": 0, "message": message, "finish_reason": seq.finish_reason, "logprobs": None}
-        return {**base([choice], "chat.completion"), "usage": _usage(seq)}
-
-    # authorization is a dependency so that it is checked before the body is validated
-    @app.post("/v1/adapters", dependencies=[Depends(server.authorize)])
-    async def load_adapter(body: LoadAdapterRequest) -> dict:
-        if server.adapters_dir is None:
-            raise APIError(403, "loading adapters at run time needs --adapters-dir DIR (adapters load only from "
-                           "inside it)", type_="permission_error")
-        try:
-            path = resolve_adapter_path(server.adapters_dir, body.path)
-        except AdapterPathError as err:
-            raise APIError(400, str(err), param="path") from None
-        try:
-            registry.reserve(body.name, loading=True)
-        except AdapterConflict as err:
-            raise APIError(409, str(err), param="name", code="adapter_exists") from None
-        try:
-            # disk reads off the event loop and off the scheduler: serving goes on meanwhile
-            config, tensors = await asyncio.to_thread(read_adapter, path)
-            info = await asyncio.wrap_future(scheduler.call(lambda: registry.attach(body.name, config, tensors, str(path))))
-        except (OSError, ValueError, TypeError) as err:
-            shown = str(err).replace(str(server.adapters_dir), "<adapters-dir>")
-            raise APIError(400, f"cannot load adapter {body.name!r} from {body.path!r}: {shown}", param="path") from None
-        finally:
-            registry.release(body.name)
-        return _card(info.name, info.created, base_name)
-
-    @app.delete("/v1/adapters/{name}", dependencies=[Depends(server.authorize)])
-    async def delete_adapter(name: str) -> dict:
-        try:
-            registry.reserve(name, loading=False)
-        except UnknownAdapter as err:
-            raise APIError(404, str(err), param="name", code="model_not_found") from None
-        except AdapterConflict as err:
-            raise APIError(409, str(err), param="name") from None
-        try:
-            # requests already using it finish first; new ones get 404 from now on
-            await asyncio.wrap_future(scheduler.call(lambda: registry.detach(name), ready=lambda: not scheduler.in_use(name)))
-        finally:
-            registry.release(name)
-        return {"id": name, "object": "model", "deleted": True}
-
+    app = FastAPI(title="peftkit serve", version="1", lifespan=_lifespan, exception_handlers=_ERROR_HANDLERS)
+    app.state.server = Server(registry, tokenizer, scheduler, adapters_dir, api_key)
+    app.include_router(router)
     return app
 
 
-def _card(model_id: str, created: int, parent: str | None) -> dict:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "peftkit", "parent": parent,
-            "root": parent or model_id}
+def _attach_at_start(registry: AdapterRegistry, name: str, path: str) -> None:
+    registry.reserve(name, loading=True)
+    try:
+        config, tensors = read_adapter(path)
+        registry.attach(name, config, tensors, path)
+    finally:
+        registry.release(name)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The scheduler thread runs while the app does."""
+    scheduler = app.state.server.scheduler
+    scheduler.start()
+    try:
+        yield
+    finally:
+        scheduler.shutdown()

@@ -51,6 +51,11 @@ class _GenerationRequest(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
     def _null_is_default(cls, value: Any, info) -> Any:

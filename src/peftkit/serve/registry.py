@@ -131,23 +131,13 @@ class AdapterRegistry:
     # The model (scheduler thread)
 
     def attach(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str) -> AdapterInfo:
-        """Add adapter ``name`` to the model with ``tensors`` (checked key by key and shape by shape)."""
+        """Add adapter ``name`` to the model with ``tensors`` (checked key by key and shape by shape); a refused
+        one leaves the model exactly as it was."""
         source = str(Path(path) / checkpoint.WEIGHTS_NAME)
-        if self.peft is None:
-            peft = PeftModel(self.model, config, name)
-            try:
-                checkpoint.copy_checked(peft.adapter_tensors(name), tensors, source)
-            except Exception:
-                peft.unload()
-                raise
-            self.peft = peft
+        if self.peft is None:  # the first adapter wraps the plain model
+            self.peft = PeftModel.from_tensors(self.model, name, config, tensors, source)
         else:
-            self.peft.add_adapter(name, config)
-            try:
-                checkpoint.copy_checked(self.peft.adapter_tensors(name), tensors, source)
-            except Exception:
-                self.peft.delete_adapter(name)
-                raise
+            self.peft.add_adapter_from_tensors(name, config, tensors, source)
         self.peft.eval()  # new adapter modules start in training mode (dropout on)
         info = AdapterInfo(name=name, path=str(path), created=int(time.time()))
         with self._lock:
