@@ -437,12 +437,13 @@ def describe_model(name: str, task: str | None = None) -> str:
     """A model's class, size, and the module names (with types and counts) adapters can target."""
     from transformers import AutoConfig
 
+    from .families import is_encoder
     from .models import load_model, resolve_model_path
     from .tuners.base import describe_targets
 
     config = AutoConfig.from_pretrained(resolve_model_path(name))
     if task is None:
-        task = "seq-cls" if config.model_type in ("bert", "roberta", "distilbert", "deberta-v2") else "causal-lm"
+        task = "seq-cls" if is_encoder(config.model_type) else "causal-lm"
     model, _ = load_model(name, task=task)
     total = sum(p.numel() for p in model.parameters())
     return "\n".join([

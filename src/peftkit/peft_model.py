@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, quant
+from .families import classifier_modules
 from .tuners.base import (
     BASE,
     AdapterLayer,
@@ -26,9 +27,6 @@ from .tuners.base import (
     get_submodule_parent,
     tuner_for,
 )
-
-_CLASSIFIER_HEADS = ("classifier", "score")  # what HF PEFT adds to modules_to_save for SEQ_CLS
-
 
 class PeftModel(nn.Module):
     """A base model plus adapters. Create with :func:`get_peft_model` or :meth:`PeftModel.from_pretrained`."""
@@ -66,7 +64,8 @@ class PeftModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
         if config.task_type == "SEQ_CLS" and config.modules_to_save is None:
-            heads = [h for h in _CLASSIFIER_HEADS if any(n.split(".")[-1] == h for n, _ in self.base_model.named_modules())]
+            # the classification head trains in full, as HF PEFT does for SEQ_CLS
+            heads = [h for h in classifier_modules() if any(n.split(".")[-1] == h for n, _ in self.base_model.named_modules())]
             config.modules_to_save = heads or None
         self._mixed_layers = ((), [])  # the module tree changes: find the adapter layers again
         tuner_for(config).inject(self.base_model, config, adapter_name)

@@ -59,20 +59,6 @@ OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "prefix": {"num_virtual_tokens": 20},
 }
 
-# LoRA targets when none are given: the attention query and value projections (the LoRA paper's choice; HF PEFT's).
-LORA_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-}
-
 METHOD_OPTIONS = ("r", "alpha", "dropout", "num_virtual_tokens", "reduction_factor")
 
 

@@ -7,10 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from .config import LORA_TARGETS, METHOD_OPTIONS, METHODS, TrainConfig, method_config_class
+from .config import METHOD_OPTIONS, METHODS, TrainConfig, method_config_class
 
-def build_peft_config(config: TrainConfig, model: nn.Module) -> Any:
-    """The method's config from the run settings: its options, its fixed fields, default LoRA targets, task type."""
+
+def build_peft_config(config: TrainConfig) -> Any:
+    """The method's config from the run settings: its options, its fixed fields, task type. Targets left unset get
+    the model family's defaults when the adapter is added (:mod:`peftkit.families`)."""
     cls = method_config_class(config.method)
     spec = METHODS[config.method]
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -27,16 +29,6 @@ def build_peft_config(config: TrainConfig, model: nn.Module) -> Any:
         kwargs[spec.options[option]] = value
     if config.target_modules is not None:
         kwargs["target_modules"] = config.target_modules
-    elif config.method == "lora":
-        model_type = getattr(model.config, "model_type", None)
-        if model_type not in LORA_TARGETS:
-            from ..tuners.base import describe_targets
-
-            raise ValueError(
-                f"no default LoRA targets for model type {model_type!r}: pass --target-modules (e.g. q_proj,v_proj "
-                f"or all-linear). Modules that can be targeted:\n{describe_targets(model)}"
-            )
-        kwargs["target_modules"] = list(LORA_TARGETS[model_type])
     kwargs.update(config.method_options)
     unknown = sorted(set(kwargs) - fields)
     if unknown:

@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import nn
 
+from ..families import head_names, layer_containers
+
 BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
 FILE_PREFIX = "base_model.model."  # HF PEFT's key prefix for module parameters in adapter files
 
@@ -38,8 +40,9 @@ class PeftConfig:
 
     ``target_modules``: a list of module names (a name matches exactly or as a dotted suffix), a regex string
     (full match against the module path), or ``"all-linear"``. ``exclude_modules`` takes the same forms.
-    ``layers_to_transform``: only modules in these layer indices (found by ``layers_pattern``, default any of
-    ``layers``, ``h``, ``layer``, ``blocks``). ``modules_to_save``: modules trained fully and saved with the adapter.
+    ``layers_to_transform``: only modules in these layer indices (found by ``layers_pattern``, default any of the
+    layer containers in :mod:`peftkit.families`: ``layers``, ``h``, ``layer``, ``blocks``). ``modules_to_save``:
+    modules trained fully and saved with the adapter.
     """
 
     peft_type: ClassVar[str] = ""
@@ -89,9 +92,6 @@ class PeftConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Target matching
 
-DEFAULT_LAYER_PATTERNS = ("layers", "h", "layer", "blocks")
-
-
 def _matches(name: str, spec: list[str] | str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
@@ -99,7 +99,7 @@ def _matches(name: str, spec: list[str] | str) -> bool:
 
 
 def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
-    patterns = [patterns] if isinstance(patterns, str) else (patterns or DEFAULT_LAYER_PATTERNS)
+    patterns = [patterns] if isinstance(patterns, str) else (patterns or layer_containers())
     for pattern in patterns:
         found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
         if found:
@@ -109,13 +109,13 @@ def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
 
 def output_head_names(model: nn.Module) -> set[str]:
     """Module paths of the output head(s): never targeted by ``all-linear``."""
-    heads = set()
+    heads, names = set(), head_names()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
         if head is not None and module is head:
             heads.add(name)
-        elif name.split(".")[-1] in ("lm_head", "score", "classifier", "qa_outputs"):
+        elif name.split(".")[-1] in names:
             heads.add(name)
     return heads
 

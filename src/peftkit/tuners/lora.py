@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import quant
+from ..families import require
 from .base import (
     FILE_PREFIX,
     AdapterLayer,
     MixedBatch,
     PeftConfig,
     Tuner,
+    find_targets,
     gather_rows,
     is_linear,
     register,
@@ -37,6 +39,8 @@ from .base import (
 class LoraConfig(PeftConfig):
     """LoRA settings, with HF PEFT's field names and defaults.
 
+    ``target_modules``: ``None`` picks HF PEFT's default for the architecture (the attention query and value
+    projections, e.g. Llama: ``q_proj``, ``v_proj``; see :mod:`peftkit.families`).
     ``r``: rank; ``lora_alpha``: scale numerator (scale = alpha / r, or alpha / sqrt(r) with ``use_rslora``);
     ``bias``: also train ``"all"`` biases or the biases of LoRA-wrapped layers (``"lora_only"``);
     ``init_lora_weights``: True (A Kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or False
@@ -294,6 +298,15 @@ class LoraTuner(Tuner):
     peft_type = "LORA"
     config_cls = LoraConfig
     layer_cls = (LoraLayer, LoraEmbedding)  # type: ignore[assignment]
+
+    def target_names(self, model: nn.Module, config: LoraConfig) -> list[str]:
+        if config.target_modules is None:  # the family's default, written into the config as HF PEFT does
+            family = require(
+                model, "default LoRA targets", "pass target_modules (--target-modules): module names, a regex or "
+                "all-linear (`peftkit inspect MODEL` lists the names)", "lora_targets",
+            )
+            config.target_modules = list(family.lora_targets)
+        return find_targets(model, config)
 
     def make_layer(self, module: nn.Module, config: LoraConfig, module_name: str) -> AdapterLayer:
         if isinstance(module, nn.Embedding):
