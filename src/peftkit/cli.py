@@ -78,6 +78,8 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from .tuners.base import method_names
+
     p = subparsers.add_parser(
         "train", help="fine-tune an adapter (the main job)", description="Fine-tune a PEFT adapter on your data.",
         epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -87,7 +89,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="embedded name (smollm2-135m, minilm-l6), local HF folder or cached hub id (default: smollm2-135m)")
-    g.add_argument("--method", choices=["lora", "ia3", "houlsby", "pfeiffer", "prompt", "prefix", "bitfit"], help="PEFT method (default: lora)")
+    g.add_argument("--method", choices=method_names(), help="PEFT method (default: lora)")
     g.add_argument("--r", type=int, help="LoRA rank (default 8)")
     g.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / r (default 16)")
     g.add_argument("--dropout", type=float, help="LoRA / bottleneck dropout (LoRA default 0.05)")

@@ -16,7 +16,7 @@ import abc
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -340,11 +340,24 @@ class ModulesToSaveWrapper(AdapterLayer):
 # Tuners and the registry
 
 
+class CliOption(NamedTuple):
+    """A run option (``peftkit train --r 8``, ``TrainConfig.r``) as a method takes it: the config field it sets and
+    the value a run uses when neither flag nor config file gives one (None: the config class's own default)."""
+
+    field: str
+    default: Any = None
+
+
 class Tuner:
     """How one method attaches adapters to a model and maps them to adapter-file keys.
 
     The default handles methods whose adapters live in :class:`AdapterLayer` wrappers around targeted modules;
     methods with other state (prompt embeddings, selected base parameters) override the hooks.
+
+    A method offered by ``peftkit train`` says so here too, so the command line has no table of its own:
+    ``cli_names`` maps each ``--method`` name to the config fields that name fixes (Houlsby vs Pfeiffer),
+    ``cli_options`` the run options it takes, ``default_lr`` its peak learning rate for (language modelling,
+    classification) runs.
     """
 
     peft_type: ClassVar[str] = ""
@@ -355,6 +368,9 @@ class Tuner:
     # Key prefix of the model's own modules (modules_to_save) in this method's files. HF PEFT's prompt-learning
     # models have no tuner wrapper between PeftModel and the transformers model, so theirs is "base_model.".
     file_prefix: ClassVar[str] = FILE_PREFIX
+    cli_names: ClassVar[dict[str, dict[str, Any]]] = {}
+    cli_options: ClassVar[dict[str, CliOption]] = {}
+    default_lr: ClassVar[tuple[float, float]]
 
     def make_layer(self, module: nn.Module, config: PeftConfig, module_name: str) -> AdapterLayer:
         """Wrap one targeted module (override to choose a layer class by module type)."""
@@ -437,6 +453,19 @@ def tuner_for(config_or_type: PeftConfig | str) -> Tuner:
     if peft_type not in TUNERS:
         raise ValueError(f"unknown peft_type {peft_type!r}; peftkit knows {sorted(TUNERS)}")
     return TUNERS[peft_type]
+
+
+def method_names() -> list[str]:
+    """The ``--method`` names, in the order their tuners were registered."""
+    return [name for tuner in TUNERS.values() for name in tuner.cli_names]
+
+
+def tuner_for_method(method: str) -> Tuner:
+    """The tuner behind ``peftkit train --method NAME``."""
+    for tuner in TUNERS.values():
+        if method in tuner.cli_names:
+            return tuner
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(method_names())}")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families import require
-from .base import AdapterLayer, PeftConfig, Tuner, find_targets, gather_rows, is_linear, register
+from .base import AdapterLayer, CliOption, PeftConfig, Tuner, find_targets, gather_rows, is_linear, register
 
 NON_LINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
 VARIANTS = ("houlsby", "pfeiffer")
@@ -188,6 +188,9 @@ class BottleneckTuner(Tuner):
     config_cls = BottleneckConfig
     layer_cls = BottleneckLayer
     mergeable = False
+    cli_names = {variant: {"variant": variant} for variant in VARIANTS}
+    cli_options = {"reduction_factor": CliOption("reduction_factor", 16), "dropout": CliOption("dropout")}
+    default_lr = (1e-3, 1e-3)
 
     def target_names(self, model: nn.Module, config: BottleneckConfig) -> list[str]:
         if config.target_modules is not None:

@@ -177,6 +177,8 @@ class IA3Tuner(Tuner):
     peft_type = "IA3"
     config_cls = IA3Config
     layer_cls = IA3Layer
+    cli_names = {"ia3": {}}
+    default_lr = (3e-3, 5e-3)
 
     def target_names(self, model: nn.Module, config: IA3Config) -> list[str]:
         self._fill_defaults(model, config)

@@ -25,6 +25,7 @@ from ..families import require
 from .base import (
     FILE_PREFIX,
     AdapterLayer,
+    CliOption,
     MixedBatch,
     PeftConfig,
     Tuner,
@@ -298,6 +299,11 @@ class LoraTuner(Tuner):
     peft_type = "LORA"
     config_cls = LoraConfig
     layer_cls = (LoraLayer, LoraEmbedding)  # type: ignore[assignment]
+    cli_names = {"lora": {}}
+    cli_options = {
+        "r": CliOption("r", 8), "alpha": CliOption("lora_alpha", 16), "dropout": CliOption("lora_dropout", 0.05),
+    }
+    default_lr = (2e-4, 5e-4)
 
     def target_names(self, model: nn.Module, config: LoraConfig) -> list[str]:
         if config.target_modules is None:  # the family's default, written into the config as HF PEFT does
