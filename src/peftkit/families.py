@@ -73,14 +73,13 @@ _GPT2 = Family(
     layers="h", attention_output="attn.c_proj", feedforward_output="mlp.c_proj",
     lora_targets=("c_attn",), ia3_targets=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
 )
-# BERT's feed-forward output is `layer.N.output.dense`; the attention output `layer.N.attention.output.dense` ends
-# the same way, which is why placements are anchored at the layer index rather than matched as suffixes.
 _BERT = Family(
     encoder=True, heads=_ENCODER_HEADS, classifier="classifier",
     layers="layer", attention_output="attention.output.dense", feedforward_output="output.dense",
     lora_targets=("query", "value"), ia3_targets=("key", "value", "output.dense"), ia3_feedforward=("output.dense",),
 )
 _ROBERTA = dataclasses.replace(_BERT, classifier="classifier.out_proj")
+# peftkit knows only where bottleneck adapters go in these (HF PEFT has LoRA defaults for them, not (IA)^3 ones).
 _ROBERTA_PLACEMENT_ONLY = dataclasses.replace(_ROBERTA, lora_targets=None, ia3_targets=None, ia3_feedforward=None)
 
 FAMILIES: dict[str, Family] = {
