@@ -78,6 +78,8 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from .tuners.base import method_names
+
     p = subparsers.add_parser(
         "train", help="fine-tune an adapter (the main job)", description="Fine-tune a PEFT adapter on your data.",
         epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -87,7 +89,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="embedded name (smollm2-135m, minilm-l6), local HF folder or cached hub id (default: smollm2-135m)")
-    g.add_argument("--method", choices=["lora", "ia3", "houlsby", "pfeiffer", "prompt", "prefix", "bitfit"], help="PEFT method (default: lora)")
+    g.add_argument("--method", choices=method_names(), help="PEFT method (default: lora)")
     g.add_argument("--r", type=int, help="LoRA rank (default 8)")
     g.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / r (default 16)")
     g.add_argument("--dropout", type=float, help="LoRA / bottleneck dropout (LoRA default 0.05)")
@@ -384,6 +386,7 @@ def _add_inspect_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .describe import describe_adapter, describe_model
     from .train import find_adapter
 
     try:
@@ -395,63 +398,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(describe_model(args.path, args.task))
     return 0
-
-
-def describe_adapter(folder: str | os.PathLike) -> str:
-    """Method, base model, task, config options, targeted modules, parameter count and file size of an adapter."""
-    import re
-
-    from . import checkpoint
-    from .tuners.base import FILE_PREFIX
-
-    folder = Path(folder)
-    config = checkpoint.read_config(folder)
-    tensors = checkpoint.load_tensors(folder / checkpoint.WEIGHTS_NAME)
-    size = (folder / checkpoint.WEIGHTS_NAME).stat().st_size
-    params = sum(t.numel() for t in tensors.values())
-    modules = sorted({re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|ia3_l|weight|bias)(\..*)?$", "", k[len(FILE_PREFIX):])
-                      for k in tensors if k.startswith(FILE_PREFIX)})
-    kinds: dict[str, int] = {}
-    for m in modules:
-        key = re.sub(r"\.\d+\.", ".*.", m)
-        kinds[key] = kinds.get(key, 0) + 1
-    options = {k: v for k, v in config.to_dict().items()
-               if k not in ("peft_type", "base_model_name_or_path", "task_type", "target_modules", "inference_mode") and v not in (None, [], {}, False)}
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
-    lines = [
-        f"adapter      {folder}",
-        f"method       {config.peft_type}",
-        f"base model   {config.base_model_name_or_path}",
-        f"task type    {config.task_type}",
-        f"targets      {config.target_modules}",
-        f"options      {', '.join(f'{k}={v}' for k, v in options.items()) or '-'}",
-        f"parameters   {params:,} in {len(tensors)} tensors ({', '.join(dtypes)})",
-        f"file size    {size / 1024:.1f} KiB ({checkpoint.WEIGHTS_NAME})",
-        f"modules      {len(modules)}:",
-    ]
-    lines += [f"  {k} x{n}" for k, n in kinds.items()]
-    return "\n".join(lines)
-
-
-def describe_model(name: str, task: str | None = None) -> str:
-    """A model's class, size, and the module names (with types and counts) adapters can target."""
-    from transformers import AutoConfig
-
-    from .models import load_model, resolve_model_path
-    from .tuners.base import describe_targets
-
-    config = AutoConfig.from_pretrained(resolve_model_path(name))
-    if task is None:
-        task = "seq-cls" if config.model_type in ("bert", "roberta", "distilbert", "deberta-v2") else "causal-lm"
-    model, _ = load_model(name, task=task)
-    total = sum(p.numel() for p in model.parameters())
-    return "\n".join([
-        f"model        {name} ({type(model).__name__}, {config.model_type})",
-        f"parameters   {total:,}",
-        "targetable modules (name for --target-modules, type, count):",
-        describe_targets(model, limit=200),
-        "or --target-modules all-linear (every linear layer except the output head)",
-    ])
 
 
 def _bench_dir() -> Path:

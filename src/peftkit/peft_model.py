@@ -17,20 +17,10 @@ from torch import nn
 
 from . import checkpoint, quant
 from .base_layers import has_quantized_layers
+from .families import classifier_modules
 from .merge_report import merge_report
-from .tuners.base import (
-    BASE,
-    AdapterLayer,
-    MixedBatch,
-    ModulesToSaveWrapper,
-    PeftConfig,
-    find_targets,
-    get_submodule_parent,
-    tuner_for,
-)
-
-_CLASSIFIER_HEADS = ("classifier", "score")  # what HF PEFT adds to modules_to_save for SEQ_CLS
-
+from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for
+from .tuners.layer import AdapterLayer, MixedBatch, ModulesToSaveWrapper
 
 class PeftModel(nn.Module):
     """A base model plus adapters. Create with :func:`get_peft_model` or :meth:`PeftModel.from_pretrained`."""
@@ -70,7 +60,8 @@ class PeftModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
         if config.task_type == "SEQ_CLS" and config.modules_to_save is None:
-            heads = [h for h in _CLASSIFIER_HEADS if any(n.split(".")[-1] == h for n, _ in self.base_model.named_modules())]
+            # the classification head trains in full, as HF PEFT does for SEQ_CLS
+            heads = [h for h in classifier_modules() if any(n.split(".")[-1] == h for n, _ in self.base_model.named_modules())]
             config.modules_to_save = heads or None
         if not self.peft_config:  # the first adapter: from now on only adapters train
             for p in self.base_model.parameters():

@@ -1,91 +1,24 @@
-"""Run settings: the methods ``--method`` names, :class:`TrainConfig` and its per-task defaults, the learning-rate
-schedule."""
+"""Run settings: :class:`TrainConfig` and its per-task and per-method defaults, the learning-rate schedule.
+
+The methods ``--method`` names, their options and default learning rates come from the tuners themselves
+(:func:`peftkit.tuners.base.tuner_for_method`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..distributed import DEFAULT_TIMEOUT, STRATEGIES
+from ..tuners.base import tuner_for_method
 
 TASKS = ("sft", "seq-cls", "text")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-# ----------------------------------------------------------------------------------------------------------- methods
-
-
-@dataclass(frozen=True)
-class Method:
-    """How ``--method NAME`` maps to a config class (imported only when used) and which options it takes.
-
-    ``options`` maps a TrainConfig field (``r``, ``alpha``, ...) to the config-class field it sets; ``fixed`` are
-    config fields the method name itself implies (Houlsby vs Pfeiffer); ``lr`` the default peak learning rate for
-    (language modelling, classification).
-    """
-
-    module: str
-    config_class: str
-    options: dict[str, str]
-    lr: tuple[float, float]
-    fixed: dict[str, Any] = field(default_factory=dict)
-
-
-METHODS: dict[str, Method] = {
-    "lora": Method("peftkit.tuners.lora", "LoraConfig", {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}, (2e-4, 5e-4)),
-    "ia3": Method("peftkit.tuners.ia3", "IA3Config", {}, (3e-3, 5e-3)),
-    "houlsby": Method(
-        "peftkit.tuners.bottleneck", "BottleneckConfig", {"reduction_factor": "reduction_factor", "dropout": "dropout"},
-        (1e-3, 1e-3), {"variant": "houlsby"},
-    ),
-    "pfeiffer": Method(
-        "peftkit.tuners.bottleneck", "BottleneckConfig", {"reduction_factor": "reduction_factor", "dropout": "dropout"},
-        (1e-3, 1e-3), {"variant": "pfeiffer"},
-    ),
-    "prompt": Method("peftkit.tuners.prompt", "PromptTuningConfig", {"num_virtual_tokens": "num_virtual_tokens"}, (3e-2, 3e-2)),
-    "prefix": Method("peftkit.tuners.prefix", "PrefixTuningConfig", {"num_virtual_tokens": "num_virtual_tokens"}, (1e-2, 1e-2)),
-    "bitfit": Method("peftkit.tuners.selective", "BitFitConfig", {}, (1e-3, 1e-3)),
-}
-
-# Defaults for the method options when neither flag nor config file gives them.
-OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
-    "houlsby": {"reduction_factor": 16},
-    "pfeiffer": {"reduction_factor": 16},
-    "prompt": {"num_virtual_tokens": 20},
-    "prefix": {"num_virtual_tokens": 20},
-}
-
-# LoRA targets when none are given: the attention query and value projections (the LoRA paper's choice; HF PEFT's).
-LORA_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-}
-
+# Run settings that are method options: each method's tuner says which it takes (``Tuner.cli_options``).
 METHOD_OPTIONS = ("r", "alpha", "dropout", "num_virtual_tokens", "reduction_factor")
-
-
-def method_config_class(method: str) -> type:
-    """The config class of ``--method``, imported on first use (methods land in their own modules)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    spec = METHODS[method]
-    try:
-        module = importlib.import_module(spec.module)
-        return getattr(module, spec.config_class)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"method {method!r} is not available in this peftkit ({spec.module}.{spec.config_class}: {err})") from None
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -172,8 +105,7 @@ class TrainConfig:
         """A copy with every default filled in for ``task`` (what the run folder's config.yaml records)."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        tuner = tuner_for_method(self.method)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.strategy not in STRATEGIES:
@@ -181,12 +113,12 @@ class TrainConfig:
         if self.on_bad_row not in ("skip", "error"):
             raise ValueError(f"on_bad_row must be 'skip' or 'error', got {self.on_bad_row!r}")
         out = dataclasses.replace(self, task=task, method_options=dict(self.method_options))
-        for name, value in OPTION_DEFAULTS.get(self.method, {}).items():
-            if getattr(out, name) is None:
-                setattr(out, name, value)
+        for name, option in tuner.cli_options.items():
+            if getattr(out, name) is None and option.default is not None:
+                setattr(out, name, option.default)
         classification = task == "seq-cls"
         if out.lr is None:
-            out.lr = METHODS[self.method].lr[1 if classification else 0]
+            out.lr = tuner.default_lr[1 if classification else 0]
         if out.batch_size is None:
             out.batch_size = 32 if classification else 4
         if out.eval_batch_size is None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
+from ..families import classifier_weight_suffixes
 from .config import TrainConfig
 from .model import load_base_model
 from .run_folder import ADAPTER_DIR, CONFIG_FILE
@@ -37,9 +38,10 @@ def adapter_task(adapter_dir: str | os.PathLike) -> tuple[str | None, int | None
         return None, None
     from safetensors import safe_open
 
+    suffixes = classifier_weight_suffixes()
     with safe_open(str(Path(adapter_dir) / checkpoint.WEIGHTS_NAME), "pt") as f:
         for key in f.keys():
-            if key.endswith((".classifier.weight", ".score.weight", ".out_proj.weight")):
+            if key.endswith(suffixes):
                 return "seq-cls", f.get_slice(key).get_shape()[0]
     return "seq-cls", None
 

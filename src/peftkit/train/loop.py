@@ -96,10 +96,10 @@ class TrainingRun:
         from ..peft_model import get_peft_model
 
         torch.manual_seed(self.config.seed)  # the adapter's initial values depend on the seed only
-        peft_config = build_peft_config(self.config, model)
+        peft_config = build_peft_config(self.config)
+        self.model = get_peft_model(model, peft_config)
         if self.config.target_modules is None:  # record the default targets the method chose
             self.config.target_modules = getattr(peft_config, "target_modules", None)
-        self.model = get_peft_model(model, peft_config)
         self.model.train()
         if self.dist.rank:  # its own dropout masks; rank 0 keeps the single-process random stream
             torch.manual_seed(self.config.seed + self.dist.rank)

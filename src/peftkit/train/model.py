@@ -7,36 +7,29 @@ from typing import Any
 
 from torch import nn
 
-from .config import LORA_TARGETS, METHOD_OPTIONS, METHODS, TrainConfig, method_config_class
+from ..tuners.base import tuner_for_method
+from .config import METHOD_OPTIONS, TrainConfig
 
-def build_peft_config(config: TrainConfig, model: nn.Module) -> Any:
-    """The method's config from the run settings: its options, its fixed fields, default LoRA targets, task type."""
-    cls = method_config_class(config.method)
-    spec = METHODS[config.method]
+
+def build_peft_config(config: TrainConfig) -> Any:
+    """The method's config from the run settings: the fields its ``--method`` name fixes, its options, task type.
+    Targets left unset get the model family's defaults when the adapter is added (:mod:`peftkit.families`)."""
+    tuner = tuner_for_method(config.method)
+    cls = tuner.config_cls
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = dict(spec.fixed)
+    kwargs: dict[str, Any] = dict(tuner.cli_names[config.method])
     for option in METHOD_OPTIONS:
         value = getattr(config, option)
         if value is None:
             continue
-        if option not in spec.options:
+        if option not in tuner.cli_options:
             raise ValueError(
                 f"--{option.replace('_', '-')} does not apply to method {config.method!r} "
-                f"(it takes: {', '.join('--' + o.replace('_', '-') for o in spec.options) or 'no extra options'})"
+                f"(it takes: {', '.join('--' + o.replace('_', '-') for o in tuner.cli_options) or 'no extra options'})"
             )
-        kwargs[spec.options[option]] = value
+        kwargs[tuner.cli_options[option].field] = value
     if config.target_modules is not None:
         kwargs["target_modules"] = config.target_modules
-    elif config.method == "lora":
-        model_type = getattr(model.config, "model_type", None)
-        if model_type not in LORA_TARGETS:
-            from ..tuners.base import describe_targets
-
-            raise ValueError(
-                f"no default LoRA targets for model type {model_type!r}: pass --target-modules (e.g. q_proj,v_proj "
-                f"or all-linear). Modules that can be targeted:\n{describe_targets(model)}"
-            )
-        kwargs["target_modules"] = list(LORA_TARGETS[model_type])
     kwargs.update(config.method_options)
     unknown = sorted(set(kwargs) - fields)
     if unknown:

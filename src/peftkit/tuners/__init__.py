@@ -1,11 +1,13 @@
 """PEFT methods: one module each (config, layer, injection rule), registered by ``peft_type`` on import."""
 
 from .base import AdapterLayer, PeftConfig, Tuner, register, tuner_for
-from .bottleneck import BottleneckConfig
-from .ia3 import IA3Config
+
+# Registered in this order, which is the order ``peftkit train --method`` lists them in.
 from .lora import LoraConfig
-from .prefix import PrefixTuningConfig
+from .ia3 import IA3Config
+from .bottleneck import BottleneckConfig
 from .prompt import PromptTuningConfig
+from .prefix import PrefixTuningConfig
 from .selective import BitFitConfig, SelectiveConfig
 
 __all__ = [

@@ -12,17 +12,17 @@ HF PEFT's: ``...q_proj.lora_A.default.weight``.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, NamedTuple
 
 import torch
 from torch import nn
 
 from ..base_layers import is_linear
-from .layer import AdapterLayer, MixedBatch, ModulesToSaveWrapper, gather_rows  # noqa: F401 (MixedBatch, gather_rows: re-exported for methods)
+from ..families import head_names, layer_containers
+from .layer import AdapterLayer, ModulesToSaveWrapper
 
 BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
 FILE_PREFIX = "base_model.model."  # HF PEFT's key prefix for module parameters in adapter files
@@ -41,8 +41,9 @@ class PeftConfig:
 
     ``target_modules``: a list of module names (a name matches exactly or as a dotted suffix), a regex string
     (full match against the module path), or ``"all-linear"``. ``exclude_modules`` takes the same forms.
-    ``layers_to_transform``: only modules in these layer indices (found by ``layers_pattern``, default any of
-    ``layers``, ``h``, ``layer``, ``blocks``). ``modules_to_save``: modules trained fully and saved with the adapter.
+    ``layers_to_transform``: only modules in these layer indices (found by ``layers_pattern``, default any of the
+    layer containers in :mod:`peftkit.families`: ``layers``, ``h``, ``layer``, ``blocks``). ``modules_to_save``:
+    modules trained fully and saved with the adapter.
     """
 
     peft_type: ClassVar[str] = ""
@@ -92,9 +93,6 @@ class PeftConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Target matching
 
-DEFAULT_LAYER_PATTERNS = ("layers", "h", "layer", "blocks")
-
-
 def _matches(name: str, spec: list[str] | str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
@@ -102,7 +100,7 @@ def _matches(name: str, spec: list[str] | str) -> bool:
 
 
 def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
-    patterns = [patterns] if isinstance(patterns, str) else (patterns or DEFAULT_LAYER_PATTERNS)
+    patterns = [patterns] if isinstance(patterns, str) else (patterns or layer_containers())
     for pattern in patterns:
         found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
         if found:
@@ -112,13 +110,13 @@ def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
 
 def output_head_names(model: nn.Module) -> set[str]:
     """Module paths of the output head(s): never targeted by ``all-linear``."""
-    heads = set()
+    heads, names = set(), head_names()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
         if head is not None and module is head:
             heads.add(name)
-        elif name.split(".")[-1] in ("lm_head", "score", "classifier", "qa_outputs"):
+        elif name.split(".")[-1] in names:
             heads.add(name)
     return heads
 
@@ -184,11 +182,24 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 # Tuners and the registry
 
 
+class CliOption(NamedTuple):
+    """A run option (``peftkit train --r 8``, ``TrainConfig.r``) as a method takes it: the config field it sets and
+    the value a run uses when neither flag nor config file gives one (None: the config class's own default)."""
+
+    field: str
+    default: Any = None
+
+
 class Tuner:
     """How one method attaches adapters to a model and maps them to adapter-file keys.
 
     The default handles methods whose adapters live in :class:`AdapterLayer` wrappers around targeted modules;
     methods with other state (prompt embeddings, selected base parameters) override the hooks.
+
+    A method offered by ``peftkit train`` says so here too, so the command line has no table of its own:
+    ``cli_names`` maps each ``--method`` name to the config fields that name fixes (Houlsby vs Pfeiffer),
+    ``cli_options`` the run options it takes, ``default_lr`` its peak learning rate for (language modelling,
+    classification) runs.
     """
 
     peft_type: ClassVar[str] = ""
@@ -199,6 +210,9 @@ class Tuner:
     # Key prefix of the model's own modules (modules_to_save) in this method's files. HF PEFT's prompt-learning
     # models have no tuner wrapper between PeftModel and the transformers model, so theirs is "base_model.".
     file_prefix: ClassVar[str] = FILE_PREFIX
+    cli_names: ClassVar[dict[str, dict[str, Any]]] = {}
+    cli_options: ClassVar[dict[str, CliOption]] = {}
+    default_lr: ClassVar[tuple[float, float]]
 
     def make_layer(self, module: nn.Module, config: PeftConfig, module_name: str) -> AdapterLayer:
         """Wrap one targeted module (override to choose a layer class by module type)."""
@@ -281,6 +295,19 @@ def tuner_for(config_or_type: PeftConfig | str) -> Tuner:
     if peft_type not in TUNERS:
         raise ValueError(f"unknown peft_type {peft_type!r}; peftkit knows {sorted(TUNERS)}")
     return TUNERS[peft_type]
+
+
+def method_names() -> list[str]:
+    """The ``--method`` names, in the order their tuners were registered."""
+    return [name for tuner in TUNERS.values() for name in tuner.cli_names]
+
+
+def tuner_for_method(method: str) -> Tuner:
+    """The tuner behind ``peftkit train --method NAME``."""
+    for tuner in TUNERS.values():
+        if method in tuner.cli_names:
+            return tuner
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(method_names())}")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig:

@@ -9,8 +9,8 @@ initialisation, with the up-projection zeroed instead of small).
 Placement: the adapter wraps the *output projection* of a sub-block and is applied to that projection's output,
 i.e. before the sub-block's residual add (and, in post-norm models like BERT, before its LayerNorm), which is
 where Houlsby et al. put it. ``"houlsby"`` places one after the attention output projection and one after the
-feed-forward output projection of every layer; ``"pfeiffer"`` only the feed-forward one. :data:`PLACEMENTS`
-holds the module paths per architecture; ``target_modules`` overrides it.
+feed-forward output projection of every layer; ``"pfeiffer"`` only the feed-forward one. The module paths per
+architecture come from :mod:`peftkit.families`; ``target_modules`` overrides them.
 
 Several active adapters on one module run in parallel on the same input and their outputs add up. These adapters
 add layers, so they cannot be merged into the base weights. Mixed-adapter batches stack every adapter's weights
@@ -24,6 +24,7 @@ HF PEFT has no bottleneck adapters; files use its layout with ``peft_type`` "BOT
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -31,29 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, PeftConfig, Tuner, find_targets, is_linear, register
+from ..families import require
+from .base import AdapterLayer, CliOption, PeftConfig, Tuner, find_targets, is_linear, register
 from .layer import StackedAdapterLayer
-
-_LLAMA = (r"(.*\.)?layers\.\d+\.self_attn\.o_proj", r"(.*\.)?layers\.\d+\.mlp\.down_proj")
-# BERT's feed-forward output is `layer.N.output.dense`; the bare suffix `output.dense` would also match the
-# attention output `layer.N.attention.output.dense`, so the patterns pin the path right after the layer index.
-_BERT = (r"(.*\.)?layer\.\d+\.attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense")
-_GPT2 = (r"(.*\.)?h\.\d+\.attn\.c_proj", r"(.*\.)?h\.\d+\.mlp\.c_proj")
-
-# model_type -> (attention output projection, feed-forward output projection), as full-path regexes.
-PLACEMENTS: dict[str, tuple[str, str]] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _LLAMA,
-    "bert": _BERT,
-    "roberta": _BERT,
-    "xlm-roberta": _BERT,
-    "electra": _BERT,
-    "gpt2": _GPT2,
-}
 
 NON_LINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
 VARIANTS = ("houlsby", "pfeiffer")
@@ -207,17 +188,22 @@ class BottleneckTuner(Tuner):
     config_cls = BottleneckConfig
     layer_cls = BottleneckLayer
     mergeable = False
+    cli_names = {variant: {"variant": variant} for variant in VARIANTS}
+    cli_options = {"reduction_factor": CliOption("reduction_factor", 16), "dropout": CliOption("dropout")}
+    default_lr = (1e-3, 1e-3)
 
     def target_names(self, model: nn.Module, config: BottleneckConfig) -> list[str]:
         if config.target_modules is not None:
             return find_targets(model, config)
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in PLACEMENTS:
-            raise ValueError(
-                f"peftkit has no bottleneck-adapter placement for model type {model_type!r} (it knows "
-                f"{sorted(PLACEMENTS)}). Pass target_modules: the attention and feed-forward output projections."
-            )
-        attention, feedforward = PLACEMENTS[model_type]
+        family = require(
+            model, "bottleneck-adapter placement", "pass target_modules (--target-modules): the attention and "
+            "feed-forward output projections", "attention_output", "feedforward_output",
+        )
+        # anchored right after the layer index: in BERT `output.dense` also ends `attention.output.dense`
+        attention, feedforward = (
+            rf"(.*\.)?{re.escape(family.layers)}\.\d+\.{re.escape(path)}"
+            for path in (family.attention_output, family.feedforward_output)
+        )
         pattern = f"(?:{attention})|(?:{feedforward})" if config.variant == "houlsby" else feedforward
         return find_targets(model, dataclasses.replace(config, target_modules=pattern))
 

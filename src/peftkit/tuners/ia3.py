@@ -25,29 +25,17 @@ import torch
 from torch import nn
 
 from ..base_layers import KINDS, Undo, kind_of
+from ..families import require
 from .base import AdapterLayer, PeftConfig, Tuner, find_targets, register
 from .layer import StackedAdapterLayer
-
-# HF PEFT's defaults when target_modules / feedforward_modules are not given, for the families peftkit supports.
-DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-}
-
 
 @dataclass
 class IA3Config(PeftConfig):
     """(IA)^3 settings, with HF PEFT's field names and defaults.
 
     ``target_modules``: modules whose output (or, for feed-forward ones, input) is rescaled; ``None`` picks HF
-    PEFT's default for the architecture (e.g. Llama: ``k_proj``, ``v_proj``, ``down_proj``).
+    PEFT's default for the architecture (e.g. Llama: ``k_proj``, ``v_proj``, ``down_proj``; see
+    :mod:`peftkit.families`).
     ``feedforward_modules``: the targets whose *input* is rescaled. A list entry matches every module path that
     ends with it (HF PEFT's rule, without a dot boundary: in BERT ``"output.dense"`` therefore also matches
     ``attention.output.dense``); a string is a regex matched against the full path. Must be a subset of
@@ -183,6 +171,8 @@ class IA3Tuner(Tuner):
     peft_type = "IA3"
     config_cls = IA3Config
     layer_cls = IA3Layer
+    cli_names = {"ia3": {}}
+    default_lr = (3e-3, 5e-3)
 
     def target_names(self, model: nn.Module, config: IA3Config) -> list[str]:
         self._fill_defaults(model, config)
@@ -190,22 +180,18 @@ class IA3Tuner(Tuner):
 
     @staticmethod
     def _fill_defaults(model: nn.Module, config: IA3Config) -> None:
-        """Write the architecture's default targets into ``config`` (as HF PEFT does), so saved files are explicit."""
+        """Write the family's default targets into ``config`` (as HF PEFT does), so saved files are explicit."""
         if config.target_modules is not None and config.feedforward_modules is not None:
             return
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            missing = "target_modules" if config.target_modules is None else "feedforward_modules"
-            raise ValueError(
-                f"IA3Config.{missing} is not set and peftkit has no (IA)^3 default for model type {model_type!r} "
-                f"(it has defaults for {sorted(DEFAULT_TARGETS)}). Pass {missing} explicitly "
-                "(feedforward_modules=[] if no target is a feed-forward layer)."
-            )
-        targets, feedforward = DEFAULT_TARGETS[model_type]
+        missing = " and ".join(n for n in ("target_modules", "feedforward_modules") if getattr(config, n) is None)
+        family = require(
+            model, "(IA)^3 default", f"pass IA3Config {missing} (feedforward_modules=[] if no target is a "
+            "feed-forward layer)", "ia3_targets", "ia3_feedforward",
+        )
         if config.target_modules is None:
-            config.target_modules = list(targets)
+            config.target_modules = list(family.ia3_targets)
         if config.feedforward_modules is None:
-            config.feedforward_modules = list(feedforward)
+            config.feedforward_modules = list(family.ia3_feedforward)
 
     def make_layer(self, module: nn.Module, config: IA3Config, module_name: str) -> AdapterLayer:
         kind = kind_of(module)

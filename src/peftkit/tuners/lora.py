@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base_layers import KINDS, Undo, kind_of
-from .base import FILE_PREFIX, AdapterLayer, PeftConfig, Tuner, register
+from ..families import require
+from .base import FILE_PREFIX, AdapterLayer, CliOption, PeftConfig, Tuner, find_targets, register
 from .layer import StackedAdapterLayer
 
 
@@ -29,6 +30,8 @@ from .layer import StackedAdapterLayer
 class LoraConfig(PeftConfig):
     """LoRA settings, with HF PEFT's field names and defaults.
 
+    ``target_modules``: ``None`` picks HF PEFT's default for the architecture (the attention query and value
+    projections, e.g. Llama: ``q_proj``, ``v_proj``; see :mod:`peftkit.families`).
     ``r``: rank; ``lora_alpha``: scale numerator (scale = alpha / r, or alpha / sqrt(r) with ``use_rslora``);
     ``bias``: also train ``"all"`` biases or the biases of LoRA-wrapped layers (``"lora_only"``);
     ``init_lora_weights``: True (A Kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or False
@@ -262,6 +265,20 @@ class LoraTuner(Tuner):
     peft_type = "LORA"
     config_cls = LoraConfig
     layer_cls = (LoraLayer, LoraEmbedding)  # type: ignore[assignment]
+    cli_names = {"lora": {}}
+    cli_options = {
+        "r": CliOption("r", 8), "alpha": CliOption("lora_alpha", 16), "dropout": CliOption("lora_dropout", 0.05),
+    }
+    default_lr = (2e-4, 5e-4)
+
+    def target_names(self, model: nn.Module, config: LoraConfig) -> list[str]:
+        if config.target_modules is None:  # the family's default, written into the config as HF PEFT does
+            family = require(
+                model, "default LoRA targets", "pass target_modules (--target-modules): module names, a regex or "
+                "all-linear (`peftkit inspect MODEL` lists the names)", "lora_targets",
+            )
+            config.target_modules = list(family.lora_targets)
+        return find_targets(model, config)
 
     def make_layer(self, module: nn.Module, config: LoraConfig, module_name: str) -> AdapterLayer:
         kind = kind_of(module)

@@ -123,6 +123,8 @@ class PrefixTuningTuner(PromptLearningTuner):
     peft_type = "PREFIX_TUNING"
     config_cls = PrefixTuningConfig
     encoder_attr = "prefix_encoder"
+    cli_names = {"prefix": {}}
+    default_lr = (1e-2, 1e-2)
 
     def make_encoder(self, model: nn.Module, config: PrefixTuningConfig) -> nn.Module:
         layers = _text_config(model).num_hidden_layers

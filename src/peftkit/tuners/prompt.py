@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..hf_compat import find_cache
-from .base import PeftConfig, Tuner, register
+from .base import CliOption, PeftConfig, Tuner, register
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # HF PEFT's one key for every prompt-learning method
 _LAYER_TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
@@ -110,6 +110,7 @@ class PromptLearningTuner(Tuner, abc.ABC):
     mixable = False
     file_prefix = "base_model."
     encoder_attr: ClassVar[str] = ""
+    cli_options = {"num_virtual_tokens": CliOption("num_virtual_tokens", 20)}
 
     @abc.abstractmethod
     def make_encoder(self, model: nn.Module, config: PromptLearningConfig) -> nn.Module:
@@ -262,6 +263,8 @@ class PromptTuningTuner(PromptLearningTuner):
     peft_type = "PROMPT_TUNING"
     config_cls = PromptTuningConfig
     encoder_attr = "prompt_encoder"
+    cli_names = {"prompt": {}}
+    default_lr = (3e-2, 3e-2)
 
     def make_encoder(self, model: nn.Module, config: PromptTuningConfig) -> nn.Module:
         embed = model.get_input_embeddings()

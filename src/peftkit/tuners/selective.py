@@ -242,6 +242,8 @@ class _SelectiveTunerBase(Tuner, abc.ABC):
 class BitFitTuner(_SelectiveTunerBase):
     peft_type = "BITFIT"
     config_cls = BitFitConfig
+    cli_names = {"bitfit": {}}
+    default_lr = (1e-3, 1e-3)
 
     def choose(self, model: nn.Module, config: PeftConfig) -> dict[str, list[str]]:
         candidates = candidate_parameters(model, config)
