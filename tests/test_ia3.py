@@ -307,3 +307,31 @@ def test_parameter_counts_on_real_models(minilm, smollm2):
 @pytest.mark.slow
 def test_ia3_learns_sst2_and_reloads(tmp_path, minilm):
     assert_learns_and_reloads(tmp_path, minilm, IA3Config(**BERT), lr=5e-2, balanced=True)
+
+
+def test_add_weighted_adapter_combines_ia3_vectors_linearly(tmp_path):
+    """HF PEFT's (IA)^3 rule: l_new = sum_i w_i l_i per layer; the combined adapter saves and reloads."""
+    base = tiny_llama()
+    targets = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
+    pm = pk.get_peft_model(copy.deepcopy(base), IA3Config(**targets), adapter_name="a")
+    pm.add_adapter("b", IA3Config(**targets))
+    pm.add_weighted_adapter(["a", "b"], [0.6, 0.4], "mix", combination_type="linear")
+    layers = [layer for _, layer in pm.adapter_layers()]
+    assert len(layers) == 6
+    for layer in layers:
+        expected = 0.6 * layer.ia3_l["a"] + 0.4 * layer.ia3_l["b"]
+        assert torch.allclose(layer.ia3_l["mix"], expected, atol=0, rtol=0)
+    pm.set_adapter("mix")
+    pm.eval()
+    x = torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        mixed = pm(input_ids=x).logits
+    pm.save_pretrained(tmp_path, selected_adapters=["mix"])  # adapters other than "default" go in a subfolder
+    loaded = pk.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix").eval()
+    with torch.no_grad():
+        assert (loaded(input_ids=x).logits - mixed).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="combine linearly: pass combination_type='linear', not 'svd'"):
+        pm.add_weighted_adapter(["a", "b"], [0.5, 0.5], "svd-mix", combination_type="svd")
+    pm.add_adapter("lora", pk.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="combines adapters of one method"):
+        pm.add_weighted_adapter(["a", "lora"], [0.5, 0.5], "bad", combination_type="linear")

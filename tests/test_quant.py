@@ -486,3 +486,17 @@ def test_ia3_merges_into_a_quantized_base_and_unmerges_to_the_same_bits():
     assert (merged - unmerged).abs().max().item() < 0.5 * adapter_effect  # the requantization error is small
     assert all(torch.equal(m.weight.data, packed[n]) for n, m in pm.named_modules() if n in packed)
     assert torch.equal(logits(pm), unmerged)
+
+
+def test_memory_footprint_answers_on_a_peft_model_and_configs_are_not_mutated():
+    config = pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    before = dict(vars(config))
+    pm = pk.get_peft_model(quantized_llama("nf4"), config)
+    assert vars(config) == before  # the model keeps its own, completed copy
+    assert pm.peft_config["default"] is not config
+    footprint = pm.memory_footprint()
+    assert footprint == pk.memory_footprint(pm)
+    # q_proj 64 -> 64 and v_proj 64 -> 32 (2 KV heads of 16) in 2 layers, rank 4, fp32: (4*64 + 64*4 + 4*64 + 32*4) * 2 * 4 bytes
+    assert footprint.adapter_bytes == (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4) * 2 * 4
+    # every linear layer but the head is NF4: 2 layers of q, k, v, o, gate, up, down (64/32/128-wide)
+    assert footprint.quantized_params == 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 128 * 64)

@@ -7,6 +7,8 @@ Method details stay in ``tuners/``: this file only talks to :class:`Tuner` and :
 
 from __future__ import annotations
 
+import copy
+
 import os
 import re
 from contextlib import contextmanager, nullcontext
@@ -18,6 +20,7 @@ from torch import nn
 from . import checkpoint, quant
 from .base_layers import has_quantized_layers
 from .families import classifier_modules
+from .memory import MemoryFootprint, memory_footprint
 from .merge_report import merge_report
 from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for
 from .tuners.layer import AdapterLayer, MixedBatch, ModulesToSaveWrapper
@@ -36,6 +39,7 @@ class PeftModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._disabled = False  # inside disable_adapter(): the base model alone
         self._mixed_layers: tuple[tuple[str, ...], list[AdapterLayer]] = ((), [])
 
     def __getattr__(self, name: str) -> Any:
@@ -50,9 +54,14 @@ class PeftModel(nn.Module):
     # Adapters
 
     def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
-        """Add a new adapter (not made active, except the first: call :meth:`set_adapter`)."""
+        """Add a new adapter (not made active, except the first: call :meth:`set_adapter`).
+
+        The model keeps its own copy of ``config`` (``peft_config[adapter_name]``), completed with what the model
+        decides (default targets, the classifier head, the base model's name); the caller's object is left as it was.
+        """
         if not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a peftkit config (LoraConfig, IA3Config, ...), got {type(config).__name__}")
+        config = copy.copy(config)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter it first or pick another name")
         if not adapter_name or adapter_name == BASE or not re.fullmatch(r"[\w\-]+", adapter_name):
@@ -227,20 +236,27 @@ class PeftModel(nn.Module):
     def add_weighted_adapter(
         self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd"
     ) -> None:
-        """A new LoRA adapter combining existing ones ("linear", "cat" or "svd"; see ``tuners.lora``)."""
-        from .tuners.lora import LoraConfig, add_weighted_lora
-
+        """A new adapter combining existing ones of one method: LoRA ("linear", "cat" or "svd"; see
+        ``tuners.lora``) or (IA)^3 ("linear"; see ``tuners.ia3``). Each method's tuner does the combining."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already")
         if len(adapters) != len(weights) or not adapters:
             raise ValueError("adapters and weights must be non-empty lists of the same length")
-        for name in adapters:
-            if not isinstance(self.peft_config.get(name), LoraConfig):
-                raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is not one")
-        layers = [(n, layer) for n, layer in self.adapter_layers() if hasattr(layer, "factor_tensors")]
-        config = add_weighted_lora(layers, adapters, weights, adapter_name, combination_type, self.peft_config[adapters[0]])
+        missing = [n for n in adapters if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"no adapters named {missing}; this model has {list(self.peft_config)}")
+        kinds = {self.peft_config[n].peft_type for n in adapters}
+        if len(kinds) > 1:
+            raise ValueError(f"add_weighted_adapter combines adapters of one method; {adapters} are {sorted(kinds)}")
+        configs = [self.peft_config[n] for n in adapters]
+        config = tuner_for(configs[0]).add_weighted(self.base_model, adapters, weights, adapter_name, combination_type, configs)
         self.peft_config[adapter_name] = config
         self._apply_active(self._active)
+
+    def memory_footprint(self) -> MemoryFootprint:
+        """Bytes of base weights by storage format, adapter bytes, bits per quantized weight (see
+        :func:`peftkit.memory_footprint`)."""
+        return memory_footprint(self)
 
     # ---------------------------------------------------------------------------------------------------------
     # Running
@@ -283,7 +299,7 @@ class PeftModel(nn.Module):
         return self._mixed_layers[1]
 
     def _prepare_inputs(self, kwargs: dict[str, Any], generate: bool, mixed: bool) -> dict[str, Any]:
-        if getattr(self, "_disabled", False) or mixed:
+        if self._disabled or mixed:
             return kwargs
         for name in self._active:
             kwargs = tuner_for(self.peft_config[name]).prepare_inputs(self, name, kwargs, generate)

@@ -99,7 +99,7 @@ class TrainingRun:
         peft_config = build_peft_config(self.config)
         self.model = get_peft_model(model, peft_config)
         if self.config.target_modules is None:  # record the default targets the method chose
-            self.config.target_modules = getattr(peft_config, "target_modules", None)
+            self.config.target_modules = getattr(self.model.peft_config["default"], "target_modules", None)
         self.model.train()
         if self.dist.rank:  # its own dropout masks; rank 0 keeps the single-process random stream
             torch.manual_seed(self.config.seed + self.dist.rank)

@@ -273,6 +273,16 @@ class Tuner:
     def unload(self, model: nn.Module) -> None:
         """Undo changes made outside adapter layers (hooks, patched attributes) when the model is unloaded."""
 
+    def add_weighted(
+        self, model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
+        combination_type: str, configs: list[PeftConfig],
+    ) -> PeftConfig:
+        """Add adapter ``adapter_name`` to ``model`` as a weighted combination of ``adapters`` (all of this method,
+        with ``configs`` theirs) and return its config. Methods that can combine adapters override this."""
+        raise TypeError(
+            f"{self.peft_type} adapters cannot be combined by add_weighted_adapter; LoRA and (IA)^3 adapters can"
+        )
+
     def prepare_inputs(
         self, peft_model: nn.Module, adapter_name: str, kwargs: dict[str, Any], generate: bool
     ) -> dict[str, Any]:

@@ -174,6 +174,34 @@ class IA3Tuner(Tuner):
     cli_names = {"ia3": {}}
     default_lr = (3e-3, 5e-3)
 
+    def add_weighted(
+        self, model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
+        combination_type: str, configs: list[PeftConfig],
+    ) -> IA3Config:
+        """l_new = sum_i w_i l_i in every layer that holds some of the adapters (HF PEFT's rule for (IA)^3); the new
+        adapter's config names those layers by their full paths."""
+        if combination_type != "linear":
+            raise ValueError(f"(IA)^3 adapters combine linearly: pass combination_type='linear', not {combination_type!r}")
+        targets, feedforward = [], []
+        for path, layer in self.layers(model):
+            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.ia3_l]
+            if not present:
+                continue
+            with torch.no_grad():
+                combined = sum(w * layer.ia3_l[a].detach() for a, w in present)
+            layer.ia3_l[adapter_name] = nn.Parameter(combined, requires_grad=False)
+            targets.append(path)
+            if layer.is_feedforward:
+                feedforward.append(path)
+        if not targets:
+            raise ValueError(f"none of the adapters {adapters} has (IA)^3 layers")
+        first = configs[0]
+        return IA3Config(
+            target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=first.fan_in_fan_out,
+            task_type=first.task_type, base_model_name_or_path=first.base_model_name_or_path,
+            modules_to_save=first.modules_to_save,
+        )
+
     def target_names(self, model: nn.Module, config: IA3Config) -> list[str]:
         self._fill_defaults(model, config)
         return find_targets(model, config)

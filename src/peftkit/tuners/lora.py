@@ -318,6 +318,12 @@ class LoraTuner(Tuner):
         return out
 
 
+    def add_weighted(
+        self, model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
+        combination_type: str, configs: list[PeftConfig],
+    ) -> LoraConfig:
+        return add_weighted_lora(list(self.layers(model)), adapters, weights, adapter_name, combination_type, configs[0])
+
     def optional_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
         # HF PEFT saves the full embedding matrix of LoRA-wrapped embeddings (in case the vocabulary was resized)
         return {
