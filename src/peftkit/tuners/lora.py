@@ -96,11 +96,29 @@ def _stack_factors(layer: LoraLayer | LoraEmbedding, order: tuple[str, ...]) -> 
     return A, B
 
 
-class _LoraStacks:
-    """What LoRA's two layer classes share of the mixed-batch template: the stacks are the scaled factors."""
+class _LoraLayerBase:
+    """What LoRA's two layer classes share: each adapter's rank and scale, and the mixed-batch template's stacks
+    (the scaled factors)."""
 
-    r: dict[str, int]
-    scaling: dict[str, float]
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+
+    def _add_rank(
+        self, adapter_name: str, config: LoraConfig, module_name: str
+    ) -> tuple[int, torch.device, torch.dtype]:
+        """Record the adapter's rank and scale for ``module_name``; return the rank and the device and dtype of the
+        base layer's computation, which the new factors take."""
+        r, alpha = config.rank_and_alpha(module_name)
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = _scaling(r, alpha, config.use_rslora)
+        return r, self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.r.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
 
     def stack_sources(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         return self.factor_tensors(adapter_name)
@@ -120,7 +138,7 @@ def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
     return layer.kind.apply_update(layer.base_layer, lambda w: w + delta.to(w.dtype), lambda w: w - delta.to(w.dtype))
 
 
-class LoraLayer(_LoraStacks, StackedAdapterLayer):
+class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
     """LoRA around ``nn.Linear``, transformers' ``Conv1D`` or a bitsandbytes quantized linear layer."""
 
     adapter_attrs = ("lora_A", "lora_B")
@@ -132,14 +150,9 @@ class LoraLayer(_LoraStacks, StackedAdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-        r, alpha = config.rank_and_alpha(module_name)
-        device, dtype = self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
-        self.r[adapter_name] = r
-        self.scaling[adapter_name] = _scaling(r, alpha, config.use_rslora)
+        r, device, dtype = self._add_rank(adapter_name, config, module_name)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         # p = 0 skips dropout entirely instead of running an identity that still copies
@@ -189,11 +202,9 @@ class LoraLayer(_LoraStacks, StackedAdapterLayer):
         super().delete_adapter(adapter_name)
         if adapter_name in self.lora_dropout:
             del self.lora_dropout[adapter_name]
-        self.r.pop(adapter_name, None)
-        self.scaling.pop(adapter_name, None)
 
 
-class LoraEmbedding(_LoraStacks, StackedAdapterLayer):
+class LoraEmbedding(_LoraLayerBase, StackedAdapterLayer):
     """LoRA on ``nn.Embedding``: h = E[x] + (alpha / r) (A^T[x]) B^T, with A: r x vocab (zeros), B: dim x r (normal).
 
     The initialisation is the other way round from linear layers (A = 0, B random), as in HF PEFT, so that the
@@ -206,15 +217,10 @@ class LoraEmbedding(_LoraStacks, StackedAdapterLayer):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-        r, alpha = config.rank_and_alpha(module_name)
+        r, device, dtype = self._add_rank(adapter_name, config, module_name)
         vocab, dim = self.kind.features(self.base_layer)
-        device, dtype = self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
-        self.r[adapter_name] = r
-        self.scaling[adapter_name] = _scaling(r, alpha, config.use_rslora)
         A = torch.zeros(r, vocab, dtype=dtype, device=device)
         B = torch.empty(dim, r, dtype=dtype, device=device)
         nn.init.normal_(B)
@@ -253,11 +259,6 @@ class LoraEmbedding(_LoraStacks, StackedAdapterLayer):
         b = stacks[1].index_select(0, rows)
         delta = torch.bmm(h.reshape(x.shape[0], -1, h.shape[-1]), b.transpose(1, 2))
         return result + delta.reshape(result.shape)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.r.pop(adapter_name, None)
-        self.scaling.pop(adapter_name, None)
 
 
 @register
