@@ -100,6 +100,22 @@ def minilm():
     return peftkit.load_model("minilm-l6", task="seq-cls")
 
 
+def adamw_steps(pm, steps: int, lr: float, batch_at) -> list[float]:
+    """``steps`` AdamW steps on ``pm``'s trainable parameters, step i on the inputs ``batch_at(i)`` (a dict of model
+    arguments, labels included); the per-step losses (the model is left in eval mode)."""
+    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    pm.train()
+    losses = []
+    for step in range(steps):
+        loss = pm(**batch_at(step)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    pm.eval()
+    return losses
+
+
 def sst2(n: int, balanced: bool) -> tuple[list[str], torch.Tensor]:
     """``n`` SST-2 training sentences and labels (GLUE's TSV: no quoting).
 
@@ -125,19 +141,13 @@ def train_sst2(pm, tokenizer, lr: float, balanced: bool, steps: int = 30, batch:
     """A few epochs of AdamW over ``sentences`` SST-2 sentences (max 32 tokens); returns the per-step losses."""
     texts, labels = sst2(sentences, balanced)
     torch.manual_seed(0)  # dropout
-    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    pm.train()
-    losses = []
-    for step in range(steps):
+
+    def batch_at(step: int) -> dict:
         i = step % (sentences // batch) * batch
         enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=32, return_tensors="pt")
-        loss = pm(**enc, labels=labels[i : i + batch]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    pm.eval()
-    return losses
+        return {**enc, "labels": labels[i : i + batch]}
+
+    return adamw_steps(pm, steps, lr, batch_at)
 
 
 def assert_learns_and_reloads(

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ALPACA_TINY
+from conftest import ALPACA_TINY, adamw_steps
 from safetensors import safe_open
 
 import peftkit as pk
@@ -47,18 +47,7 @@ def tiny_neox(vocab_size: int = 128, seed: int = 0):
 
 
 def train_steps(pm: pk.PeftModel, ids: torch.Tensor, steps: int) -> list[float]:
-    params = [p for p in pm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=5e-2)
-    pm.train()
-    losses = []
-    for _ in range(steps):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    pm.eval()
-    return losses
+    return adamw_steps(pm, steps, 5e-2, lambda _: {"input_ids": ids, "labels": ids})
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert_classifier, tiny_llama
+from conftest import adamw_steps, tiny_bert_classifier, tiny_llama
 from safetensors import safe_open
 from torch import nn
 
@@ -431,16 +431,7 @@ def test_smollm2_nf4_load_memory_and_footprint(smollm2):
 
 def train_ia3(pm, steps: int = 3):
     """A few AdamW steps on the (IA)^3 vectors (the loss must move them off their init)."""
-    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
-    pm.train()
-    losses = []
-    for _ in range(steps):
-        loss = pm(input_ids=X, labels=LABELS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return pm.eval(), losses
+    return pm, adamw_steps(pm, steps, 5e-2, lambda _: {"input_ids": X, "labels": LABELS})
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
