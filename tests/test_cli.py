@@ -35,13 +35,13 @@ def test_config_file_then_flags(tmp_path):
         "train", "--config", str(tmp_path / "run.yaml"), "--lr", "0.01", "--target-modules", "q_proj,v_proj",
         "--method-option", "init_lora_weights=gaussian", "--data", "d.json",
     ])
-    config = T.TrainConfig.from_dict(cli._train_settings(args))
+    config = T.TrainConfig.from_dict(cli.train._train_settings(args))
     assert (config.lr, config.max_steps, config.model, config.data) == (0.01, 7, "m1", "d.json")
     assert config.target_modules == ["q_proj", "v_proj"]
     assert config.method_options == {"use_rslora": True, "init_lora_weights": "gaussian"}
     assert config.batch_size is None and config.seed == 0  # untouched: defaults
-    assert cli._target_modules("all-linear") == "all-linear"
-    assert cli._target_modules(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+    assert cli.common.target_modules("all-linear") == "all-linear"
+    assert cli.common.target_modules(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
     with pytest.raises(ValueError, match="unknown setting"):
         T.TrainConfig.from_dict({"learning_rate": 1})
 

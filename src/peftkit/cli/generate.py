@@ -1,0 +1,92 @@
+"""``peftkit generate``: the base model and adapters answer the same prompts side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .common import adapter_names, model_of
+
+EXAMPLES = """examples:
+  peftkit generate --prompt "Give three tips for staying healthy." --adapter runs/20250101-120000-lora
+  peftkit generate --prompt "Name a color." --prompt "Say hi." --adapter runs/a --adapter runs/b --max-new-tokens 32
+
+Base model and every adapter answer each prompt side by side; adapters run together in one mixed batch.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="prompt in, text out (base and adapters side by side)",
+                              description="Generate text with the base model and one or more adapters, side by side.",
+                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); default: read one per line from stdin")
+    p.add_argument("--adapter", action="append", default=[], help="adapter or run folder (repeatable)")
+    p.add_argument("--model", help="base model (default: the first adapter's, else smollm2-135m)")
+    p.add_argument("--template", choices=["alpaca", "chat", "none"], default="alpaca",
+                   help="wrap each prompt as an Alpaca instruction (default, as peftkit trains sft), in the chat template, or not at all")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-base", action="store_true", help="only the adapters, not the base model")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..data import render_prompt
+    from ..models import load_model
+    from ..train import find_adapter, generate_texts
+
+    prompts = args.prompt or [line.strip() for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT or write prompts on stdin, one per line")
+    if args.no_base and not args.adapter:
+        raise ValueError("--no-base needs at least one --adapter")
+    adapters = [find_adapter(a) for a in args.adapter]
+    model_name = args.model or model_of(adapters) or "smollm2-135m"
+    base, tokenizer = load_model(model_name)
+    texts = [p if args.template == "none" else render_prompt({"instruction": p}, args.template, tokenizer) for p in prompts]
+    columns = [] if args.no_base else [("base", "__base__")]
+    model = base
+    if adapters:
+        from ..peft_model import PeftModel
+
+        names = adapter_names(args.adapter)
+        model = PeftModel.from_pretrained(base, adapters[0][0], adapter_name=names[0])
+        for name, (folder, _) in zip(names[1:], adapters[1:]):
+            model.load_adapter(folder, adapter_name=name)
+        columns += [(label, name) for label, name in zip(args.adapter, names)]
+        outputs = _generate_columns(model, tokenizer, texts, columns, args.max_new_tokens)
+    else:
+        outputs = {"__base__": generate_texts(base, tokenizer, texts, args.max_new_tokens)}
+    for i, prompt in enumerate(prompts):
+        if args.json:
+            print(json.dumps({"prompt": prompt, **{label: outputs[name][i] for label, name in columns}}))
+            continue
+        print(f"=== prompt {i + 1}: {prompt}")
+        for label, name in columns:
+            shown = f"base ({model_name})" if name == "__base__" else f"adapter {label}"
+            print(f"--- {shown}\n{outputs[name][i].strip()}\n")
+    return 0
+
+
+def _generate_columns(model: Any, tokenizer: Any, texts: list[str], columns: list[tuple[str, str]], max_new_tokens: int) -> dict[str, list[str]]:
+    """Every (prompt, column) pair in one mixed-adapter batch when the methods allow, else one batch per column."""
+    from ..train import generate_texts
+    from ..tuners.base import tuner_for
+
+    names = [name for _, name in columns]
+    mixable = all(tuner_for(model.peft_config[n]).mixable for n in names if n != "__base__")
+    if mixable:
+        flat = generate_texts(model, tokenizer, texts * len(names), max_new_tokens,
+                              adapter_names=[n for n in names for _ in texts])
+        return {name: flat[k * len(texts) : (k + 1) * len(texts)] for k, name in enumerate(names)}
+    outputs = {}
+    for name in names:
+        if name == "__base__":
+            with model.disable_adapter():
+                outputs[name] = generate_texts(model, tokenizer, texts, max_new_tokens)
+        else:
+            model.set_adapter(name)
+            outputs[name] = generate_texts(model, tokenizer, texts, max_new_tokens)
+    return outputs

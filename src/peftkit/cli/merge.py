@@ -1,0 +1,59 @@
+"""``peftkit merge``: fold an adapter into the base weights and save a plain model folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .common import model_of
+
+EXAMPLES = """example:
+  peftkit merge --adapter runs/20250101-120000-lora --out merged/
+  python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('merged/')"
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("merge", help="export a merged full model folder", description=(
+        "Fold an adapter into the base weights and save a plain Hugging Face model folder (tokenizer included) "
+        "that transformers loads without peftkit. LoRA and (IA)^3 merge; methods that add layers or tokens cannot."),
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="adapter or run folder")
+    p.add_argument("--out", required=True, help="folder for the merged model (must not exist)")
+    p.add_argument("--model", help="base model (default: the run's, else the adapter's base)")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from ..models import load_model
+    from ..peft_model import PeftModel
+    from ..train import adapter_task, find_adapter
+
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; pick a new folder")
+    folder, run_config = find_adapter(args.adapter)
+    model_name = args.model or model_of([(folder, run_config)])
+    if not model_name:
+        raise ValueError(f"{folder} does not name its base model: pass --model")
+    task, num_labels = adapter_task(folder)
+    base, tokenizer = load_model(model_name, task=task or "causal-lm", num_labels=num_labels)
+    try:
+        merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    except TypeError as err:  # the method adds layers or tokens: nothing to fold into the weights
+        raise ValueError(str(err)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"merged {folder} into {model_name}: {out}")
+    return 0
