@@ -134,3 +134,18 @@ def test_table_answers_for_heads_layers_and_encoders():
     assert families.is_encoder("bert") and not families.is_encoder("llama") and not families.is_encoder(None)
     with pytest.raises(ValueError, match="ia3_feedforward"):
         Family(encoder=False, heads=(), classifier="score", ia3_targets=("q",), ia3_feedforward=("down",))
+
+
+@pytest.mark.parametrize("model_type", sorted(families.FAMILIES))
+def test_defaults_agree_with_hf_peft_where_it_has_them(model_type):
+    """Every default that HF PEFT also defines is HF PEFT's, so a config written by either tool means the same."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as IA3_FF,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as IA3,
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA,
+    )
+
+    family = families.FAMILIES[model_type]
+    for ours, theirs in ((family.lora_targets, LORA), (family.ia3_targets, IA3), (family.ia3_feedforward, IA3_FF)):
+        if model_type in theirs:
+            assert list(ours) == list(theirs[model_type])

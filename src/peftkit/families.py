@@ -79,8 +79,8 @@ _BERT = Family(
     lora_targets=("query", "value"), ia3_targets=("key", "value", "output.dense"), ia3_feedforward=("output.dense",),
 )
 _ROBERTA = dataclasses.replace(_BERT, classifier="classifier.out_proj")
-# peftkit knows only where bottleneck adapters go in these (HF PEFT has LoRA defaults for them, not (IA)^3 ones).
-_ROBERTA_PLACEMENT_ONLY = dataclasses.replace(_ROBERTA, lora_targets=None, ia3_targets=None, ia3_feedforward=None)
+# HF PEFT has LoRA defaults for these, not (IA)^3 ones: (IA)^3 needs --target-modules here.
+_ROBERTA_LORA_ONLY = dataclasses.replace(_ROBERTA, ia3_targets=None, ia3_feedforward=None)
 
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
@@ -92,11 +92,12 @@ FAMILIES: dict[str, Family] = {
     "gpt2": _GPT2,
     "bert": _BERT,
     "roberta": _ROBERTA,
-    "xlm-roberta": _ROBERTA_PLACEMENT_ONLY,
-    "electra": _ROBERTA_PLACEMENT_ONLY,
+    "xlm-roberta": _ROBERTA_LORA_ONLY,
+    "electra": _ROBERTA_LORA_ONLY,
     "distilbert": Family(encoder=True, heads=_ENCODER_HEADS, classifier="classifier", layers="layer",
                          lora_targets=("q_lin", "v_lin")),
-    "deberta-v2": Family(encoder=True, heads=_ENCODER_HEADS, classifier="classifier"),
+    "deberta-v2": dataclasses.replace(_BERT, lora_targets=("query_proj", "value_proj"),
+                                      ia3_targets=("key_proj", "value_proj", "output.dense")),
 }
 
 # Layer containers of models that have no family entry (timm-style vision transformers, hand-written models).
