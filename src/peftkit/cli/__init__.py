@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Sequence
 
-from . import bench, evaluate, generate, inspect, merge, train
+from . import analyze, bench, evaluate, generate, inspect, merge, train
 from .common import EXIT_ERROR, EXIT_INTERRUPTED
 
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'peftkit VERB --help' for a verb's options and examples.",
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb in (train, evaluate, generate, merge, inspect, bench):
+    for verb in (train, evaluate, generate, merge, inspect, analyze, bench):
         verb.add_parser(subparsers)
     from ..serve.command import add_serve_parser
 
