@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", help="adapter folder or run folder (default: the base model alone)")
     p.add_argument("--data", help="evaluation data (default with a run folder: the run's held-out split)")
     p.add_argument("--model", help="base model (default: the run's, else the adapter's base)")
-    p.add_argument("--task", choices=["sft", "seq-cls", "text"], help="default: from the adapter or the data")
+    p.add_argument("--task", choices=["sft", "seq-cls", "text", "multiple-choice"], help="default: from the adapter or the data")
     p.add_argument("--batch-size", type=int, help="examples per batch")
     p.add_argument("--max-length", type=int, help="tokens per example")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")

@@ -14,11 +14,13 @@ EXAMPLES = """examples:
   peftkit train --model minilm-l6 --data ../shared/data/glue/SST-2 --r 16 --alpha 32 --lr 1e-3 --max-steps 1500
   peftkit train --config run.yaml --lr 1e-4            # flags override the file
   peftkit train --resume runs/20250101-120000-lora     # after Ctrl-C or a crash
+  peftkit train --recipe t-few --task multiple-choice --data ../shared/data/glue/RTE --max-steps 200   # T-Few
   torchrun --nproc-per-node 4 -m peftkit.cli train --data d.json --batch-size 2 --strategy fsdp   # 4 processes
 
 The task is inferred from --data when --task is not given: a GLUE folder or a table with a label column ->
-seq-cls, instruction/input/output records -> sft, a .txt file -> text. Without --eval-data, evaluation uses the
-GLUE dev split, or a held-out 5% of the training file that is never trained on. The run folder (default
+seq-cls, instruction/input/output records -> sft, records with prompt/choices/answer -> multiple-choice (rank
+classification; --task multiple-choice phrases a GLUE folder as a question), a .txt file -> text. Without
+--eval-data, evaluation uses the GLUE dev split, or a held-out 5% of the training file that is never trained on. The run folder (default
 runs/<time>-<method>) gets the adapter, metrics.jsonl, metrics.png, config.yaml, samples.md (sft) and checkpoints.
 """
 
@@ -33,6 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", metavar="FILE", help="YAML file with any of the settings below (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    p.add_argument("--recipe", choices=["t-few"], help="a paper's settings as defaults (flags override them); t-few: "
+                   "(IA)^3, multiple choice with L_LM + L_UL + L_LN, batch 8, lr 3e-3, 1000 steps")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="embedded name (smollm2-135m, minilm-l6), local HF folder or cached hub id (default: smollm2-135m)")
     g.add_argument("--method", choices=method_names(), help="PEFT method (default: lora)")
@@ -49,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory, slower)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="JSON, JSONL, CSV, TSV or text file, or a GLUE task folder (train.tsv + dev.tsv)")
-    g.add_argument("--task", choices=["sft", "seq-cls", "text"], help="default: inferred from --data")
+    g.add_argument("--task", choices=["sft", "seq-cls", "text", "multiple-choice"], help="default: inferred from --data")
     g.add_argument("--eval-data", help="evaluation file (default: GLUE dev split, or a held-out slice of --data)")
     g.add_argument("--eval-fraction", type=float, help="held-out share of --data when there is no --eval-data (default 0.05)")
     g.add_argument("--max-eval-examples", type=int, help="evaluate on at most this many examples (default 2000)")
@@ -60,6 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--text-column", help="seq-cls: the text column (default: guessed)")
     g.add_argument("--text-pair-column", help="seq-cls: the second text column of sentence pairs")
     g.add_argument("--label-column", help="seq-cls: the label column (default: label)")
+    g.add_argument("--choice-losses", metavar="LIST", help="multiple-choice: losses to sum, of lm, ul (unlikelihood of "
+                   "wrong choices), ln (length-normalised softmax over choices) (default lm; --recipe t-few: lm,ul,ln)")
     g.add_argument("--on-bad-row", choices=["skip", "error"], help="skip bad rows with a count (default) or stop at the first")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs)")

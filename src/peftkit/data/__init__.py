@@ -15,12 +15,15 @@ The modules, in the order data flows through them:
 - ``tokenization``: records and texts into examples (``tokenize_sft``, ``chunk_text``, ``IGNORE_INDEX``);
 - ``packing``: several examples per row (``pack_examples``, ``PackedCollator``);
 - ``batching``: padded batches and length grouping (``PaddingCollator``, ``ClassificationCollator``,
-  ``padding_fraction``, ``group_by_length``, ``ungroup``).
+  ``padding_fraction``, ``group_by_length``, ``ungroup``);
+- ``choices``: multiple-choice records for rank classification (``load_choices``, ``tokenize_choices``,
+  ``ChoiceCollator``, ``PHRASINGS`` of GLUE tasks as questions).
 
 Every public name is importable from ``peftkit.data`` itself.
 """
 
 from .batching import ClassificationCollator, PaddingCollator, group_by_length, padding_fraction, ungroup
+from .choices import PHRASINGS, ChoiceCollator, load_choices, tokenize_choices
 from .classification import GLUE_TASKS, ClassificationData, GlueTask, load_classification, load_glue
 from .packing import PackedCollator, pack_examples
 from .prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, Template, render_prompt
@@ -33,7 +36,9 @@ __all__ = [
     "GLUE_TASKS",
     "IGNORE_INDEX",
     "LINE",
+    "PHRASINGS",
     "BadRows",
+    "ChoiceCollator",
     "ClassificationCollator",
     "ClassificationData",
     "GlueTask",
@@ -43,12 +48,14 @@ __all__ = [
     "Template",
     "chunk_text",
     "group_by_length",
+    "load_choices",
     "load_classification",
     "load_glue",
     "pack_examples",
     "padding_fraction",
     "read_records",
     "render_prompt",
+    "tokenize_choices",
     "tokenize_sft",
     "ungroup",
 ]

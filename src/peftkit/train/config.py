@@ -13,9 +13,17 @@ from typing import Any
 from ..distributed import DEFAULT_TIMEOUT, STRATEGIES
 from ..tuners.base import tuner_for_method
 
-TASKS = ("sft", "seq-cls", "text")
+TASKS = ("sft", "seq-cls", "text", "multiple-choice")
 SCHEDULES = ("cosine", "linear", "constant")
 
+
+# Recipes: a paper's settings as defaults that explicit settings override. T-Few (Liu et al. 2022, section 3.3 and
+# its few-shot runs): (IA)^3, L_LM + L_UL + L_LN at weight 1, batch 8, lr 3e-3, 1000 steps, linear decay after a
+# 6% warmup. T-Few uses Adafactor; peftkit's optimizer is AdamW.
+RECIPES: dict[str, dict[str, Any]] = {
+    "t-few": {"method": "ia3", "task": "multiple-choice", "choice_losses": "lm,ul,ln", "lr": 3e-3, "batch_size": 8,
+              "max_steps": 1000, "warmup": 0.06, "schedule": "linear"},
+}
 
 # Run settings that are method options: each method's tuner says which it takes (``Tuner.cli_options``).
 METHOD_OPTIONS = ("r", "alpha", "dropout", "num_virtual_tokens", "reduction_factor")
@@ -37,11 +45,14 @@ class TrainConfig:
     ``warmup``: a fraction of the steps if < 1, else a number of steps.
     Under torchrun, ``batch_size`` is per process (a step reads ``world * batch_size`` examples), ``strategy`` is
     ``ddp`` or ``fsdp`` and ``dist_timeout`` the seconds a rank waits for the others before failing.
+    ``recipe`` names a set of defaults from ``RECIPES`` (``t-few``); ``choice_losses`` the multiple-choice losses
+    (``lm``, ``ul``, ``ln``; see :mod:`peftkit.train.choice_task`).
     """
 
     data: str | None = None
     model: str = "smollm2-135m"
     method: str = "lora"
+    recipe: str | None = None
     task: str | None = None
     eval_data: str | None = None
     eval_fraction: float = 0.05
@@ -64,6 +75,7 @@ class TrainConfig:
     text_pair_column: str | None = None
     label_column: str | None = None
     on_bad_row: str = "skip"
+    choice_losses: str = "lm"
     # optimization
     max_steps: int | None = None
     epochs: float | None = None
@@ -96,6 +108,10 @@ class TrainConfig:
         unknown = sorted(set(clean) - known)
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}")
+        if clean.get("recipe") is not None:
+            if clean["recipe"] not in RECIPES:
+                raise ValueError(f"{source}: unknown recipe {clean['recipe']!r}; known: {', '.join(RECIPES)}")
+            clean = {**RECIPES[clean["recipe"]], **clean}
         return cls(**clean)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,11 +136,15 @@ class TrainConfig:
         if out.lr is None:
             out.lr = tuner.default_lr[1 if classification else 0]
         if out.batch_size is None:
-            out.batch_size = 32 if classification else 4
+            out.batch_size = 32 if classification else 8 if task == "multiple-choice" else 4
         if out.eval_batch_size is None:
             out.eval_batch_size = 64 if classification else 16
         if out.max_length is None:
-            out.max_length = {"sft": 512, "text": 256, "seq-cls": 128}[task]
+            out.max_length = {"sft": 512, "text": 256, "seq-cls": 128, "multiple-choice": 256}[task]
+        if task == "multiple-choice":
+            from .choice_task import parse_losses
+
+            parse_losses(out.choice_losses)
         if out.max_steps is None and out.epochs is None:
             out.epochs = 1.0
         for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "keep_checkpoints"):

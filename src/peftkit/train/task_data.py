@@ -12,7 +12,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data import GLUE_TASKS, LINE, chunk_text, load_classification, load_glue, read_records, tokenize_sft
+from ..data import (
+    GLUE_TASKS, LINE, chunk_text, load_choices, load_classification, load_glue, read_records, tokenize_choices, tokenize_sft,
+)
 from .config import TrainConfig
 
 @dataclass
@@ -34,7 +36,7 @@ class TaskData:
 
 def infer_task(path: str | os.PathLike, records: Sequence[dict[str, Any]] | None = None) -> str:
     """The task a data path implies: a GLUE folder or a table with a label column -> seq-cls; instruction records
-    (``instruction`` and ``output``) -> sft; a ``.txt`` file or records with only ``text`` -> text."""
+    (``instruction`` and ``output``) -> sft; records with ``choices`` -> multiple-choice; a ``.txt`` file or records with only ``text`` -> text."""
     path = Path(path)
     if path.is_dir():
         if (path / "train.tsv").exists():
@@ -47,6 +49,8 @@ def infer_task(path: str | os.PathLike, records: Sequence[dict[str, Any]] | None
     if not records:
         raise ValueError(f"{path} holds no records")
     keys = set(records[0])
+    if "choices" in keys:
+        return "multiple-choice"
     if {"instruction", "output"} <= keys:
         return "sft"
     if "label" in keys or _guess_label_column(keys):
@@ -111,7 +115,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 def load_task_data(config: TrainConfig, tokenizer: Any) -> TaskData:
     """Read, split and tokenize ``config.data`` (and ``config.eval_data``) for ``config.task``; ``config`` must be
     resolved (:func:`resolve_config`)."""
-    loaders = {"seq-cls": _classification_data, "sft": _sft_data, "text": _text_data}
+    loaders = {"seq-cls": _classification_data, "sft": _sft_data, "text": _text_data, "multiple-choice": _choice_data}
     if config.task not in loaders or config.max_length is None:
         raise ValueError("load_task_data needs a resolved config: call resolve_config(config) first")
     return loaders[config.task](config, Path(config.data), tokenizer)
@@ -183,6 +187,28 @@ def _sft_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
     return TaskData("sft", train, held, eval_records=eval_records, notes=notes)
 
 
+def _read_choices(path: str | os.PathLike, split: str, config: TrainConfig) -> tuple[list[dict[str, Any]], str]:
+    records, bad = load_choices(path, split, on_bad_row=config.on_bad_row)
+    if not records:
+        raise ValueError(f"{path}: no multiple-choice records ({bad}); see peftkit.data.choices for the format")
+    return records, str(bad)
+
+
+def _choice_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
+    records, report = _read_choices(path, "train", config)
+    notes = [report]
+    if config.eval_data is not None or path.is_dir():
+        source = config.eval_data if config.eval_data is not None else path
+        eval_records, eval_report = _read_choices(source, "dev", config)
+        eval_records = eval_records[: config.max_eval_examples]
+        notes.append(f"eval: {source} ({len(eval_records)} questions); {eval_report}")
+    else:
+        records, eval_records = _hold_out(records, config)
+        notes.append(f"eval: {len(eval_records)} questions held out of {path} (never trained on)")
+    return TaskData("multiple-choice", tokenize_choices(records, tokenizer, config.max_length),
+                    tokenize_choices(eval_records, tokenizer, config.max_length), metric="accuracy", notes=notes)
+
+
 def _read_text(path: Path) -> str:
     if path.suffix.lower() == ".txt":
         return path.read_text(encoding="utf-8-sig")
@@ -223,6 +249,10 @@ def load_eval_data(config: TrainConfig, tokenizer: Any, label_names: Sequence[st
             data = load_classification(path, text_column=text, text_pair_column=pair, label_column=label,
                                        labels=label_names, on_bad_row=config.on_bad_row)
         return TaskData("seq-cls", [], data.records, list(data.label_names), data.metric, notes=[str(data.bad_rows)])
+    if config.task == "multiple-choice":
+        records, report = _read_choices(path, "dev", config)
+        return TaskData("multiple-choice", [], tokenize_choices(records, tokenizer, config.max_length),
+                        metric="accuracy", notes=[report])
     if config.task == "sft":
         records, report = _read_instructions(path, config)
         return TaskData("sft", [], tokenize_sft(records, tokenizer, config.max_length, config.template),
@@ -262,6 +292,8 @@ class BatchOrder:
 
 def example_length(example: dict[str, Any]) -> int:
     """Length of an example for grouping: tokens, or characters for raw classification text."""
+    if "prompt_ids" in example:  # multiple choice: the longest row it adds
+        return len(example["prompt_ids"]) + max(len(c) for c in example["choice_ids"])
     if "input_ids" in example:
         return len(example["input_ids"])
     return len(example["text"]) + len(example.get("text_pair", ""))

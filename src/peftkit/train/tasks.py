@@ -12,6 +12,7 @@ from torch import nn
 
 from ..data import IGNORE_INDEX, ClassificationCollator, PackedCollator, PaddingCollator, group_by_length, pack_examples, ungroup
 from ..losses import causal_lm_loss
+from .choice_task import MultipleChoiceTask, parse_losses
 from .attention import PACKED_ATTENTION, attention_implementation, register_packed_attention, supports_packed_attention
 from .config import TrainConfig
 
@@ -155,8 +156,10 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) ->
     }
 
 
-def make_task(model: nn.Module, tokenizer: Any, config: TrainConfig) -> LMTask | ClassificationTask:
+def make_task(model: nn.Module, tokenizer: Any, config: TrainConfig) -> LMTask | ClassificationTask | MultipleChoiceTask:
     """The loss/evaluation runner for ``config.task``."""
+    if config.task == "multiple-choice":
+        return MultipleChoiceTask(model, tokenizer, parse_losses(config.choice_losses))
     if config.task == "seq-cls":
         return ClassificationTask(model, tokenizer, config.max_length)
     return LMTask(model, tokenizer, config.max_length)

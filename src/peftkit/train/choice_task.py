@@ -1,0 +1,111 @@
+"""Multiple choice by rank classification, with the T-Few losses (Liu et al. 2022, section 3.2).
+
+The model scores every choice y_n of a prompt x by its log-likelihood ll(y_n) = sum_t log p(y_n,t | x, y_n,<t) and
+picks the best: argmax ll (``accuracy``) or argmax ll / T(y_n) (``accuracy_norm``, length-normalised). Training
+sums, per batch, the losses named in ``losses``:
+
+- ``lm``: cross-entropy of the right choice's tokens, the mean over those tokens (L_LM);
+- ``ul``: unlikelihood of every wrong choice's tokens, -log(1 - p), the mean over those tokens (L_UL);
+- ``ln``: softmax cross-entropy over the choices' length-normalised log-likelihoods (L_LN).
+
+T-Few's recipe is (IA)^3 with all three at weight 1. The vocabulary head runs only at the positions that score a
+choice token (a few per row), not over the whole prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..data import ChoiceCollator, group_by_length, ungroup
+from ..losses import choice_log_likelihoods, length_normalized_softmax_loss, rank_classification, unlikelihood_loss
+
+CHOICE_LOSSES = ("lm", "ul", "ln")
+
+
+def parse_losses(text: str) -> tuple[str, ...]:
+    """``"lm,ul,ln"`` -> ("lm", "ul", "ln"), refusing unknown names and an empty set."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CHOICE_LOSSES]
+    if unknown or not names:
+        raise ValueError(f"choice_losses must be a comma-separated subset of {', '.join(CHOICE_LOSSES)}, got {text!r}")
+    return names
+
+
+class MultipleChoiceTask:
+    """Loss and rank-classification scores of a causal LM (a PeftModel or a plain transformers model) on choices."""
+
+    mode = "padded"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, losses: Sequence[str] = ("lm",)) -> None:
+        from ..peft_model import PeftModel
+        from ..tuners.base import Tuner, tuner_for
+
+        self.model = model
+        self.hf_model = model.base_model if isinstance(model, PeftModel) else model
+        self.losses = tuple(losses)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.collator = ChoiceCollator(pad)
+        # prompt and prefix tuning rewrite the inputs, so only the PeftModel's own forward applies them
+        self.rewrites_inputs = isinstance(model, PeftModel) and any(
+            type(tuner_for(model.peft_config[name])).prepare_inputs is not Tuner.prepare_inputs for name in model.active_adapters
+        )
+
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.collator(examples)
+
+    @staticmethod
+    def count(batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["labels"].numel())
+
+    def choice_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, C, T, V): the next-token logits at the positions that score each choice token."""
+        b, c, t = batch["positions"].shape
+        index = batch["positions"].reshape(b * c, t)
+        if self.rewrites_inputs:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[:, -batch["input_ids"].shape[1] :]  # virtual tokens come first
+            picked = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        else:
+            hidden = self.hf_model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            picked = self.hf_model.get_output_embeddings()(hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+        return picked.reshape(b, c, t, -1).float()
+
+    def losses_of(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Each loss in ``CHOICE_LOSSES`` (batch means), and the (B, C) log-likelihoods and token counts."""
+        logits, labels, targets = self.choice_logits(batch), batch["choice_labels"], batch["labels"]
+        ll, n = choice_log_likelihoods(logits, labels)
+        right = targets.unsqueeze(-1)
+        losses = {
+            "lm": -ll.gather(1, right).sum() / n.gather(1, right).sum().clamp(min=1),
+            "ul": unlikelihood_loss(logits, labels, targets),
+            "ln": length_normalized_softmax_loss(ll, n, targets),
+        }
+        return losses, ll, n
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's summed losses times its size (the trainer divides by the examples of the whole step)."""
+        losses, _, _ = self.losses_of(batch)
+        return sum(losses[name] for name in self.losses) * self.count(batch)
+
+    @torch.no_grad()
+    def evaluate(self, examples: Sequence[dict[str, Any]], batch_size: int) -> dict[str, float]:
+        """L_LM of the right choices, and rank-classification accuracy with and without length normalisation."""
+        lengths = [len(e["prompt_ids"]) + max(len(c) for c in e["choice_ids"]) for e in examples]
+        batches = group_by_length(lengths, batch_size)
+        lm_total, raw, normed = 0.0, [], []
+        for indices in batches:
+            batch = self.collate([examples[i] for i in indices])
+            losses, ll, n = self.losses_of(batch)
+            lm_total += float(losses["lm"]) * len(indices)
+            raw.append(rank_classification(ll).tolist())
+            normed.append(rank_classification(ll, n).tolist())
+        gold = [e["label"] for e in examples]
+        total = max(len(examples), 1)
+        return {
+            "loss": lm_total / total,
+            "accuracy": sum(p == g for p, g in zip(ungroup(batches, raw), gold)) / total,
+            "accuracy_norm": sum(p == g for p, g in zip(ungroup(batches, normed), gold)) / total,
+        }
