@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from report import write_report  # noqa: E402  (bench/ is the script's folder)
+from report import FinishedRuns, write_report  # noqa: E402  (bench/ is the script's folder)
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 TASK_FOLDERS = {"sst-2": "SST-2", "rte": "RTE"}
@@ -211,43 +210,6 @@ def spawn(variant: str, task: str, seed: int, lr: float, steps: int, threads: in
     if done.returncode != 0:
         raise RuntimeError(f"{variant} on {task} (seed {seed}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-class FinishedRuns:
-    """Each finished run as one line of ``<out>/methods_glue.partial.jsonl``, so an interrupted benchmark resumes.
-
-    A run is reused only if every argument of its job matches; the file is deleted once the report is written, so a
-    fresh invocation measures everything again. A line cut short by a kill is ignored (that run simply reruns).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self.results: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.results[entry["job"]] = entry["result"]
-
-    @staticmethod
-    def key(job: dict) -> str:
-        return json.dumps(job, sort_keys=True)
-
-    def get(self, job: dict) -> dict | None:
-        return self.results.get(self.key(job))
-
-    def add(self, job: dict, result: dict) -> None:
-        with self.lock, self.path.open("a") as f:
-            f.write(json.dumps({"job": self.key(job), "result": result}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.results[self.key(job)] = result
-
-    def forget(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 def run_all(jobs: list[dict], workers: int, threads: int, log, finished: FinishedRuns) -> list[dict]:

@@ -81,3 +81,41 @@ def test_latency_quick(tmp_path: Path) -> None:
     # every variant really changes the model (a no-op adapter would make its latency meaningless)
     assert set(report["max_abs_logit_difference_from_base"]) == set(latency.VARIANTS) - {"base"}
     assert min(report["max_abs_logit_difference_from_base"].values()) > 1e-4
+
+
+def _tfew(tmp_path: Path, *extra: str) -> dict:
+    subprocess.run([sys.executable, str(BENCH / "tfew_table.py"), "--quick", "--tasks", "rte", "--threads", "1", "--out", str(tmp_path), *extra],
+                   check=True, timeout=900, capture_output=True)
+    assert (tmp_path / "tfew_table.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "tfew_table.partial.jsonl").exists()
+    return json.loads((tmp_path / "tfew_table.json").read_text())
+
+
+@pytest.mark.slow
+def test_tfew_table_quick(tmp_path: Path) -> None:
+    import tfew_table
+
+    report = _tfew(tmp_path)
+    rows = {r["condition"]: r for r in report["rows"]}
+    assert set(rows) == {"zero-shot", *tfew_table.CONDITIONS}
+    layers, hidden, kv, ffn, r = 30, 576, 192, 1536, 8  # SmolLM2-135M: 3 KV heads of 64
+    assert rows["ia3-tfew"]["trainable_params"] == rows["ia3-lm"]["trainable_params"] == layers * (kv + kv + ffn) == 57_600
+    assert rows["lora-lm"]["trainable_params"] == layers * r * ((hidden + hidden) + (hidden + kv)) == 460_800
+    assert all(0 <= row["accuracy_mean"] <= 1 and row["shots"] in (0, 4) for row in rows.values())
+    assert report["dev_sizes"] == {"rte": 8} and "| (IA)^3, L_LM + L_UL + L_LN | 4 |" in (tmp_path / "tfew_table.md").read_text()
+
+
+def test_tfew_table_resumes_without_rerunning(tmp_path: Path) -> None:
+    """Every run already in the partial file: the report is written from it, no model is loaded or trained."""
+    from report import FinishedRuns
+
+    import tfew_table
+
+    finished = FinishedRuns(tmp_path / "tfew_table.partial.jsonl")
+    result = {"accuracy": 0.5, "accuracy_norm": 0.625, "dev_loss": 1.0, "trainable_params": 7, "train_s": 3.0}
+    finished.add({"kind": "zero-shot", "task": "rte", "max_eval": 8}, {**result, "trainable_params": 0, "train_s": 0.0})
+    for condition, settings in tfew_table.CONDITIONS.items():
+        finished.add({"kind": "train", "task": "rte", "condition": condition, "shots": 4, "seed": 0, "lr": settings["lr"],
+                      "steps": 1, "max_eval": 8}, result)
+    report = _tfew(tmp_path)
+    assert [r["accuracy_norm"] for r in report["runs"]] == [0.625] * 4 and report["wall_s"] < 30
