@@ -29,8 +29,6 @@ import argparse
 import json
 import os
 import random
-import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from report import FinishedRuns, write_report  # noqa: E402  (bench/ is the script's folder)
+from tables import mean_std, run_jobs, summarize, train_and_score, write_jsonl  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 TASK_FOLDERS = {"rte": "RTE", "sst-2": "SST-2"}
@@ -64,32 +63,19 @@ def draw(task: str, shots: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(pool, shots)
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "choices": r["choices"], "answer": r["label"]}) + "\n" for r in records))
-    return path
+def choice_lines(records: list[dict]) -> list[dict]:
+    return [{"prompt": r["prompt"], "choices": r["choices"], "answer": r["label"]} for r in records]
 
 
-def train_and_score(condition: str, train: list[dict], dev: list[dict], seed: int, lr: float, steps: int, threads: int) -> dict:
+def train_and_score_choices(condition: str, train: list[dict], dev: list[dict], seed: int, lr: float, steps: int, threads: int) -> dict:
     """One ``peftkit train`` run of ``condition`` on ``train``, scored on ``dev``."""
-    from peftkit.train import TrainConfig, TrainingRun
-
     with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        settings = {**CONDITIONS[condition], "lr": lr}
-        config = TrainConfig.from_dict({
-            **settings, "model": "smollm2-135m", "task": "multiple-choice", "data": str(write_jsonl(folder / "train.jsonl", train)),
-            "eval_data": str(write_jsonl(folder / "dev.jsonl", dev)), "batch_size": 8, "max_steps": steps, "warmup": 0.06,
-            "schedule": "linear", "seed": seed, "eval_every": 0, "save_every": 0, "threads": threads,
-            "out": str(folder / "run"), "max_eval_examples": len(dev),
-        })
-        run = TrainingRun(config, progress=False)
-        start = time.perf_counter()
-        result = run.fit()
-        train_s = time.perf_counter() - start
-        scores = run.evaluate()
-        shutil.rmtree(folder / "run", ignore_errors=True)
-    return {"accuracy": scores["accuracy"], "accuracy_norm": scores["accuracy_norm"], "dev_loss": scores["loss"],
-            "train_loss": result.train_loss, "trainable_params": result.trainable_parameters, "train_s": train_s}
+        settings = {**CONDITIONS[condition], "lr": lr, "model": "smollm2-135m", "task": "multiple-choice",
+                    "data": str(write_jsonl(Path(folder) / "train.jsonl", choice_lines(train))),
+                    "eval_data": str(write_jsonl(Path(folder) / "dev.jsonl", choice_lines(dev))), "batch_size": 8,
+                    "max_steps": steps, "warmup": 0.06, "schedule": "linear", "seed": seed, "max_eval_examples": len(dev)}
+        result = train_and_score(settings, threads)
+    return {k: result[k] for k in ("accuracy", "accuracy_norm", "train_loss", "trainable_params", "train_s")} | {"dev_loss": result["loss"]}
 
 
 def zero_shot(dev: list[dict], threads: int) -> dict:
@@ -116,28 +102,12 @@ def sweep(task: str, steps: int, threads: int, finished: FinishedRuns, log) -> d
         for factor in (1 / 3, 1.0, 3.0):
             lr = float(f"{settings['lr'] * factor:.3g}")
             job = {"kind": "sweep", "task": task, "condition": condition, "lr": lr, "steps": steps}
-            result = finished.get(job) or train_and_score(condition, train, held, 0, lr, steps, threads)
+            result = finished.get(job) or train_and_score_choices(condition, train, held, 0, lr, steps, threads)
             finished.add(job, result)
             log(f"  sweep {task} {condition} lr {lr:g}: accuracy {result['accuracy']:.3f}")
             trials.append((result["accuracy"], result["accuracy_norm"], lr))
         chosen[condition] = max(trials)[2]
     return chosen
-
-
-def summarize(runs: list[dict]) -> list[dict]:
-    rows = []
-    for task in dict.fromkeys(r["task"] for r in runs):
-        for condition in ["zero-shot", *CONDITIONS]:
-            for shots in sorted({r["shots"] for r in runs if r["task"] == task and r["condition"] == condition}):
-                group = [r for r in runs if (r["task"], r["condition"], r["shots"]) == (task, condition, shots)]
-                row = {"task": task, "condition": condition, "shots": shots, "seeds": len(group), "lr": group[0]["lr"],
-                       "trainable_params": group[0]["trainable_params"], "train_s": statistics.mean(r["train_s"] for r in group)}
-                for key in ("accuracy", "accuracy_norm"):
-                    values = [r[key] for r in group]
-                    row[f"{key}_mean"] = statistics.mean(values)
-                    row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-                rows.append(row)
-    return rows
 
 
 def markdown(rows: list[dict], dev_sizes: dict[str, int], majority: dict[str, float]) -> str:
@@ -147,9 +117,8 @@ def markdown(rows: list[dict], dev_sizes: dict[str, int], majority: dict[str, fl
                   "| condition | shots | trainable params | lr | accuracy (sum) | accuracy (length-normalised) | seeds | train s |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["task"] == task):
-            cell = lambda k: f"{100 * r[k + '_mean']:.1f}" + (f" ± {100 * r[k + '_std']:.1f}" if r["seeds"] > 1 else "")  # noqa: E731
             lines.append(f"| {LABELS[r['condition']]} | {r['shots'] or '-'} | {r['trainable_params']:,} | {r['lr'] or '-'} | "
-                         f"{cell('accuracy')} | {cell('accuracy_norm')} | {r['seeds']} | {r['train_s']:.0f} |")
+                         f"{mean_std(r, 'accuracy')} | {mean_std(r, 'accuracy_norm')} | {r['seeds']} | {r['train_s']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -209,20 +178,21 @@ def main() -> None:
         jobs = [{"kind": "zero-shot", "task": task, "max_eval": args.max_eval}]
         jobs += [{"kind": "train", "task": task, "condition": c, "shots": k, "seed": s, "lr": rates[c], "steps": args.steps,
                   "max_eval": args.max_eval} for k in args.shots for c in CONDITIONS for s in range(args.seeds)]
-        for job in jobs:
-            result = finished.get(job)
-            if result is None:
-                if job["kind"] == "zero-shot":
-                    result = zero_shot(dev, args.threads)
-                else:
-                    result = train_and_score(job["condition"], draw(task, job["shots"], job["seed"]), dev, job["seed"],
-                                             job["lr"], job["steps"], args.threads)
-                finished.add(job, result)
-            runs.append({"task": task, "condition": job.get("condition", "zero-shot"), "shots": job.get("shots", 0),
-                         "seed": job.get("seed", 0), "lr": job.get("lr"), **result})
-            log(f"{task} {runs[-1]['condition']:<9} shots {runs[-1]['shots']:<3} seed {runs[-1]['seed']} "
-                f"accuracy {result['accuracy']:.3f} / {result['accuracy_norm']:.3f} (length-normalised), {result['train_s']:.0f} s")
-    rows = summarize(runs)
+
+        def run(job: dict, dev: list[dict] = dev, task: str = task) -> dict:
+            if job["kind"] == "zero-shot":
+                return zero_shot(dev, args.threads)
+            return train_and_score_choices(job["condition"], draw(task, job["shots"], job["seed"]), dev, job["seed"],
+                                           job["lr"], job["steps"], args.threads)
+
+        describe = lambda job, r: (f"{job['task']} {job.get('condition', 'zero-shot'):<9} shots {job.get('shots', 0):<3} "  # noqa: E731
+                                   f"seed {job.get('seed', 0)} accuracy {r['accuracy']:.3f} / {r['accuracy_norm']:.3f} "
+                                   f"(length-normalised), {r['train_s']:.0f} s")
+        for result in run_jobs(jobs, run, finished, describe):
+            runs.append({"condition": "zero-shot", "shots": 0, "seed": 0, "lr": None, **result})
+    rows = summarize(runs, ("task", "condition", "shots"), ("accuracy", "accuracy_norm"))
+    for row in rows:
+        row["lr"] = next(r["lr"] for r in runs if (r["task"], r["condition"], r["shots"]) == (row["task"], row["condition"], row["shots"]))
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "wall_s": time.perf_counter() - started, "dev_sizes": dev_sizes, "majority": majority, "rows": rows, "runs": runs}
     write_report(args.out, "tfew_table", report, markdown(rows, dev_sizes, majority), lambda p: plot(rows, p))
