@@ -119,3 +119,41 @@ def test_tfew_table_resumes_without_rerunning(tmp_path: Path) -> None:
                       "steps": 1, "max_eval": 8}, result)
     report = _tfew(tmp_path)
     assert [r["accuracy_norm"] for r in report["runs"]] == [0.625] * 4 and report["wall_s"] < 30
+
+
+def _lora_table(tmp_path: Path, *args: str) -> dict:
+    subprocess.run([sys.executable, str(BENCH / "lora_tables.py"), "--quick", "--threads", "1", "--out", str(tmp_path), *args],
+                   check=True, timeout=900, capture_output=True)
+    name = "lora_" + args[args.index("--table") + 1]
+    assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG_MAGIC and not (tmp_path / f"{name}.partial.jsonl").exists()
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_lora_targets_table_quick_has_one_budget(tmp_path: Path) -> None:
+    import lora_tables
+
+    report = _lora_table(tmp_path, "--table", "targets", "--models", "minilm")
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == list(lora_tables.TARGETS["minilm"])
+    # every variant: 6 layers x 8 x (384 + 384) LoRA parameters, plus the classifier head (384 x 2 + 2)
+    assert {r["trainable_params"] for r in rows.values()} == {6 * 8 * 768 + 770}
+
+
+def test_smollm2_budgets_are_equal_by_construction() -> None:
+    import lora_tables
+
+    cost = {"q": 576 + 576, "o": 576 + 576, "k": 576 + 192, "v": 576 + 192}  # parameters per unit of rank
+    budgets = {v: sum(cost[t] * r for t, r in ranks.items()) for v, ranks in lora_tables.TARGETS["smollm2"].items()}
+    assert set(budgets.values()) == {9216}
+    settings = lora_tables.lora_settings("smollm2", {"q": 2, "k": 3, "v": 3, "o": 2})
+    assert settings["r"] == 2 and settings["method_options"] == {"rank_pattern": {"k_proj": 3, "v_proj": 3}, "alpha_pattern": {"k_proj": 6, "v_proj": 6}}
+
+
+@pytest.mark.slow
+def test_lora_rank_table_quick_with_figure3(tmp_path: Path) -> None:
+    report = _lora_table(tmp_path, "--table", "rank", "--models", "minilm", "--ranks", "8", "64")
+    assert [r["variant"] for r in report["rows"]] == ["q r=8", "q r=64", "q,v r=8", "q,v r=64"]
+    phi = report["figure3"]["minilm"]
+    assert len(phi["modules"]) == 12 and all(0 <= m["phi_1_jmax"] <= 1 for m in phi["modules"])
+    assert (tmp_path / "lora_rank_phi-minilm.png").read_bytes()[:8] == PNG_MAGIC
