@@ -20,18 +20,23 @@ from report import FinishedRuns
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def train_and_score(settings: dict[str, Any], threads: int, keep_adapter: Path | None = None) -> dict[str, Any]:
-    """Train with ``settings`` (``TrainConfig`` fields; ``data`` and ``eval_data`` required) and score on eval_data.
+def train_and_score(settings: dict[str, Any], threads: int, keep_adapter: Path | None = None, score_before: bool = False) -> dict[str, Any]:
+    """Train with ``settings`` (``TrainConfig`` fields) and score on the run's evaluation data.
 
-    Returns the final scores, the training loss, the trainable parameter count and the training seconds; with
-    ``keep_adapter`` the adapter folder is copied there (for later analysis).
+    Returns the final scores, the training loss, the trainable parameter count, the training seconds and the bits
+    per weight of quantized layers (NaN without); ``score_before`` adds the scores before training as
+    ``before_<name>``; with ``keep_adapter`` the adapter folder is copied there (for later analysis).
     """
+    from peftkit.memory import memory_footprint
     from peftkit.train import TrainConfig, TrainingRun
 
     with tempfile.TemporaryDirectory() as folder:
         config = TrainConfig.from_dict({"eval_every": 0, "save_every": 0, "num_samples": 0, "threads": threads,
                                         **settings, "out": str(Path(folder) / "run")})
         run = TrainingRun(config, progress=False)
+        before = {f"before_{k}": float(v) for k, v in run.evaluate().items()} if score_before else {}
+        bits = memory_footprint(run.model).bits_per_param
+        bits = None if bits != bits else bits  # NaN: nothing quantized
         start = time.perf_counter()
         result = run.fit()
         train_s = time.perf_counter() - start
@@ -40,7 +45,7 @@ def train_and_score(settings: dict[str, Any], threads: int, keep_adapter: Path |
             shutil.rmtree(keep_adapter, ignore_errors=True)
             shutil.copytree(result.adapter_dir, keep_adapter)
     return {**{k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}, "train_loss": result.train_loss,
-            "trainable_params": result.trainable_parameters, "train_s": train_s}
+            "trainable_params": result.trainable_parameters, "train_s": train_s, "bits_per_param": bits, **before}
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -157,3 +157,22 @@ def test_lora_rank_table_quick_with_figure3(tmp_path: Path) -> None:
     phi = report["figure3"]["minilm"]
     assert len(phi["modules"]) == 12 and all(0 <= m["phi_1_jmax"] <= 1 for m in phi["modules"])
     assert (tmp_path / "lora_rank_phi-minilm.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_qlora_formats_quick_bits_per_weight(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(BENCH / "qlora_formats.py"), "--quick", "--models", "minilm", "--threads", "1", "--out", str(tmp_path)],
+                   check=True, timeout=900, capture_output=True)
+    report = json.loads((tmp_path / "qlora_formats.json").read_text())
+    rows = {r["format"]: r for r in report["rows"]}
+    assert list(rows) == ["fp32", "int8", "fp4", "nf4", "nf4+dq"]
+    # blocks of 64: 4 bits + one fp32 constant per block = 4.5; double quantization: 8-bit constants + one fp32 per
+    # 256 blocks = 4 + 8/64 + 32/(64*256) = 4.127, plus each layer's small code tables, which weigh more in MiniLM's
+    # 384 x 384 layers than in a 7B model's; int8: 8 + one fp32 scale per row of 384
+    assert rows["fp32"]["bits_per_param"] is None
+    assert rows["nf4"]["bits_per_param"] == pytest.approx(4.5, abs=0.01) and rows["fp4"]["bits_per_param"] == pytest.approx(4.5, abs=0.01)
+    assert 4.127 <= rows["nf4+dq"]["bits_per_param"] < 4.2 and rows["nf4"]["bits_per_param"] - rows["nf4+dq"]["bits_per_param"] > 0.3
+    assert rows["int8"]["bits_per_param"] == pytest.approx(8 + 32 / 384, abs=0.05)
+    # before training the adapter is a no-op: fp32 scores the base itself, and the 4-bit formats differ from it
+    assert all(0 <= r["accuracy_mean"] <= 1 and 0 <= r["before_accuracy_mean"] <= 1 for r in rows.values())
+    assert (tmp_path / "qlora_formats.png").read_bytes()[:8] == PNG_MAGIC

@@ -50,6 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--method-option", type=key_value, action="append", dest="method_options", metavar="KEY=VALUE",
                    help="any other field of the method's config, e.g. use_rslora=true (repeatable)")
     g.add_argument("--quantization", choices=["nf4", "fp4", "int8"], help="load the frozen base in 4-bit (QLoRA) or 8-bit")
+    g.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="4-bit: keep the block constants in fp32 (4.5 bits per weight instead of 4.127)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory, slower)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="JSON, JSONL, CSV, TSV or text file, or a GLUE task folder (train.tsv + dev.tsv)")

@@ -66,6 +66,7 @@ class TrainConfig:
     reduction_factor: int | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     quantization: str | None = None
+    double_quant: bool = True
     gradient_checkpointing: bool = False
     # data
     max_length: int | None = None

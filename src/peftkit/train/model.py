@@ -46,6 +46,7 @@ def load_base_model(config: TrainConfig, num_labels: int | None = None) -> tuple
     kwargs: dict[str, Any] = {}
     if config.quantization:
         kwargs["quantization"] = config.quantization
+        kwargs["double_quant"] = config.double_quant
     try:
         model, tokenizer = load_model(config.model, task=task, num_labels=num_labels, **kwargs)
     except TypeError as err:
