@@ -337,14 +337,15 @@ class PeftModel(nn.Module):
         return tensors
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-        """Write each adapter as HF PEFT does: "default" in ``save_directory``, others in ``save_directory/<name>``."""
+        """Write each adapter as HF PEFT does: "default" in ``save_directory``, others in ``save_directory/<name>``.
+
+        The folder is replaced as one unit (:func:`peftkit.atomic.replace_folder`): a crash leaves the old folder or
+        the new one, never a mix; files in it that the save does not write are kept."""
         names = selected_adapters or list(self.peft_config)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
-        for name in names:
-            target = checkpoint.adapter_dir(save_directory, name)
-            checkpoint.write_adapter(target, self.peft_config[name], self.adapter_tensors(name))
+        checkpoint.save_adapters(save_directory, {n: (self.peft_config[n], self.adapter_tensors(n)) for n in names})
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add an adapter from a folder written by peftkit or HF PEFT, checking every key and shape."""
