@@ -123,11 +123,13 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             head = f.read(8)
             size = int.from_bytes(head, "little") if len(head) == 8 else -1
             raw = head + f.read(size) if 0 < size < 100_000_000 else head
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no adapter weights at {path}") from None
     except OSError as err:
         raise ValueError(f"{path} cannot be read: {err.strerror}") from None
     header, _ = _split(raw, path)
     try:
-        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in sorted(header.items()) if k != "__metadata__"}
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{path} is not a readable safetensors file (its header is damaged)") from None
 

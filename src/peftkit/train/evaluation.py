@@ -36,13 +36,10 @@ def adapter_task(adapter_dir: str | os.PathLike) -> tuple[str | None, int | None
     config = checkpoint.read_config(adapter_dir)
     if config.task_type != "SEQ_CLS":
         return None, None
-    from safetensors import safe_open
-
     suffixes = classifier_weight_suffixes()
-    with safe_open(str(Path(adapter_dir) / checkpoint.WEIGHTS_NAME), "pt") as f:
-        for key in f.keys():
-            if key.endswith(suffixes):
-                return "seq-cls", f.get_slice(key).get_shape()[0]
+    for key, shape in checkpoint.tensor_shapes(Path(adapter_dir) / checkpoint.WEIGHTS_NAME).items():
+        if key.endswith(suffixes):
+            return "seq-cls", shape[0]
     return "seq-cls", None
 
 
