@@ -104,15 +104,16 @@ def load_tensors(path: str | os.PathLike, verify: bool = True) -> dict[str, torc
         raw = path.read_bytes()
     except OSError as err:
         raise ValueError(f"{path} cannot be read: {err.strerror}") from None
+    try:
+        tensors = dict(sorted(load_bytes(raw).items()))  # key order as safetensors' load_file gives it
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from None
     if verify and checksum_status(raw, path) == "mismatch":
         raise ValueError(
             f"{path}: its tensor data does not match the SHA-256 recorded when it was saved, so its bytes changed "
             "afterwards (a damaged disk, an interrupted copy or an edit). Copy or save the adapter again."
         )
-    try:
-        return dict(sorted(load_bytes(raw).items()))  # key order as safetensors' load_file gives it
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from None
+    return tensors
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
