@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
-from test_serve import TOKEN, VOCAB, admin, make_base, serving
+from test_serve import TOKEN, VOCAB, admin, client, make_base, serving, tok  # noqa: F401 (fixtures)
 
 import peftkit as pk
 from peftkit import checkpoint
@@ -58,11 +58,6 @@ BROKEN = {
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return pk.load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory) -> Path:
     """"good" and "spare" (random non-zero LoRA), and one damaged copy of "good" per BROKEN entry."""
     root = tmp_path_factory.mktemp("adapters")
@@ -83,11 +78,6 @@ def server(adapters_dir, tok):
                      adapters_dir=adapters_dir, api_key=TOKEN, max_batch_size=4, max_queue=8)
     with serving(app) as url:
         yield url, app.state.server
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.mark.parametrize("name", ["nan", "int64", "flipped", "no-weights"])
