@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_bert_classifier, tiny_llama
+from conftest import ALPACA_TINY, tiny_bert_classifier, tiny_llama
 from safetensors.torch import load_file, save_file
 from test_lora import randomize_b
 
@@ -273,6 +273,27 @@ def test_eval_of_a_damaged_classification_adapter_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:6])
     with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
         adapter_task(tmp_path)
+
+
+def test_eval_of_a_nan_adapter_is_refused_not_scored_nan(tmp_path, tiny_lm):
+    from peftkit.train.evaluation import evaluate_adapter
+
+    saved(tmp_path)
+    rewrite(tmp_path, KEY, torch.full((64, 4), float("nan")))
+    with pytest.raises(ValueError, match=f"tensor {KEY} holds 256 NaN/Inf"):
+        evaluate_adapter(adapter=tmp_path, data=str(ALPACA_TINY), model=str(tiny_lm))
+
+
+def test_resume_from_a_checkpoint_with_nan_parameters_is_refused(tmp_path):
+    from peftkit.train.run_folder import load_checkpoint, save_checkpoint
+
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]))
+    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad])
+    with torch.no_grad():
+        next(p for p in pm.parameters() if p.requires_grad).fill_(float("nan"))
+    save_checkpoint(tmp_path / "step-000001", pm, optimizer, {"step": 1})
+    with pytest.raises(ValueError, match=r"training_state.safetensors: tensor param\..*lora_A.default.weight holds"):
+        load_checkpoint(tmp_path / "step-000001", pm, optimizer)
 
 
 def test_an_adapter_config_with_a_bad_value_is_refused_when_loading(tmp_path):

@@ -93,6 +93,8 @@ def load_checkpoint(
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{directory}: unreadable trainer_state.json ({err})") from None
     tensors = checkpoint.load_tensors(directory / "training_state.safetensors")
+    params_saved = {k: v for k, v in tensors.items() if k.startswith("param.")}
+    checkpoint.check_weights(params_saved, directory / "training_state.safetensors")  # resume from no NaN
     params = trainable_parameters(peft_model)
     if state["parameter_names"] != list(params):
         raise ValueError(
