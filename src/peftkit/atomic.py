@@ -12,7 +12,7 @@ Folder protocol (``final`` is the folder being written; siblings live next to it
 3. Build the new folder in ``.<final>.peftkit-tmp-<token>``: every file written and fsynced there. Entries of the
    existing ``final`` that the build did not write (a tokenizer, a README, another adapter's subfolder) are carried
    over as hard links (copies where the file system has none), so a save never deletes what it did not write.
-4. fsync every folder of the staging tree, then rename it to ``.<final>.peftkit-ready-<token>`` and fsync the
+4. fsync every file and folder of the staging tree, then rename it to ``.<final>.peftkit-ready-<token>`` and fsync the
    parent: a ``ready`` sibling is always complete.
 5. If ``final`` exists, swap the two with ``renameat2(RENAME_EXCHANGE)`` (Linux): one atomic step, so a reader
    sees the old folder or the new, never neither. Where the call is missing (other systems, some file systems),
@@ -56,19 +56,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file and fsync it (for files inside a private staging folder: no rename needed)."""
+    """Write ``data`` to a new file inside a staging folder (:func:`replace_folder` fsyncs the whole tree)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    path.write_bytes(data)
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder (a folder's entries: new names, renames) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -96,7 +94,7 @@ def replace_folder(final: str | os.PathLike, build: Callable[[Path], None]) -> N
                 _carry_over(final, tmp)
             _fsync_tree(tmp)
             os.rename(tmp, ready)
-            fsync_dir(final.parent)
+            fsync_path(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(ready, ignore_errors=True)
@@ -111,7 +109,7 @@ def replace_folder(final: str | os.PathLike, build: Callable[[Path], None]) -> N
         else:
             os.rename(ready, final)
             stale = None
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
         if stale is not None:
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -160,7 +158,7 @@ def _recover_locked(final: Path) -> None:
     ready = sorted(_siblings(final, "ready"), key=lambda p: p.stat().st_mtime)
     if not final.exists() and ready:
         os.rename(ready[-1], final)  # the newest committed version
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
 
 
 def _clean_locked(final: Path) -> None:
@@ -205,8 +203,12 @@ def _carry_over(old: Path, new: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    for folder, _, _ in os.walk(root):
-        fsync_dir(folder)
+    """fsync every file (``build`` may have written some through other libraries) and every folder under ``root``."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
 _RENAME_EXCHANGE = 2
