@@ -15,7 +15,7 @@ from test_lora import randomize_b
 import peftkit as pk
 from peftkit import atomic, checkpoint
 from peftkit.describe import describe_adapter
-from peftkit.train.evaluation import adapter_task
+from peftkit.train.evaluation import adapter_task, find_adapter
 
 X = torch.randint(1, 120, (2, 8), generator=torch.Generator().manual_seed(0))
 KEY = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
@@ -164,6 +164,8 @@ def test_a_folder_missing_after_a_kill_between_renames_is_recovered_by_load(tmp_
     loaded = pk.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     assert torch.equal(logits(loaded), logits(pm.eval()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    os.rename(tmp_path / "adapter", tmp_path / ".adapter.peftkit-ready-0badf00d")
+    assert find_adapter(tmp_path / "adapter") == (tmp_path / "adapter", None)  # what eval, merge and inspect call
 
 
 def test_an_unfinished_staging_folder_is_ignored_by_loads_and_cleaned_by_the_next_save(tmp_path):

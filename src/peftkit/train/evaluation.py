@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
+from ..atomic import recover
 from ..families import classifier_weight_suffixes
 from .config import TrainConfig
 from .model import load_base_model
@@ -17,6 +18,8 @@ from .tasks import make_task
 def find_adapter(path: str | os.PathLike) -> tuple[Path, TrainConfig | None]:
     """(adapter folder, the run's config if ``path`` is, or is inside, a run folder) for an adapter or run folder."""
     path = Path(path)
+    for folder in (path, path / ADAPTER_DIR):
+        recover(folder)  # a save killed between its two renames left the folder under a staging name
     if (path / checkpoint.CONFIG_NAME).exists():
         run = path.parent if (path.parent / CONFIG_FILE).exists() else None
         adapter = path
