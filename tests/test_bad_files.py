@@ -219,6 +219,21 @@ def test_saving_where_a_file_is_refused(tmp_path):
         pm.save_pretrained(tmp_path / "adapter")
 
 
+def test_saving_over_the_working_directory_or_a_mount_point_is_refused(tmp_path, monkeypatch):
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]))
+    (tmp_path / "inside").mkdir()
+    for cwd, target in ((tmp_path, "."), (tmp_path / "inside", tmp_path)):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(ValueError, match="is, or holds, the current working directory; .*Save into a subfolder"):
+            pm.save_pretrained(target)
+    pm.save_pretrained("adapter")  # a subfolder of the working directory is fine
+    assert (tmp_path / "inside" / "adapter" / checkpoint.CONFIG_NAME).exists()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(tmp_path / "inside"))  # a volume's root
+    with pytest.raises(ValueError, match="inside is a mount point; .* Save into a subfolder"):
+        pm.save_pretrained(tmp_path / "inside")
+
+
 def test_a_save_through_a_symlink_writes_where_it_points(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)

@@ -22,6 +22,9 @@ Folder protocol (``final`` is the folder being written; siblings live next to it
 6. If ``final`` did not exist, rename ``ready`` to ``final``.
 7. Delete the sibling now holding the old version, fsync the parent, release the lock.
 
+A folder that is (or holds) the working directory, or is a mount point, cannot be swapped: a save there is refused
+with the advice to save into a subfolder. Concurrent saves of one folder take turns (the lock); the last one wins.
+
 Readers never look at siblings, so leftovers are ignored by loads; a load that finds ``final`` missing calls
 :func:`recover` (which waits for a running writer's lock) before saying the folder does not exist.
 """
@@ -81,6 +84,17 @@ def replace_folder(final: str | os.PathLike, build: Callable[[Path], None]) -> N
     final = _target(final)
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{final} exists and is a file; an adapter is saved as a folder: choose another path")
+    cwd = Path.cwd()
+    if final.exists() and (cwd == final.resolve() or final.resolve() in cwd.parents):
+        raise ValueError(
+            f"{final} is, or holds, the current working directory; a save replaces its folder as a whole, which would "
+            f"pull the working directory away. Save into a subfolder (e.g. {final / 'adapter'})"
+        )
+    if os.path.ismount(final):
+        raise ValueError(
+            f"{final} is a mount point; a save replaces its folder as a whole, and a mount point cannot be renamed. "
+            f"Save into a subfolder (e.g. {final / 'adapter'})"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     with _parent_lock(final.parent, blocking=True):
         _recover_locked(final)
