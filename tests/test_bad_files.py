@@ -212,6 +212,31 @@ def test_a_save_keeps_files_and_adapters_it_does_not_write(tmp_path):
     assert checkpoint.read_config(tmp_path).r == 4 and checkpoint.read_config(tmp_path / "b").r == 2
 
 
+def test_concurrent_saves_of_one_folder_take_turns_and_the_last_wins(tmp_path):
+    import threading
+
+    models = [pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=r, target_modules=["q_proj"])) for r in (2, 4, 8)]
+    errors = []
+
+    def save_often(pm):
+        try:
+            for _ in range(5):
+                pm.save_pretrained(tmp_path / "adapter")
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=save_often, args=(pm,)) for pm in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and atomic.leftovers(tmp_path / "adapter") == []
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME]
+    config = checkpoint.read_config(tmp_path / "adapter")
+    assert config.r in (2, 4, 8)
+    pk.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")  # weights and config of the same save
+
+
 def test_saving_where_a_file_is_refused(tmp_path):
     (tmp_path / "adapter").write_text("not a folder")
     pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]))
