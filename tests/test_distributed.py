@@ -219,7 +219,7 @@ def test_a_killed_rank_fails_the_run_quickly_and_keeps_the_last_checkpoint(runs,
     assert seconds_after_kill < 45  # well before --dist-timeout 60: a closed connection fails at once
     # the last good checkpoint is complete and loads; nothing half-written, no final adapter
     assert [p.name for p in T.list_checkpoints(run)] == ["step-000002", "step-000004"]
-    assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / "adapter").exists()
+    assert not list((run / "checkpoints").glob(".*.peftkit-*")) and not (run / "adapter").exists()
     base, _ = peftkit.load_model(str(tiny_lm))
     model = peftkit.PeftModel.from_pretrained(base, run / "checkpoints" / "step-000004" / "adapter", is_trainable=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])

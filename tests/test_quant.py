@@ -340,6 +340,7 @@ def test_reentrant_checkpointing_needs_and_gets_input_grads():
     model = pk.prepare_model_for_kbit_training(quantized_llama(), gradient_checkpointing_kwargs={"use_reentrant": True})
     torch.testing.assert_close(_layer0_grads(lora(model)), reference, rtol=1e-4, atol=1e-7)
     # without input-grads hooks, no checkpointed segment's input requires grad: the adapters learn nothing
+    model = pk.prepare_model_for_kbit_training(quantized_llama(), gradient_checkpointing_kwargs={"use_reentrant": True})
     model.get_input_embeddings()._forward_hooks.clear()
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="does not require grad"):
         warnings.simplefilter("ignore")  # torch warns that none of the checkpoint inputs require grad

@@ -1,61 +1,97 @@
-"""Adapter files in Hugging Face PEFT's format, written atomically and read with validation.
+"""Adapter files in Hugging Face PEFT's format, written crash-safely and read with validation.
 
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys such as
 ``base_model.model.<module path>.lora_A.weight``; adapter names are not part of the keys. Only safetensors is
 ever read: a pickled ``adapter_model.bin`` is refused rather than unpickled.
+
+Writing: a save builds the whole folder (every adapter, subfolders included) in a staging sibling and swaps it in
+as one unit (:func:`peftkit.atomic.replace_folder`), so a reader sees the old adapter or the new one, never a config
+from one and weights from the other.
+
+Integrity: every safetensors file peftkit writes records the SHA-256 of its tensor data (the bytes after the
+header) in the header's metadata under ``peftkit.sha256``, which HF PEFT and transformers ignore; reading verifies
+it when present, so bytes damaged after saving (header intact) are refused with the file named. It lives in the
+file rather than the config so that editing ``adapter_config.json`` by hand stays possible and a weights file
+keeps its check when copied alone.
+
+Values: :func:`check_weights` refuses tensors that are not floating point or hold NaN/Inf, naming the key; every
+load of adapter weights goes through it (:func:`copy_checked`), and ``peftkit inspect`` reports the same problems
+(:func:`weight_problems`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
+from .atomic import atomic_write, recover, replace_folder, write_file  # noqa: F401 (atomic_write: for run folders)
 from .tuners.base import PeftConfig, config_from_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+SHA256_KEY = "peftkit.sha256"  # safetensors metadata: SHA-256 (hex) of the tensor data after the header
+
+Adapters = dict[str, tuple[PeftConfig, dict[str, torch.Tensor]]]  # adapter name -> (config, file tensors)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see the old file or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+# ----------------------------------------------------------------------------------------------------------------
+# safetensors bytes with a checksum
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, with the SHA-256 of its tensor data in the metadata.
+
+    Tensors are cloned contiguous on the CPU, so views and shared storage are fine. The data section does not depend
+    on the metadata, so it is serialized once to hash it and once more with the hash."""
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    digest = hashlib.sha256(_split(save_bytes(clean, metadata=meta), "tensors")[1]).hexdigest()
+    raw = save_bytes(clean, metadata={**meta, SHA256_KEY: digest})
+    assert hashlib.sha256(_split(raw, "tensors")[1]).hexdigest() == digest
+    return raw
+
+
+def _split(raw: bytes | memoryview, source: str | os.PathLike) -> tuple[dict[str, Any], memoryview]:
+    """(header, tensor data) of safetensors bytes; a ValueError naming ``source`` if they are not safetensors."""
+    view = memoryview(raw)
+    size = int.from_bytes(view[:8], "little") if len(view) >= 8 else -1
+    if size < 2 or 8 + size > len(view):
+        raise ValueError(f"{source} is not a readable safetensors file (truncated or corrupted?)")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        header = json.loads(bytes(view[8 : 8 + size]))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{source} is not a readable safetensors file (its header is damaged)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{source} is not a readable safetensors file (its header is not a JSON object)")
+    return header, view[8 + size :]
+
+
+def checksum_status(raw: bytes, source: str | os.PathLike) -> str:
+    """"ok", "mismatch" or "absent" (a file not written by peftkit): the recorded SHA-256 against the data."""
+    header, data = _split(raw, source)
+    expected = (header.get("__metadata__") or {}).get(SHA256_KEY)
+    if expected is None:
+        return "absent"
+    return "ok" if hashlib.sha256(data).hexdigest() == expected else "mismatch"
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (tensors are cloned contiguous so views and shared storage are fine)."""
-    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={"format": "pt", **(metadata or {})}))
+    """Write one safetensors file atomically (with its checksum)."""
+    raw = tensor_bytes(tensors, metadata)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))
 
 
-def save_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(path, write)
-
-
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, turning a missing or damaged file into an error that names it."""
+def load_tensors(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning a missing, damaged or (``verify``) checksum-failing file into an error that
+    names it. Values are not judged here: see :func:`check_weights`."""
     path = Path(path)
     if not path.exists():
         if path.with_name("adapter_model.bin").exists():
@@ -65,9 +101,47 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             )
         raise FileNotFoundError(f"no adapter weights at {path}")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read: {err.strerror}") from None
+    try:
+        tensors = dict(sorted(load_bytes(raw).items()))  # key order as safetensors' load_file gives it
+    except (SafetensorError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from None
+    if verify and checksum_status(raw, path) == "mismatch":
+        raise ValueError(
+            f"{path}: its tensor data does not match the SHA-256 recorded when it was saved, so its bytes changed "
+            "afterwards (a damaged disk, an interrupted copy or an edit). Copy or save the adapter again."
+        )
+    return tensors
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from a safetensors file's header alone (no tensor data read)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = head + f.read(size) if 0 < size < 100_000_000 else head
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no adapter weights at {path}") from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read: {err.strerror}") from None
+    header, _ = _split(raw, path)
+    try:
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in sorted(header.items()) if k != "__metadata__"}
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{path} is not a readable safetensors file (its header is damaged)") from None
+
+
+def save_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapter folders
 
 
 def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
@@ -77,24 +151,66 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
 
 def read_config(directory: str | os.PathLike) -> PeftConfig:
     path = Path(directory) / CONFIG_NAME
+    for folder in (Path(directory), Path(directory).parent):  # a subfolder adapter is saved with its parent
+        if not path.exists():
+            recover(folder)  # a save killed between its two renames left the folder under a staging name
     if not path.exists():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this an adapter folder?")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return config_from_dict(data, source=str(path))
 
 
-def write_adapter(directory: str | os.PathLike, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Weights first, then the config: a folder with a config always has matching weights."""
-    directory = Path(directory)
-    save_tensors(directory / WEIGHTS_NAME, tensors)
-    data = config.to_dict()
-    data["inference_mode"] = True  # as HF PEFT writes it
-    save_json(directory / CONFIG_NAME, data)
+def write_adapters(root: str | os.PathLike, adapters: Adapters) -> None:
+    """Write adapter files under ``root`` (a private staging folder: plain fsynced writes, no renames)."""
+    for name, (config, tensors) in adapters.items():
+        folder = adapter_dir(root, name)
+        write_file(folder / WEIGHTS_NAME, tensor_bytes(tensors))
+        data = config.to_dict()
+        data["inference_mode"] = True  # as HF PEFT writes it
+        write_file(folder / CONFIG_NAME, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_adapters(directory: str | os.PathLike, adapters: Adapters) -> None:
+    """Write adapters into ``directory`` ("default" at the top, others in subfolders) as one atomic unit."""
+    replace_folder(directory, lambda staging: write_adapters(staging, adapters))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def weight_problems(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """(key, what is wrong) for every tensor that cannot be adapter weights: not floating point, or not finite."""
+    problems = []
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            problems.append((key, f"is {str(value.dtype).replace('torch.', '')}, not floating point"))
+            continue
+        bad = int((~torch.isfinite(value.float() if value.element_size() < 2 else value)).sum())
+        if bad:
+            problems.append((key, f"holds {bad} NaN/Inf value(s) of {value.numel()}"))
+    return problems
+
+
+def check_weights(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuse tensors that are not usable weights, naming the first bad key and what to do."""
+    problems = weight_problems(tensors)
+    if not problems:
+        return
+    key, what = problems[0]
+    more = f" (and {len(problems) - 1} more tensor(s))" if len(problems) > 1 else ""
+    if "floating point" in what:
+        advice = ("adapter weights are float32, float16 or bfloat16; re-save the adapter from its model, or convert "
+                  "the file's tensors to a float type")
+    else:
+        advice = ("the adapter is numerically broken (a diverged training run, or damaged bytes); use an earlier "
+                  "checkpoint, or retrain with a lower learning rate")
+    raise ValueError(f"{source}: tensor {key} {what}{more}: {advice}")
 
 
 def copy_checked(
@@ -103,7 +219,9 @@ def copy_checked(
     source: str | os.PathLike,
     optional: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Copy file tensors into live ones after checking the key sets and every shape; name the file and key if not.
+    """Copy file tensors into live ones after checking the key sets, every shape and every value (floating point,
+    finite, and still finite in the live tensor's dtype); name the file and key if not. Nothing is copied unless
+    everything passes.
 
     Every key of ``targets`` must be in the file; keys of ``optional`` may be.
     """
@@ -123,6 +241,14 @@ def copy_checked(
                 f"{source}: key {key} has shape {tuple(value.shape)} but the model needs {tuple(targets[key].shape)} "
                 "(different rank in adapter_config.json, or another base model?)"
             )
+    check_weights(tensors, source)
+    converted = {key: value.to(targets[key].dtype) for key, value in tensors.items()}
+    for key, value in converted.items():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{source}: tensor {key} overflows the model's {str(value.dtype).replace('torch.', '')} (values beyond "
+                "its range); load the model in float32"
+            )
     with torch.no_grad():
-        for key, value in tensors.items():
-            targets[key].copy_(value.to(targets[key].dtype))
+        for key, value in converted.items():
+            targets[key].copy_(value)

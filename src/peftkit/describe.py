@@ -13,11 +13,19 @@ from .tuners.base import FILE_PREFIX, describe_targets
 
 
 def describe_adapter(folder: str | os.PathLike) -> str:
-    """Method, base model, task, config options, targeted modules, parameter count and file size of an adapter."""
+    """Method, base model, task, config options, targeted modules, parameter count, file size and integrity of an
+    adapter: whether its recorded checksum holds, and every tensor a load would refuse (not floating point, NaN/Inf)."""
     folder = Path(folder)
     config = checkpoint.read_config(folder)
-    tensors = checkpoint.load_tensors(folder / checkpoint.WEIGHTS_NAME)
-    size = (folder / checkpoint.WEIGHTS_NAME).stat().st_size
+    path = folder / checkpoint.WEIGHTS_NAME
+    tensors = checkpoint.load_tensors(path, verify=False)  # inspect reports a bad checksum instead of stopping
+    size = path.stat().st_size
+    checksum = {
+        "ok": "sha256 ok",
+        "mismatch": "MISMATCH: the tensor data changed after saving (damaged); loading it is refused",
+        "absent": "none recorded (not saved by peftkit)",
+    }[checkpoint.checksum_status(path.read_bytes(), path)]
+    problems = checkpoint.weight_problems(tensors)
     params = sum(t.numel() for t in tensors.values())
     modules = sorted({re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|ia3_l|weight|bias)(\..*)?$", "", k[len(FILE_PREFIX):])
                       for k in tensors if k.startswith(FILE_PREFIX)})
@@ -37,9 +45,13 @@ def describe_adapter(folder: str | os.PathLike) -> str:
         f"options      {', '.join(f'{k}={v}' for k, v in options.items()) or '-'}",
         f"parameters   {params:,} in {len(tensors)} tensors ({', '.join(dtypes)})",
         f"file size    {size / 1024:.1f} KiB ({checkpoint.WEIGHTS_NAME})",
+        f"checksum     {checksum}",
         f"modules      {len(modules)}:",
     ]
     lines += [f"  {k} x{n}" for k, n in kinds.items()]
+    if problems:
+        lines.append(f"UNUSABLE     {len(problems)} tensor(s) a load refuses (re-save or retrain the adapter):")
+        lines += [f"  {key} {what}" for key, what in problems]
     return "\n".join(lines)
 
 

@@ -23,7 +23,6 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -245,13 +244,12 @@ class Distributed:
 
     # ------------------------------------------------------------------------------------------------- files
 
+    def adapters(self, model: nn.Module) -> checkpoint.Adapters:
+        """*Collective*: every adapter of ``model`` (a PeftModel) as (config, complete tensors under file keys)."""
+        return {name: (config, self.full(model.adapter_tensors(name))) for name, config in model.peft_config.items()}
+
     def save_pretrained(self, model: nn.Module, directory: str | os.PathLike) -> None:
-        """*Collective*: write ``model``'s adapters (a PeftModel) as complete HF PEFT folders, from rank 0."""
-        if not self.enabled or self.strategy == "ddp":
-            if self.is_main:
-                model.save_pretrained(directory)
-            return
-        for name, config in model.peft_config.items():
-            tensors = self.full(model.adapter_tensors(name))
-            if self.is_main:
-                checkpoint.write_adapter(checkpoint.adapter_dir(Path(directory), name), config, tensors)
+        """*Collective*: write ``model``'s adapters as one HF PEFT folder, atomically, from rank 0."""
+        adapters = self.adapters(model)
+        if self.is_main:
+            checkpoint.save_adapters(directory, adapters)

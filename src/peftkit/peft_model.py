@@ -24,6 +24,7 @@ from .memory import MemoryFootprint, memory_footprint
 from .merge_report import merge_report
 from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for
 from .tuners.layer import AdapterLayer, MixedBatch, ModulesToSaveWrapper
+from .tying import untie
 
 class PeftModel(nn.Module):
     """A base model plus adapters. Create with :func:`get_peft_model` or :meth:`PeftModel.from_pretrained`."""
@@ -36,6 +37,13 @@ class PeftModel(nn.Module):
 
     def _hold(self, model: nn.Module) -> None:
         """Hold ``model`` with no adapter yet; the first :meth:`add_adapter` freezes its parameters."""
+        if isinstance(model, PeftModel) or any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in model.modules()):
+            names = list(model.peft_config) if isinstance(model, PeftModel) else "its injected adapter layers"
+            raise ValueError(
+                f"this model already holds adapters ({names}); wrapping it again would nest them and save keys that "
+                "cannot be loaded back. Add another adapter with model.add_adapter(name, config) or load one with "
+                "model.load_adapter(folder, name); get_peft_model and PeftModel.from_pretrained take a plain model"
+            )
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
@@ -58,9 +66,15 @@ class PeftModel(nn.Module):
 
         The model keeps its own copy of ``config`` (``peft_config[adapter_name]``), completed with what the model
         decides (default targets, the classifier head, the base model's name); the caller's object is left as it was.
+        If wrapping fails part-way (a target the method cannot wrap), the model is left exactly as before.
         """
         if not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a peftkit config (LoraConfig, IA3Config, ...), got {type(config).__name__}")
+        with self._undone_on_error(adapter_name, config):
+            self._add_adapter(adapter_name, config)
+
+    def _add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """:meth:`add_adapter` without the rollback (callers run it inside :meth:`_undone_on_error`)."""
         config = copy.copy(config)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter it first or pick another name")
@@ -197,7 +211,12 @@ class PeftModel(nn.Module):
         quantized = has_quantized_layers(self.base_model)
         with merge_report(self.base_model, names) if quantized else nullcontext():  # warns with the error
             for _, layer in self.adapter_layers():
-                layer.merge([n for n in names if n in layer.adapter_names])
+                here = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
+                if not here:
+                    continue
+                if not isinstance(layer, ModulesToSaveWrapper):  # (those swap in their own copy, never write)
+                    untie(self.base_model, layer.base_layer)  # a tied head: never write into the input embeddings
+                layer.merge(here)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
@@ -337,14 +356,15 @@ class PeftModel(nn.Module):
         return tensors
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-        """Write each adapter as HF PEFT does: "default" in ``save_directory``, others in ``save_directory/<name>``."""
+        """Write each adapter as HF PEFT does: "default" in ``save_directory``, others in ``save_directory/<name>``.
+
+        The folder is replaced as one unit (:func:`peftkit.atomic.replace_folder`): a crash leaves the old folder or
+        the new one, never a mix; files in it that the save does not write are kept."""
         names = selected_adapters or list(self.peft_config)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
-        for name in names:
-            target = checkpoint.adapter_dir(save_directory, name)
-            checkpoint.write_adapter(target, self.peft_config[name], self.adapter_tensors(name))
+        checkpoint.save_adapters(save_directory, {n: (self.peft_config[n], self.adapter_tensors(n)) for n in names})
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add an adapter from a folder written by peftkit or HF PEFT, checking every key and shape."""
@@ -383,15 +403,16 @@ class PeftModel(nn.Module):
         """Add adapter ``adapter_name`` holding ``tensors`` (HF PEFT file keys), all or nothing.
 
         Every load goes through here (:meth:`from_pretrained`, :meth:`load_adapter`, the server), so files are
-        checked the same way everywhere: the config first, then, once the adapter is injected, every key and shape
-        before anything is copied. On any error the half-added adapter is taken out again and the model (adapters,
-        parameters, outputs) is exactly as before, so a refused load never leaves a broken model behind. ``source``
-        names the tensors in errors (the file they came from).
+        checked the same way everywhere: the config first, then, once the adapter is injected, every key, shape and
+        value (floating point and finite: :func:`peftkit.checkpoint.copy_checked`) before anything is copied. On any
+        error the half-added adapter is taken out again and the model (adapters, parameters, outputs) is exactly as
+        before, so a refused load never leaves a broken model behind. ``source`` names the tensors in errors (the
+        file they came from).
         """
         tuner = tuner_for(config)
         tuner.check_loadable(config)
         with self._undone_on_error(adapter_name, config):
-            self.add_adapter(adapter_name, config)
+            self._add_adapter(adapter_name, config)
             optional = tuner.optional_tensors(self.base_model, adapter_name, config)
             checkpoint.copy_checked(self.adapter_tensors(adapter_name), tensors, source, optional)
 

@@ -177,7 +177,8 @@ class Server:
             self.scheduler.cancel(seq)  # a no-op once finished; frees the row if the client left or we were cancelled
         event = done.result()
         if event.kind == "error":
-            raise APIError(500, event.error or "generation failed", type_="server_error")
+            kind = "server_error" if event.status >= 500 else "invalid_request_error"
+            raise APIError(event.status, event.error or "generation failed", type_=kind)
         return seq
 
     async def respond(self, request: Request, body: CompletionRequest | ChatCompletionRequest, adapter: str,
@@ -205,7 +206,8 @@ class Server:
                 while True:
                     event = await queue.get()
                     if event.kind == "error":
-                        yield _sse(error_body(event.error or "generation failed", "server_error"))
+                        kind = "server_error" if event.status >= 500 else "invalid_request_error"
+                        yield _sse(error_body(event.error or "generation failed", kind))
                         return
                     if event.text:
                         yield _sse(reply.chunk(event.text))

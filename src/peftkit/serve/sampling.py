@@ -34,6 +34,12 @@ class SamplingParams:
         return torch.Generator().manual_seed(self.seed if self.seed is not None else random.SystemRandom().getrandbits(63))
 
 
+def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Per row of ``(batch, vocab)`` logits: True where no token can be chosen soundly (any NaN or +Inf, or no
+    finite value at all). -Inf alone is fine: it marks an impossible token."""
+    return logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | ~logits.isfinite().any(dim=-1)
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from a row of logits (shape ``(vocab,)``, any float dtype)."""
     if params.greedy:

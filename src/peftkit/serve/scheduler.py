@@ -27,8 +27,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ..tuners.base import BASE
 from .batch import KVBatch, left_pad
-from .sampling import SamplingParams, TextStream, sample_token
+from .sampling import SamplingParams, TextStream, sample_token, unusable_rows
 
 logger = logging.getLogger("peftkit.serve")
 
@@ -45,6 +46,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
+    status: int = 500  # for an error: the HTTP status it is answered with
 
 
 class Sequence:
@@ -96,9 +98,9 @@ class Sequence:
         self._emit(Event("finish", text=delta + self.stream.finish(), finish_reason=self.finish_reason))
         return True
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, status: int = 500) -> None:
         self.finish_reason = "error"
-        self._emit(Event("error", error=message))
+        self._emit(Event("error", error=message, status=status))
 
     def _emit(self, event: Event) -> None:
         self.text += event.text
@@ -343,8 +345,18 @@ class Scheduler:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> set[int]:
         """Sample one token per row; returns the rows that finished (or failed)."""
         finished = set()
-        greedy = torch.argmax(logits, dim=-1).tolist()  # one op for every greedy row
+        # one host transfer for every row: its greedy token, and whether its logits can be sampled at all
+        greedy, broken = torch.stack([torch.argmax(logits, dim=-1), unusable_rows(logits).long()]).tolist()
         for i, seq in enumerate(seqs):
+            if broken[i]:  # NaN/Inf logits: argmax or softmax would pick garbage or fail; refuse this request only
+                seq.fail(
+                    f"{'the base model' if seq.adapter == BASE else f'adapter {seq.adapter!r}'} gave non-finite logits (NaN or Inf) at output token "
+                    f"{len(seq.output_ids) + 1}: its weights overflow or are broken on this input, so no token can be "
+                    "chosen. Try another prompt or model; the server and other requests are unaffected",
+                    status=422,
+                )
+                finished.add(i)
+                continue
             try:
                 token = greedy[i] if seq.params.greedy else sample_token(logits[i], seq.params, seq.generator)
                 self.stats["tokens"] += 1

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
+from ..atomic import recover
 from ..families import classifier_weight_suffixes
 from .config import TrainConfig
 from .model import load_base_model
@@ -17,6 +18,8 @@ from .tasks import make_task
 def find_adapter(path: str | os.PathLike) -> tuple[Path, TrainConfig | None]:
     """(adapter folder, the run's config if ``path`` is, or is inside, a run folder) for an adapter or run folder."""
     path = Path(path)
+    for folder in (path, path / ADAPTER_DIR):
+        recover(folder)  # a save killed between its two renames left the folder under a staging name
     if (path / checkpoint.CONFIG_NAME).exists():
         run = path.parent if (path.parent / CONFIG_FILE).exists() else None
         adapter = path
@@ -36,13 +39,10 @@ def adapter_task(adapter_dir: str | os.PathLike) -> tuple[str | None, int | None
     config = checkpoint.read_config(adapter_dir)
     if config.task_type != "SEQ_CLS":
         return None, None
-    from safetensors import safe_open
-
     suffixes = classifier_weight_suffixes()
-    with safe_open(str(Path(adapter_dir) / checkpoint.WEIGHTS_NAME), "pt") as f:
-        for key in f.keys():
-            if key.endswith(suffixes):
-                return "seq-cls", f.get_slice(key).get_shape()[0]
+    for key, shape in checkpoint.tensor_shapes(Path(adapter_dir) / checkpoint.WEIGHTS_NAME).items():
+        if key.endswith(suffixes):
+            return "seq-cls", shape[0]
     return "seq-cls", None
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint
+from ..atomic import replace_folder, write_file
 from ..distributed import Distributed
 
 ADAPTER_DIR = "adapter"  # the final adapter inside a run folder
@@ -32,7 +32,8 @@ def save_checkpoint(
     directory: str | os.PathLike, peft_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
     dist: Distributed | None = None,
 ) -> None:
-    """Write a checkpoint folder atomically: built under a temporary name, then renamed into place.
+    """Write a checkpoint folder atomically (:func:`peftkit.atomic.replace_folder`: built under a staging name, then
+    swapped into place).
 
     ``adapter/`` is a usable adapter folder; ``training_state.safetensors`` holds the trainable parameters (by name,
     so every method resumes exactly), AdamW's moment tensors and the torch RNG state; ``trainer_state.json`` the
@@ -42,11 +43,7 @@ def save_checkpoint(
     kept (``rng.torch.rank<r>``), and rank 0 alone writes, so the files do not depend on the strategy.
     """
     dist = dist or Distributed()
-    directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.save_pretrained(peft_model, tmp / ADAPTER_DIR)
+    adapters = dist.adapters(peft_model)
     names = list(trainable_parameters(peft_model))
     saved = optimizer.state_dict()
     tensors = dist.full({f"param.{n}": p for n, p in trainable_parameters(peft_model).items()})
@@ -64,35 +61,21 @@ def save_checkpoint(
     tensors["rng.torch"] = rng_states[0]
     if dist.enabled:
         tensors.update({f"rng.torch.rank{r}": s for r, s in enumerate(rng_states)})
-    checkpoint.save_tensors(tmp / "training_state.safetensors", tensors)
     python_rng = random.getstate()
-    checkpoint.save_json(
-        tmp / "trainer_state.json",
-        {
-            **state,
-            "parameter_names": names,
-            "optimizer_param_groups": saved["param_groups"],
-            "optimizer_extra_state": extra_state,
-            "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
-        },
-    )
-    if directory.exists():  # the same step saved again after a resume: swap, never leave neither in place
-        old = directory.with_name(f".old-{directory.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
+    trainer_state = {
+        **state,
+        "parameter_names": names,
+        "optimizer_param_groups": saved["param_groups"],
+        "optimizer_extra_state": extra_state,
+        "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
+    }
 
+    def build(staging: Path) -> None:
+        checkpoint.write_adapters(staging / ADAPTER_DIR, adapters)
+        write_file(staging / "training_state.safetensors", checkpoint.tensor_bytes(tensors))
+        write_file(staging / "trainer_state.json", (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode())
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_folder(directory, build)  # the same step saved again after a resume replaces it whole
 
 
 def load_checkpoint(
@@ -110,6 +93,8 @@ def load_checkpoint(
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{directory}: unreadable trainer_state.json ({err})") from None
     tensors = checkpoint.load_tensors(directory / "training_state.safetensors")
+    params_saved = {k: v for k, v in tensors.items() if k.startswith("param.")}
+    checkpoint.check_weights(params_saved, directory / "training_state.safetensors")  # resume from no NaN
     params = trainable_parameters(peft_model)
     if state["parameter_names"] != list(params):
         raise ValueError(

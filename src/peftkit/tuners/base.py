@@ -13,6 +13,7 @@ HF PEFT's: ``...q_proj.lora_A.default.weight``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, NamedTuple
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..base_layers import is_linear
 from ..families import head_names, layer_containers
+from ..tying import warn_if_tied
 from .layer import AdapterLayer, ModulesToSaveWrapper
 
 BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
@@ -61,8 +63,17 @@ class PeftConfig:
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
                 setattr(self, name, sorted(value))
-        if isinstance(self.layers_to_transform, int):
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
+        layers = self.layers_to_transform
+        if layers is not None and (not isinstance(layers, list) or not all(_is_int(i) and i >= 0 for i in layers)):
+            raise ValueError(f"{type(self).__name__}.layers_to_transform must be layer indices >= 0, got {layers!r}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ):
+                raise ValueError(f"{type(self).__name__}.{name} must be a list of module names or a regex string, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON written to ``adapter_config.json`` (HF PEFT's field names)."""
@@ -88,6 +99,30 @@ class PeftConfig:
                 "Remove them from adapter_config.json only if the adapter was trained without them."
             )
         return cls(**kwargs)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_int(config: PeftConfig, field: str, value: Any, optional: bool = False) -> None:
+    """Refuse ``value`` for ``config.<field>`` unless it is an integer >= 1 (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a positive integer, got {value!r}")
+
+
+def check_positive_number(config: PeftConfig, field: str, value: Any, why: str = "") -> None:
+    """Refuse ``value`` unless it is a finite number > 0; ``why`` says what a wrong one would do."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a finite number > 0{why}, got {value!r}")
+
+
+def check_fraction(config: PeftConfig, field: str, value: Any) -> None:
+    """Refuse ``value`` unless it is a probability in [0, 1) (a dropout rate)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a number in [0, 1), got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,6 +265,7 @@ class Tuner:
                     )
                 layer = module
             else:
+                warn_if_tied(model, name, module, type(config).__name__)
                 layer = self.make_layer(module, config, name)
                 parent, child = get_submodule_parent(model, name)
                 setattr(parent, child, layer)

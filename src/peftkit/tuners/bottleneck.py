@@ -24,6 +24,7 @@ HF PEFT has no bottleneck adapters; files use its layout with ``peft_type`` "BOT
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -33,7 +34,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families import require
-from .base import AdapterLayer, CliOption, PeftConfig, Tuner, find_targets, is_linear, register
+from .base import (
+    AdapterLayer,
+    CliOption,
+    PeftConfig,
+    Tuner,
+    check_fraction,
+    check_positive_int,
+    check_positive_number,
+    find_targets,
+    is_linear,
+    register,
+)
 from .layer import StackedAdapterLayer
 
 NON_LINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
@@ -67,15 +79,12 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(
                 f"BottleneckConfig.non_linearity must be one of {sorted(NON_LINEARITIES)}, got {self.non_linearity!r}"
             )
-        size = self.bottleneck_size
-        if size is not None and (not isinstance(size, int) or size <= 0):
-            raise ValueError(f"BottleneckConfig.bottleneck_size must be a positive integer, got {size!r}")
-        if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
-            raise ValueError(f"BottleneckConfig.reduction_factor must be positive, got {self.reduction_factor!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"BottleneckConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init_scale < 0:
-            raise ValueError(f"BottleneckConfig.init_scale must be >= 0, got {self.init_scale!r}")
+        check_positive_int(self, "bottleneck_size", self.bottleneck_size, optional=True)
+        check_positive_number(self, "reduction_factor", self.reduction_factor, " (the bottleneck is d / reduction_factor)")
+        check_fraction(self, "dropout", self.dropout)
+        scale = self.init_scale
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"BottleneckConfig.init_scale must be a finite number >= 0, got {scale!r}")
 
     def bottleneck_for(self, features: int, module_name: str) -> int:
         """The bottleneck width m for a module with ``features`` outputs."""

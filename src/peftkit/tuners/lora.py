@@ -22,8 +22,23 @@ from torch import nn
 
 from ..base_layers import KINDS, Undo, kind_of
 from ..families import require
-from .base import FILE_PREFIX, AdapterLayer, CliOption, PeftConfig, Tuner, find_targets, register
+from .base import (
+    FILE_PREFIX,
+    AdapterLayer,
+    CliOption,
+    PeftConfig,
+    Tuner,
+    check_fraction,
+    check_positive_int,
+    check_positive_number,
+    find_targets,
+    register,
+)
 from .layer import StackedAdapterLayer
+
+
+# why lora_alpha must be positive: the update is (alpha / r) B A, so alpha = 0 zeroes every LoRA gradient
+ALPHA_WHY = " (the update is scaled by lora_alpha / r: 0 makes it, and every LoRA gradient, zero)"
 
 
 @dataclass
@@ -53,14 +68,19 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        check_positive_int(self, "r", self.r)
+        check_positive_number(self, "lora_alpha", self.lora_alpha, ALPHA_WHY)
+        for pattern, field_name, check in (("rank_pattern", "r", check_positive_int), ("alpha_pattern", "lora_alpha", check_positive_number)):
+            values = getattr(self, pattern)
+            if not isinstance(values, dict):
+                raise ValueError(f"LoraConfig.{pattern} must be a dict of module name -> {field_name}, got {values!r}")
+            for key, value in values.items():
+                check(self, f"{pattern}[{key!r}]", value)
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_fraction(self, "lora_dropout", self.lora_dropout)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """Rank and alpha for one module, after ``rank_pattern`` / ``alpha_pattern`` (HF PEFT's matching rule)."""

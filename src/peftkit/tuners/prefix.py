@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..hf_compat import find_cache, with_cache
-from .base import PeftConfig, register
+from .base import PeftConfig, check_positive_int, register
 from .prompt import PromptLearningConfig, PromptLearningTuner, _text_config, cache_is_filled, extend_front, input_batch
 
 
@@ -51,6 +51,7 @@ class PrefixTuningConfig(PromptLearningConfig):
         super().__post_init__()
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"PrefixTuningConfig.init_weights must be None or 'zero', got {self.init_weights!r}")
+        check_positive_int(self, "encoder_hidden_size", self.encoder_hidden_size, optional=True)
 
     def fill_from_model(self, model: nn.Module) -> None:
         super().fill_from_model(model)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..hf_compat import find_cache
-from .base import CliOption, PeftConfig, Tuner, register
+from .base import CliOption, PeftConfig, Tuner, check_positive_int, register
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # HF PEFT's one key for every prompt-learning method
 _LAYER_TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
@@ -51,8 +51,9 @@ class PromptLearningConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) or self.num_virtual_tokens <= 0:
-            raise ValueError(f"{name}.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        check_positive_int(self, "num_virtual_tokens", self.num_virtual_tokens)
+        for size in ("token_dim", "num_attention_heads", "num_layers"):
+            check_positive_int(self, size, getattr(self, size), optional=True)
         set_fields = [f for f in _LAYER_TARGETING if getattr(self, f) is not None]
         if set_fields:
             raise ValueError(f"{name} acts on the inputs, not on modules: remove {', '.join(set_fields)}")

@@ -65,8 +65,12 @@ class SelectiveConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.layers, int):
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             self.layers = [self.layers]
+        if self.layers is not None and (
+            not isinstance(self.layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
+        ):
+            raise ValueError(f"SelectiveConfig.layers must be layer indices (negative counts from the top), got {self.layers!r}")
         if self.layers is None and self.parameter_pattern is None:
             raise ValueError("SelectiveConfig needs layers=[...] (e.g. [-2, -1] for the top two) and/or parameter_pattern")
         if self.target_modules is not None or self.layers_to_transform is not None:
