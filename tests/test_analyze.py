@@ -83,5 +83,14 @@ def test_refuses_what_it_cannot_analyse(tmp_path, capsys):
     lora = _saved_lora(tmp_path / "lora", 4, seed=0)
     assert cli.main(["analyze", str(lora), str(lora), str(lora)]) == 1
     assert "one or two adapters" in capsys.readouterr().err
+    from safetensors.torch import load_file, save_file
+
+    weights = lora / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights)
+    assert cli.main(["analyze", str(lora)]) != 0
+    assert key in capsys.readouterr().err
     with pytest.raises(ValueError, match="which must be"):
         analyze.subspace_basis(torch.eye(2), "C")

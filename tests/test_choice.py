@@ -1,6 +1,7 @@
 """Multiple choice by rank classification and the T-Few recipe: data readers, the collator's layout, the scores and
 losses against a hand computation from full forwards, and the command line end to end on a tiny model."""
 
+import copy
 import json
 
 import pytest
@@ -74,6 +75,7 @@ def _by_hand(model, example):
 @pytest.mark.parametrize("method", ["none", "ia3", "prompt"])
 def test_scores_and_losses_equal_a_hand_computation(tiny, method):
     model, tokenizer = tiny
+    model = copy.deepcopy(model)  # wrapping injects layers in place: keep the module's fixture clean
     torch.manual_seed(0)
     if method == "ia3":
         model = pk.get_peft_model(model, pk.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))

@@ -49,6 +49,7 @@ def lora_factors(folder: str | os.PathLike) -> dict[str, tuple[torch.Tensor, tor
     if config.peft_type != "LORA":
         raise ValueError(f"{folder} is a {config.peft_type} adapter: rank analysis needs a LoRA adapter")
     tensors = checkpoint.load_tensors(Path(folder) / checkpoint.WEIGHTS_NAME)
+    checkpoint.check_weights(tensors, folder)  # NaN or integer tensors would give meaningless spectra
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _LORA_KEY.match(key[len(FILE_PREFIX):] if key.startswith(FILE_PREFIX) else key)
