@@ -239,11 +239,10 @@ def layer_activation_elements(shape: ModelShape, recipe: Recipe, targets: list[s
     # inputs of layers whose weight or adapter trains, once per distinct input tensor
     inputs = {linears[t][2] for t in targets}
     sizes = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_mid": inter}
-    if trains_all:
-        if not shape.encoder:
-            wide += 2 * h  # RMSNorm's normalized input, which its weight gradient needs (LayerNorm reuses its input)
-        if not math_attention:
-            inputs.discard("attn_out")  # fused SDPA's output is the output projection's input: counted above
+    if trains_all and not shape.encoder:
+        wide += 2 * h  # RMSNorm's normalized input, which its weight gradient needs (LayerNorm reuses its input)
+    if not math_attention:
+        inputs.discard("attn_out")  # fused SDPA's output is the output projection's input (a view): counted above
     wide += sum(sizes[i] for i in inputs)
     if recipe.method == "lora":
         wide += recipe.r * len(targets)  # A x, which B's weight gradient needs

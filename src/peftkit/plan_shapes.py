@@ -128,7 +128,7 @@ PRESETS: dict[str, ModelShape] = {
         _llama("llama3.2-1b", 2048, 16, 32, 8, 8192, 128256, head_dim=64, tied=True),
         _llama("mistral-7b", 4096, 32, 32, 8, 14336, 32000),
         _llama("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, qkv_bias=True),
-        _llama("smollm2-135m", 576, 30, 9, 3, 1536, 49152, tied=True),
+        _llama("smollm2-135m", 576, 30, 9, 3, 1536, 49152, head_dim=64, tied=True),
         ModelShape("minilm-l6", 384, 6, 12, 12, 1536, 30522, encoder=True, max_positions=512, type_vocab=2,
                    attention_dropout=0.1),
     )
