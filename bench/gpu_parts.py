@@ -102,6 +102,18 @@ def lora_pair(base: torch.nn.Module, r: int = 16):
     return ours, theirs
 
 
+def _train_step(model, optimizer, x, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    with autocast(device):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
 def part_train(device: str, size: str, steps: int, batch: int, seq: int) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -116,16 +128,7 @@ def part_train(device: str, size: str, steps: int, batch: int, seq: int) -> dict
     hf_times: list[float] = []
 
     def our_step(i: int) -> None:
-        x = train[i].to(device)
-        sync(device)
-        start = time.perf_counter()
-        with autocast(device):
-            loss = ours(input_ids=x, labels=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        ours_times.append(time.perf_counter() - start)
+        ours_times.append(_train_step(ours, optimizer, train[i].to(device), device))
 
     class Alternate(TrainerCallback):  # HF step, then one peftkit step: interleaved rounds
         def on_step_begin(self, *a, **k):
@@ -186,18 +189,6 @@ def _qlora_side(side: str, device: str, size: str, folder: str):
     model.train()
     optimizer = pk.make_optimizer("adamw", model.parameters(), lr=2e-4)
     return model, optimizer
-
-
-def _train_step(model, optimizer, x, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    with autocast(device):
-        loss = model(input_ids=x, labels=x).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    return time.perf_counter() - start
 
 
 def part_qlora(device: str, size: str, steps: int, batch: int, seq: int) -> dict:

@@ -29,8 +29,8 @@ Speed: a matmul with ``N`` weights costs ``2N`` FLOPs per token forward; backwar
 (another ``2N``) and, only for trainable weights, weight gradients (another ``2N``); checkpointing adds a forward.
 Attention adds ``2 x 2 x s x q_dim`` per token and layer (QK^T and AV, half of it masked away under causal
 masking, which fused kernels skip). So a frozen-base PEFT step costs about 4N FLOPs per token (6N with
-checkpointing... see :func:`train_flops_per_token`), full fine-tuning 6N; tokens/s = FLOP rate x utilisation /
-FLOPs per token.
+checkpointing), full fine-tuning 6N (8N with checkpointing); tokens/s = FLOP rate x utilisation / FLOPs per token
+(:func:`train_flops_per_token`).
 """
 
 from __future__ import annotations
@@ -213,8 +213,10 @@ def optimizer_bytes(tensors: list[tuple[int, int]], recipe: Recipe) -> int:
 def layer_activation_elements(shape: ModelShape, recipe: Recipe, targets: list[str], kv_len: int) -> tuple[float, float]:
     """(elements at activation width, elements of 1-byte masks on CUDA) that one layer saves per token.
 
-    Counted from transformers' layer code and PyTorch's autograd formulas (see the module docstring); the
-    breakdown is checked against ``saved_tensors_hooks`` on real layers in tests/test_plan.py.
+    Counted from transformers' layer code and PyTorch's autograd formulas (see the module docstring). For LoRA
+    (default targets and all-linear) and full fine-tuning of Llama and BERT layers the count equals what
+    ``saved_tensors_hooks`` sees (tests/test_plan.py); the (IA)^3, bottleneck and prompt/prefix terms follow the
+    same rules but are not checked against autograd.
     """
     h, inter, q, kv, heads = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, shape.heads
     linears = linear_layers(shape)
