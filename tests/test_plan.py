@@ -208,7 +208,8 @@ def test_fsdp_divides_the_states_and_json_output(capsys):
     "argv, message",
     [
         (["nope"], "unknown model 'nope': use a preset"),
-        (["llama-7b", "--target-modules", "qkv"], "unknown target module(s) ['qkv'] for llama-7b"),
+        (["llama-7b", "--target-modules", "q_proj,qkv"], "unknown target module(s) ['qkv'] for llama-7b"),
+        (["llama-7b", "--target-modules", ".*proj"], "the planner takes module names (q_proj,v_proj) or all-linear, not a regex"),
         (["llama-7b", "--gpu-memory", "big"], "--gpu-memory 'big': give a size such as 48GB"),
         (["llama-7b", "--method", "full", "--quantization", "nf4"], "full fine-tuning trains every weight"),
         (["llama-7b", "--method", "bitfit"], "llama-7b has no bias terms"),

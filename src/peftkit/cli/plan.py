@@ -23,6 +23,7 @@ utilisation / that. The formulas are in peftkit/plan.py; BENCHMARKS.md has the p
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from ..plan import DTYPES, METHODS, OPTIMIZERS, QUANTIZATIONS, STRATEGIES
     from ..plan_shapes import GPUS, PRESETS
+    from .common import target_modules
 
     p = subparsers.add_parser("plan", help="estimate peak memory and training speed; does it fit a GPU?",
                               description="Estimate a fine-tuning run's peak memory (split by part), its training "
@@ -31,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("model", help="a preset or embedded name, or a local config.json / Hugging Face model folder")
     p.add_argument("--method", choices=METHODS, default="lora", help="what trains (default lora; full = every weight)")
-    p.add_argument("--target-modules", nargs="+", help="module names of one layer, or all-linear (default: the family's)")
+    p.add_argument("--target-modules", type=target_modules, metavar="NAMES",
+                   help="comma-separated module names of one layer (q_proj,v_proj), or all-linear (default: the family's)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (keeps a mask and a copy of each input)")
     p.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt / prefix tuning (default 20)")
@@ -63,8 +65,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..plan_shapes import GPUS, find_shape, parse_memory
 
     shape = find_shape(args.model)
+    targets = args.target_modules or ()
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ValueError(f"--target-modules {targets!r}: the planner takes module names (q_proj,v_proj) or all-linear, not a regex")
     recipe = Recipe(
-        method=args.method, targets=tuple(args.target_modules or ()), r=args.r, lora_dropout=args.lora_dropout,
+        method=args.method, targets=(targets,) if isinstance(targets, str) else tuple(targets), r=args.r, lora_dropout=args.lora_dropout,
         num_virtual_tokens=args.num_virtual_tokens, reduction_factor=args.reduction_factor,
         quantization=args.quantization, double_quant=not args.no_double_quant, batch=args.batch_size,
         seq=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optim,
