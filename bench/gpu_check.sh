@@ -28,7 +28,10 @@ done
 
 # 1. peftkit (and any missing small package) without network
 if ! "$PY" -c "import peftkit" 2>/dev/null; then
-  "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . >/dev/null
+  if ! "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . >/dev/null; then
+    echo "pip could not install peftkit offline (no setuptools?): using it from src/ through PYTHONPATH"
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 fi
 if [ -n "$WHEELS" ]; then
   for pkg in bitsandbytes fastapi uvicorn; do
@@ -42,7 +45,8 @@ if [ "$DRY" = 1 ]; then
   echo "dry run: skipping pytest -m cuda"
 else
   set +e
-  timeout 90 "$PY" -m pytest -q -m cuda -p no:warnings -p no:cacheprovider tests
+  # a test module whose optional dependency is missing must not stop the CUDA tests of the others
+  timeout 90 "$PY" -m pytest -q -m cuda -p no:warnings -p no:cacheprovider --continue-on-collection-errors tests
   rc=$?
   set -e
   case $rc in

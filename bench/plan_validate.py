@@ -14,7 +14,8 @@ it also counts the Python runtime and libraries (about 400 MiB), glibc's retaine
 safetensors file, none of which a GPU's allocator sees; tracemalloc sees no torch memory at all.
 
 Inputs are random token ids (the values do not change memory), batch 4 x 128 tokens for SmolLM2 and 32 x 128
-for MiniLM (sequence classification, 2 labels), fp32, LoRA r=8 on the family's default targets (q/v).
+for MiniLM (sequence classification, 2 labels), fp32 (one SmolLM2 case in bf16: weights, adapters and activations),
+LoRA r=8 on the family's default targets (q/v).
 
     python bench/plan_validate.py [--json bench/results/plan_validate.json]
 """
@@ -30,8 +31,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# name: (model, task, method, quantization, gradient checkpointing, batch, seq)
+# name: (model, task, method, quantization, gradient checkpointing, batch, seq[, dtype])
 CASES = {
+    "smollm2 lora bf16": ("smollm2-135m", "causal-lm", "lora", None, False, 4, 128, "bfloat16"),
     "smollm2 lora": ("smollm2-135m", "causal-lm", "lora", None, False, 4, 128),
     "smollm2 qlora": ("smollm2-135m", "causal-lm", "lora", "nf4", False, 4, 128),
     "smollm2 qlora + checkpointing": ("smollm2-135m", "causal-lm", "lora", "nf4", True, 4, 128),
@@ -60,9 +62,9 @@ def measure(case: str) -> dict:
     import peftkit as pk
     from peftkit.base_layers import kind_of
 
-    model_name, task, method, quantization, checkpointing, batch, seq = CASES[case]
+    model_name, task, method, quantization, checkpointing, batch, seq, dtype = (CASES[case] + ("float32",))[:8]
     torch.manual_seed(0)
-    model, _ = pk.load_model(model_name, task=task, quantization=quantization)
+    model, _ = pk.load_model(model_name, task=task, quantization=quantization, dtype=getattr(torch, dtype))
     if quantization:
         model = pk.prepare_model_for_kbit_training(model, gradient_checkpointing=checkpointing)
     elif checkpointing:
@@ -104,7 +106,8 @@ def measure(case: str) -> dict:
         live += nbytes
         peak = max(peak, live)
     return {"case": case, "model": model_name, "task": task, "method": method, "quantization": quantization,
-            "gradient_checkpointing": checkpointing, "batch": batch, "seq": seq, "start_bytes": start,
+            "gradient_checkpointing": checkpointing, "batch": batch, "seq": seq, "dtype": dtype, "start_bytes": start,
+            "adapter_dtype": str(params[0].dtype).removeprefix("torch."),
             "step_peak_bytes": peak, "peak_bytes": start + peak, "trainable_params": sum(p.numel() for p in params)}
 
 

@@ -229,12 +229,11 @@ def layer_activation_elements(shape: ModelShape, recipe: Recipe, targets: list[s
         wide += inter  # GELU's input
     else:
         wide += 3 * inter  # SiLU's input, its output and up_proj's output (the product's two factors)
+    # PyTorch's fused CPU attention has no dropout: with attention dropout on, SDPA falls back to the math path
     math_attention = recipe.device == "cpu" and shape.attention_dropout > 0
-    if math_attention:  # q, k, v (the matmuls' operands) and the softmax probabilities
-        wide += q + 2 * kv + heads * kv_len
-        if shape.attention_dropout > 0:
-            wide += heads * kv_len  # the dropped probabilities
-            masks += heads * kv_len
+    if math_attention:  # q, k, v (the matmuls' operands), the softmax probabilities, the dropped ones, the mask
+        wide += q + 2 * kv + 2 * heads * kv_len
+        masks += heads * kv_len
     else:  # fused SDPA: q, k, v, output, log-sum-exp per head
         wide += 2 * q + 2 * kv + heads
         # (attention dropout inside fused kernels regenerates its mask from a saved RNG state)
