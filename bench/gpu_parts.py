@@ -141,7 +141,8 @@ def part_train(device: str, size: str, steps: int, batch: int, seq: int) -> dict
             our_step(len(ours_times))
 
     data = [{"input_ids": x[j], "labels": x[j]} for x in train for j in range(batch)]
-    args = TrainingArguments(output_dir="/tmp/peftkit-gpu-check-trainer", per_device_train_batch_size=batch,
+    scratch = tempfile.mkdtemp(prefix="peftkit-gpu-check-trainer-")  # Trainer wants a folder; nothing is saved
+    args = TrainingArguments(output_dir=scratch, per_device_train_batch_size=batch,
                              max_steps=steps, learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
                              bf16=cuda, use_cpu=not cuda, save_strategy="no", report_to=[], disable_tqdm=True,
                              logging_steps=10**6, seed=0, dataloader_drop_last=True)  # fmt: skip
@@ -149,7 +150,10 @@ def part_train(device: str, size: str, steps: int, batch: int, seq: int) -> dict
         def _get_train_sampler(self, *a, **k):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    InOrder(model=theirs, args=args, train_dataset=data, callbacks=[Alternate()]).train()
+    try:
+        InOrder(model=theirs, args=args, train_dataset=data, callbacks=[Alternate()]).train()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     skip = 2 if steps > 4 else 0  # warm-up steps (kernel selection, allocator growth)
     tokens = batch * seq
     ours_s, hf_s = statistics.median(ours_times[skip:]), statistics.median(hf_times[skip:])

@@ -30,6 +30,13 @@ def test_the_caps_leave_the_tests_time_within_eight_minutes():
     assert 90 + sum(cap for cap, _, _ in gpu_check.PARTS.values()) <= 8 * 60
 
 
+def test_without_a_gpu_the_real_run_stops_with_one_line():
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "gpu_check: no CUDA device visible to torch; run with --dry-run for the CPU rehearsal")
+
+
 @pytest.mark.slow
 def test_dry_run_builds_and_steps_every_part(tmp_path):
     out_json = tmp_path / "gpu_check.json"
