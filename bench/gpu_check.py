@@ -2,7 +2,8 @@
 
 Parts (bench/gpu_parts.py): ``train`` (LoRA training tokens/s in bf16 against HF PEFT + Trainer, held-out loss),
 ``qlora`` (QLoRA peak GPU memory and step time against HF PEFT + bitsandbytes), ``decode`` (mixed-adapter decode of
-32 rows over 32 adapters against the base and HF PEFT). A part that fails or runs past its cap is reported as such
+32 rows over 32 adapters against the base and HF PEFT), and ``plan`` (``peftkit plan``'s peak against the measured
+one). A part that fails or runs past its cap is reported as such
 and the others still run. ``--dry-run`` runs every part on the CPU with a tiny model and one or two steps.
 
     python bench/gpu_check.py [--dry-run] [--json bench/results/gpu_check.json] [--device cuda]
@@ -23,9 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # part: (seconds cap on the GPU, keyword arguments full size, keyword arguments of the dry run)
 PARTS = {
-    "train": (170, dict(steps=30, batch=8, seq=512), dict(steps=2, batch=2, seq=16)),
+    "train": (150, dict(steps=30, batch=8, seq=512), dict(steps=2, batch=2, seq=16)),
     "qlora": (110, dict(steps=10, batch=4, seq=512), dict(steps=2, batch=2, seq=16)),
     "decode": (80, dict(rounds=30), dict(rounds=2)),
+    "plan": (40, dict(batch=8, seq=512), dict(batch=2, seq=16)),
 }
 
 
@@ -51,25 +53,29 @@ def table(results: dict[str, dict]) -> str:
     rows = ["| comparison | peftkit | HF PEFT | ratio |", "|---|---|---|---|"]
     t, q, d = results.get("train", {}), results.get("qlora", {}), results.get("decode", {})
     for name, r in results.items():
-        if "error" in r:
+        if isinstance(r.get("error"), str):
             rows.append(f"| {name} | failed: {r['error']} | | |")
-    if "error" not in t and t:
+    if "speedup" in t:
         rows.append(f"| (a) LoRA training tokens/s, {t['params'] / 1e9:.2f}B Llama, {t['batch']}x{t['seq']} | "
                     f"{t['peftkit_tokens_per_s']:,.0f} | {t['hf_tokens_per_s']:,.0f} | {t['speedup']:.2f}x (paired median) |")
         rows.append(f"| (a) held-out loss after {t['steps']} steps | {t['peftkit_held_out_loss']:.4f} | "
                     f"{t['hf_held_out_loss']:.4f} | |")  # fmt: skip
-    if "error" not in q and q:
+    if "step_time_ratio" in q:
         if q.get("peftkit_peak_mib") is not None:
             rows.append(f"| (b) QLoRA peak GPU memory (MiB) | {q['peftkit_peak_mib']:,.0f} | {q['hf_peak_mib']:,.0f} | "
                         f"{q['peftkit_peak_mib'] / q['hf_peak_mib']:.2f}x |")  # fmt: skip
         med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
         rows.append(f"| (b) QLoRA step time (ms) | {1e3 * med(q['peftkit_step_s']):.1f} | {1e3 * med(q['hf_step_s']):.1f} | "
                     f"{q['step_time_ratio']:.2f}x (paired median) |")  # fmt: skip
-    if "error" not in d and d:
+    if "median_ms" in d:
         ms = d["median_ms"]
         rows.append(f"| (c) mixed decode {d['rows']} rows / {d['adapters']} adapters, ms (base {ms['base']:.2f}) | "
                     f"{ms['peftkit']:.2f} ({d['peftkit_over_base']:.2f}x base) | {ms['hf']:.2f} ({d['hf_over_base']:.2f}x base) | "
                     f"{ms['peftkit'] / ms['hf']:.2f}x |")  # fmt: skip
+    p = results.get("plan", {})
+    if "relative_error" in p:
+        rows.append(f"| peftkit plan vs measured peak, LoRA {p['batch']}x{p['seq']} {p['dtype']} (MiB) | "
+                    f"measured {p['measured_peak_mib']:,.0f} | planned {p['planned_peak_mib']:,.0f} | {100 * p['relative_error']:+.1f}% |")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -103,7 +109,8 @@ def main() -> int:
         sys.path.insert(0, str(Path(__file__).parent))
         import gpu_parts
 
-        fn = {"train": gpu_parts.part_train, "qlora": gpu_parts.part_qlora, "decode": gpu_parts.part_decode}[args.child]
+        fn = {"train": gpu_parts.part_train, "qlora": gpu_parts.part_qlora, "decode": gpu_parts.part_decode,
+              "plan": gpu_parts.part_plan}[args.child]  # fmt: skip
         print(json.dumps(fn(args.device, args.size, **json.loads(args.kwargs))))
         return 0
     if not args.dry_run:
@@ -123,7 +130,7 @@ def main() -> int:
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, args.json)
     print(f"wrote {args.json}", file=sys.stderr)
-    return 1 if any("error" in r for r in results.values()) else 0
+    return 1 if any(isinstance(r.get("error"), str) for r in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The prepared GPU check: peftkit's CUDA tests, then three comparisons with HF PEFT on the same GPU (LoRA training
 # tokens/s in bf16 vs Trainer, QLoRA peak memory and step time vs bitsandbytes + HF PEFT, mixed-adapter decode of
-# 32 rows over 32 adapters vs the base and HF PEFT). One table on stdout, the figures in bench/results/gpu_check.json.
+# 32 rows over 32 adapters vs the base and HF PEFT), and peftkit plan's peak vs the measured one. One table on
+# stdout, the figures in bench/results/gpu_check.json.
 #
 # Needs: one NVIDIA GPU, python with torch (>= 2.11, CUDA build), transformers 5.x, peft, pytest; no network.
 # peftkit itself is installed from this checkout without network; missing bitsandbytes / fastapi / uvicorn wheels
-# can be given in a folder. About 8 minutes in all: the tests get 90 s, the parts 170 + 110 + 80 s (bench/gpu_check.py).
+# can be given in a folder. Under 8 minutes in all: the tests get 90 s, the parts 150 + 110 + 80 + 40 s (bench/gpu_check.py).
 #
 #   bash bench/gpu_check.sh [--wheels DIR] [--python PY] [--dry-run] [any bench/gpu_check.py option, e.g. --json PATH]
 #

@@ -278,3 +278,49 @@ def part_decode(device: str, size: str, rounds: int, adapters: int = 32, rows: i
     return {"part": "decode", "rows": rows, "adapters": adapters, "cache_tokens": 64, "rounds": rounds,
             "median_ms": {k: 1e3 * v for k, v in med.items()},
             "peftkit_over_base": med["peftkit"] / med["base"], "hf_over_base": med["hf"] / med["base"]}  # fmt: skip
+
+
+def part_plan(device: str, size: str, batch: int, seq: int) -> dict:
+    """``peftkit plan`` against this device: LoRA r=16 on q_proj/v_proj over the random Llama in its own dtype (bf16
+    on CUDA), AdamW; after a warm-up step, the peak of one training step: ``torch.cuda.max_memory_allocated`` on
+    CUDA, torch's CPU allocator events on the CPU (bench/plan_validate.py), against the planner's estimate."""
+    import peftkit as pk
+    from peftkit.plan import Recipe, make_plan
+    from peftkit.plan_shapes import ModelShape
+    from plan_validate import profiled_peak, tensor_bytes
+
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    base = llama(size, device, dtype)
+    c = base.config
+    shape = ModelShape("gpu-check-llama", c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+                       c.intermediate_size, c.vocab_size, head_dim=c.head_dim, tied=bool(c.tie_word_embeddings))  # fmt: skip
+    torch.manual_seed(0)
+    model = pk.get_peft_model(base, pk.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    x = token_batches(c.vocab_size, batch, seq, 1)[0][0].to(device).clone()  # its own storage, not the corpus
+
+    def step() -> None:
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated(device)
+    else:
+        held = list(model.parameters()) + list(model.buffers()) + [x]
+        held += [v for state in optimizer.state.values() for v in state.values()]
+        measured = tensor_bytes(held) + profiled_peak(step)
+    adapter_dtype = str(params[0].dtype).removeprefix("torch.")
+    recipe = Recipe(method="lora", targets=tuple(TARGETS), r=16, batch=batch, seq=seq, dtype=str(dtype).removeprefix("torch."),
+                    adapter_dtype=adapter_dtype, device="cuda" if cuda else "cpu")  # fmt: skip
+    predicted = make_plan(shape, recipe).peak_bytes
+    return {"part": "plan", "batch": batch, "seq": seq, "dtype": recipe.dtype, "adapter_dtype": adapter_dtype,
+            "measured_peak_mib": measured / 2**20, "planned_peak_mib": predicted / 2**20,
+            "relative_error": predicted / measured - 1}  # fmt: skip

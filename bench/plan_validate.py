@@ -47,17 +47,34 @@ R, ALPHA = 8, 16
 
 def tensor_bytes(tensors) -> int:
     """Bytes of distinct storages among ``tensors`` (tied weights and views count once)."""
+    import torch
+
     seen: dict[int, int] = {}
     for t in tensors:
-        if isinstance(t, __import__("torch").Tensor) and t.device.type == "cpu":
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 
+def profiled_peak(step) -> int:
+    """The most bytes of CPU tensors ``step()`` holds at once beyond what was alive when it began: the running sum
+    of torch.profiler's allocation and free events (torch's own CPU allocator), in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def measure(case: str) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     import peftkit as pk
     from peftkit.base_layers import kind_of
@@ -97,14 +114,7 @@ def measure(case: str) -> dict:
         if kind is not None and kind.quantized:
             held += list(kind.storage(module)[2])
     start = tensor_bytes(held + [x, labels])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
+    peak = profiled_peak(step)
     return {"case": case, "model": model_name, "task": task, "method": method, "quantization": quantization,
             "gradient_checkpointing": checkpointing, "batch": batch, "seq": seq, "dtype": dtype, "start_bytes": start,
             "adapter_dtype": str(params[0].dtype).removeprefix("torch."),

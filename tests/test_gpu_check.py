@@ -47,6 +47,7 @@ def test_dry_run_builds_and_steps_every_part(tmp_path):
     assert "dry run: skipping pytest -m cuda" in run.stdout
     report = json.loads(out_json.read_text())
     assert report["dry_run"] is True and report["machine"]["device"] == "cpu"
+    assert set(report["results"]) == {"train", "qlora", "decode", "plan"}
     train, qlora, decode = (report["results"][k] for k in ("train", "qlora", "decode"))
     assert train["data"] == "alpaca_sample_1727.json as UTF-8 bytes"
     assert len(train["peftkit_step_s"]) == len(train["hf_step_s"]) == 2  # interleaved, one each per round
@@ -55,4 +56,6 @@ def test_dry_run_builds_and_steps_every_part(tmp_path):
     assert len(qlora["peftkit_step_s"]) == len(qlora["hf_step_s"]) == 2 and qlora["step_time_ratio"] > 0
     assert qlora["peftkit_peak_mib"] is None  # no CUDA: no allocator peak to read
     assert decode["rows"] == decode["adapters"] == 32 and set(decode["median_ms"]) == {"base", "peftkit", "hf"}
+    plan = report["results"]["plan"]  # the planner against this step's measured peak, a shape it was not tuned on
+    assert abs(plan["relative_error"]) < 0.15 and plan["measured_peak_mib"] > 0
     assert report["table"] in run.stdout
