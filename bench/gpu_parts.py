@@ -293,6 +293,7 @@ def part_plan(device: str, size: str, batch: int, seq: int) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     base = llama(size, device, dtype)
     c = base.config
+    weights_dtype = str(base.dtype).removeprefix("torch.")  # the planner's compute dtype
     shape = ModelShape("gpu-check-llama", c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
                        c.intermediate_size, c.vocab_size, head_dim=c.head_dim, tied=bool(c.tie_word_embeddings))  # fmt: skip
     torch.manual_seed(0)
@@ -318,7 +319,7 @@ def part_plan(device: str, size: str, batch: int, seq: int) -> dict:
         held += [v for state in optimizer.state.values() for v in state.values()]
         measured = tensor_bytes(held) + profiled_peak(step)
     adapter_dtype = str(params[0].dtype).removeprefix("torch.")
-    recipe = Recipe(method="lora", targets=tuple(TARGETS), r=16, batch=batch, seq=seq, dtype=str(dtype).removeprefix("torch."),
+    recipe = Recipe(method="lora", targets=tuple(TARGETS), r=16, batch=batch, seq=seq, dtype=weights_dtype,
                     adapter_dtype=adapter_dtype, device="cuda" if cuda else "cpu")  # fmt: skip
     predicted = make_plan(shape, recipe).peak_bytes
     return {"part": "plan", "batch": batch, "seq": seq, "dtype": recipe.dtype, "adapter_dtype": adapter_dtype,
