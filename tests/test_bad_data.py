@@ -221,8 +221,10 @@ def test_damaged_classification_adapter(cls_run, tmp_path, capsys, damage, verb)
         else ["merge", "--adapter", adapter, "--out", tmp_path / "merged"]
     code, _, err = run_cli(capsys, *argv)
     assert code == FAILED
-    expected = "missing: the adapter folder is incomplete" if damage == "missing" else "not a readable safetensors file"
-    assert_one_line(err, verb, "adapter_model.safetensors", expected)
+    line = assert_one_line(err, verb, "adapter_model.safetensors")
+    expected = "no adapter weights at" if damage == "missing" else "is not a readable safetensors file (truncated or corrupted?)"
+    assert line == f"peftkit {verb}: error: {weights} {expected}" if damage != "missing" else \
+        line == f"peftkit {verb}: error: {expected} {weights}", line
     assert not (tmp_path / "merged").exists()
 
 
