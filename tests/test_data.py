@@ -172,14 +172,14 @@ def test_load_glue_keeps_raw_quotes_and_last_line():
 
 def test_load_classification_maps_string_labels_and_rejects_unknown(tmp_path):
     train = tmp_path / "train.csv"
-    train.write_text("review,stars\ngreat,high\nawful,low\nmeh,mid\n\"fine, really\",high\n")
+    train.write_text("review,stars\ngreat,high\nawful,low\nmeh,mid\n\"fine, really\",high\nbad,low\nso-so,mid\n")
     dev = tmp_path / "dev.csv"
     dev.write_text("review,stars\nok,mid\nwow,superb\n,low\nbad,\n")
 
     data = load_classification(train, text_column="review", label_column="stars")
     assert data.label_names == ["high", "low", "mid"]
     assert [(r["text"], r["label"]) for r in data.records] == [
-        ("great", 0), ("awful", 1), ("meh", 2), ("fine, really", 0)
+        ("great", 0), ("awful", 1), ("meh", 2), ("fine, really", 0), ("bad", 1), ("so-so", 2)
     ]
 
     dev_data = load_classification(dev, text_column="review", label_column="stars", labels=data.label_names)
@@ -194,8 +194,10 @@ def test_load_classification_maps_string_labels_and_rejects_unknown(tmp_path):
         load_classification(dev, text_column="review", label_column="stars", labels=["mid"], on_bad_row="error")
 
     numeric = tmp_path / "n.tsv"
-    numeric.write_text("t\tl\na\t10\nb\t2\nc\t-1\n")
-    assert load_classification(numeric, text_column="t", label_column="l").label_names == ["-1", "2", "10"]
+    numeric.write_text("t\tl\na\t10\nb\t2\nc\t-1\n")  # not 0..K-1, each once: ambiguous, so named by hand
+    with pytest.raises(ValueError, match="cannot tell the label set"):
+        load_classification(numeric, text_column="t", label_column="l")
+    assert load_classification(numeric, text_column="t", label_column="l", labels=["-1", "2", "10"]).label_names == ["-1", "2", "10"]
 
 
 # ------------------------------------------------------------------------------------------------------ instructions

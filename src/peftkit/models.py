@@ -88,6 +88,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path | str:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder: it has no config.json")
         return path
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:  # a path, not a hub id (owner/name)
+        raise FileNotFoundError(f"{name}: no such folder; pass an embedded model ({', '.join(EMBEDDED)}), a local "
+                                "Hugging Face folder or a hub id already in the local cache")
     return name  # a hub id: transformers finds it in the local HF cache or fails with its own message
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from .. import strict_json
 
 EXAMPLES = """examples:
   peftkit analyze runs/sst2-r64/adapter                       # per module: how many directions hold 90% / 99%
@@ -42,7 +43,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(result, Path(args.plot))
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "phi"}))
+        print(strict_json.dumps({k: v for k, v in result.items() if k != "phi"}))
     else:
         print("\n".join(result["lines"]))
         if args.plot:

@@ -6,14 +6,46 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
-
 
 def target_modules(text: str) -> list[str] | str:
-    """``all-linear``, a regex (when it has regex characters) or a comma-separated list of module names."""
-    if text == "all-linear" or any(c in text for c in "*()[]|^$\\+?"):
+    """``all-linear``, a regex (when it has regex characters) or a comma-separated list of module names.
+
+    A regex is compiled here, at parse time, so a typo is a usage error before any model loads."""
+    import re
+
+    if text == "all-linear":
         return text
-    return [t.strip() for t in text.split(",") if t.strip()]
+    if any(c in text for c in "*()[]|^$\\+?"):
+        try:
+            re.compile(text)
+        except re.error as err:
+            raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {err}") from None
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no module name in {text!r}: pass names separated by commas, a regex or all-linear")
+    return names
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def label_list(text: str) -> list[str]:
+    """``--labels a,b,c``: the label values as written in the data, in class-id order (distinct, at least 2)."""
+    labels = [t.strip() for t in text.split(",")]
+    if len(labels) < 2 or any(not t for t in labels):
+        raise argparse.ArgumentTypeError(f"expected at least 2 non-empty labels separated by commas, got {text!r}")
+    if len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"a label is repeated in {text!r}")
+    return labels
 
 
 def key_value(text: str) -> tuple[str, Any]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from .common import adapter_names, model_of
+from .. import strict_json
+from .common import adapter_names, model_of, positive_int
 
 EXAMPLES = """examples:
   peftkit generate --prompt "Give three tips for staying healthy." --adapter runs/20250101-120000-lora
@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="base model (default: the first adapter's, else smollm2-135m)")
     p.add_argument("--template", choices=["alpaca", "chat", "none"], default="alpaca",
                    help="wrap each prompt as an Alpaca instruction (default, as peftkit trains sft), in the chat template, or not at all")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="new tokens per answer at most (default: %(default)s)")
     p.add_argument("--no-base", action="store_true", help="only the adapters, not the base model")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=cmd_generate)
@@ -61,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         outputs = {"__base__": generate_texts(base, tokenizer, texts, args.max_new_tokens)}
     for i, prompt in enumerate(prompts):
         if args.json:
-            print(json.dumps({"prompt": prompt, **{label: outputs[name][i] for label, name in columns}}))
+            print(strict_json.dumps({"prompt": prompt, **{label: outputs[name][i] for label, name in columns}}))
             continue
         print(f"=== prompt {i + 1}: {prompt}")
         for label, name in columns:

@@ -32,10 +32,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..peft_model import PeftModel
     from ..train import adapter_task, find_adapter
+    from ..train.run_folder import check_output_folder
 
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f"--out {out} exists; pick a new folder")
+    check_output_folder(out, "--out")
     folder, run_config = find_adapter(args.adapter)
     model_name = args.model or model_of([(folder, run_config)])
     if not model_name:

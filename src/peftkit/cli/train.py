@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from .common import EXIT_ERROR, EXIT_INTERRUPTED, key_value, target_modules
+from .common import key_value, label_list, target_modules
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED
 
 EXAMPLES = """examples:
   peftkit train --data ../shared/data/instruct/alpaca_sample_1727.json
@@ -68,6 +68,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--label-column", help="seq-cls: the label column (default: label)")
     g.add_argument("--choice-losses", metavar="LIST", help="multiple-choice: losses to sum, of lm, ul (unlikelihood of "
                    "wrong choices), ln (length-normalised softmax over choices) (default lm; --recipe t-few: lm,ul,ln)")
+    g.add_argument("--labels", type=label_list, metavar="A,B,...",
+                   help="seq-cls: the label values as written in the file, in class-id order; rows with another label "
+                        "are bad rows (default: inferred from the file when unambiguous: 0..K-1, or values each "
+                        "found in 2+ rows and 1%% of rows)")
     g.add_argument("--on-bad-row", choices=["skip", "error"], help="skip bad rows with a count (default) or stop at the first")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs)")
@@ -94,26 +98,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
     g.add_argument("--num-samples", type=int, help="sft: held-out prompts generated before and after training (default 3)")
     g.add_argument("--sample-tokens", type=int, help="sft: new tokens per sample (default 64)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or notes (skipped bad rows are still reported)")
     p.set_defaults(func=cmd_train)
 
 
 def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given on the command line, over those of ``--config``."""
-    import yaml
+    from ..train.config import read_settings_file
 
     settings: dict[str, Any] = {}
     if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.exists():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}")
-        settings.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "quiet", "func", "verb")}
+        settings.update(read_settings_file(args.config, "--config"))
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "quiet", "func", "verb", "debug")}
     if "method_options" in flags:
-        flags["method_options"] = {**settings.get("method_options", {}), **dict(flags["method_options"])}
+        earlier = settings.get("method_options") or {}
+        if not isinstance(earlier, dict):
+            from ..errors import SettingsError
+
+            raise SettingsError(f"--config {args.config}: method_options must be a mapping, got {earlier!r}")
+        flags["method_options"] = {**earlier, **dict(flags["method_options"])}
     settings.update(flags)
     return settings
 
@@ -124,19 +127,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = _train_settings(args)
     progress = not getattr(args, "quiet", False)
+    run = None
     try:
         if getattr(args, "resume", None):
             run = T.TrainingRun.resume(args.resume, settings, progress=progress)
         else:
-            run = T.TrainingRun(T.TrainConfig.from_dict(settings, source="flags"), progress=progress)
+            run = T.TrainingRun(T.TrainConfig.from_dict(settings, source="settings (flags, --config)"), progress=progress)
         result = run.fit()
     except T.TrainingInterrupted as err:
         if is_main_process():
             print(f"peftkit train: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, mid-step, nothing saved since the last checkpoint
+        if run is None or not is_main_process():
+            raise
+        kept = T.list_checkpoints(run.run_dir)
+        since = f"the last checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+        print(f"peftkit train: stopped at once by a second Ctrl-C, unsaved; {since}. "
+              f"Continue with: peftkit train --resume {run.run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except T.NonFiniteLossError as err:
         if is_main_process():
-            print(f"peftkit train: {err}", file=sys.stderr)
+            print(f"peftkit train: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         teardown()

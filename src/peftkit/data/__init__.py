@@ -9,8 +9,10 @@ report useful tokens per second and ``padding_fraction(batch)``.
 
 The modules, in the order data flows through them:
 
-- ``readers``: JSON list, JSONL, CSV, TSV and plain-text files into records (``read_records``, ``BadRows``, ``LINE``);
-- ``classification``: classification data sets and GLUE tasks (``load_classification``, ``load_glue``);
+- ``readers``: JSON list, JSONL, CSV, TSV and plain-text files into records (``read_records``, ``read_utf8``,
+  ``BadRows``, ``LINE``);
+- ``classification``: classification data sets, their label set and GLUE tasks (``load_classification``,
+  ``infer_labels``, ``load_glue``);
 - ``prompts``: prompt templates for instruction records (``render_prompt``);
 - ``tokenization``: records and texts into examples (``tokenize_sft``, ``chunk_text``, ``IGNORE_INDEX``);
 - ``packing``: several examples per row (``pack_examples``, ``PackedCollator``);
@@ -24,10 +26,10 @@ Every public name is importable from ``peftkit.data`` itself.
 
 from .batching import ClassificationCollator, PaddingCollator, group_by_length, padding_fraction, ungroup
 from .choices import PHRASINGS, ChoiceCollator, load_choices, tokenize_choices
-from .classification import GLUE_TASKS, ClassificationData, GlueTask, load_classification, load_glue
+from .classification import GLUE_TASKS, ClassificationData, GlueTask, infer_labels, load_classification, load_glue
 from .packing import PackedCollator, pack_examples
 from .prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, Template, render_prompt
-from .readers import LINE, BadRows, OnBadRow, read_records
+from .readers import LINE, BadRows, OnBadRow, read_records, read_utf8
 from .tokenization import IGNORE_INDEX, chunk_text, tokenize_sft
 
 __all__ = [
@@ -48,12 +50,14 @@ __all__ = [
     "Template",
     "chunk_text",
     "group_by_length",
+    "infer_labels",
     "load_choices",
     "load_classification",
     "load_glue",
     "pack_examples",
     "padding_fraction",
     "read_records",
+    "read_utf8",
     "render_prompt",
     "tokenize_choices",
     "tokenize_sft",

@@ -4,6 +4,7 @@ read (``load_classification``) or from a GLUE task folder (``load_glue``, ``GLUE
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,9 +36,10 @@ def load_classification(
 ) -> ClassificationData:
     """Read a classification data set from any file ``read_records`` reads, with named text and label columns.
 
-    ``labels`` lists the label values as written in the file, in id order. Leave it out for the training split
-    (then the distinct values are sorted, integers numerically) and pass the training split's
-    ``label_names`` for evaluation splits: there a label outside the list is a bad row.
+    ``labels`` lists the label values as written in the file, in id order: a row with another label is a bad row
+    (skipped and counted, or an error under ``on_bad_row="error"``), as in a GLUE folder. Leave it out for a
+    training split to infer it from the file with :func:`infer_labels` (an error when the file is ambiguous), and
+    pass the training split's labels for evaluation splits.
     """
     text_columns = [text_column] + ([text_pair_column] if text_pair_column else [])
     known = None if labels is None else set(labels)
@@ -54,7 +56,7 @@ def load_classification(
 
     rows, bad = _read_checked(path, columns, on_bad_row, check)
     if labels is None:
-        labels = sorted({_label_value(row, label_column) for row in rows}, key=_label_order)
+        labels = infer_labels(Counter(_label_value(row, label_column) for row in rows), path, label_column)
     label_ids = {value: i for i, value in enumerate(labels)}
     records = []
     for row in rows:
@@ -71,7 +73,46 @@ def _label_value(row: dict[str, Any], column: str) -> str:
 
 
 def _label_order(value: str) -> tuple[int, int | str]:
-    return (0, int(value)) if value.lstrip("-").isdigit() else (1, value)
+    return (0, int(value)) if _is_integer(value) else (1, value)
+
+
+def _is_integer(value: str) -> bool:
+    return value.lstrip("-").isdigit()
+
+
+def infer_labels(counts: Counter[str], path: str | os.PathLike, column: str = "label") -> list[str]:
+    """The label set of a training file, in id order, when its label values leave no doubt; else a ValueError that
+    lists the values with their row counts and asks for ``--labels``.
+
+    No doubt means (``counts``: label value -> rows):
+      - the values are 0 and 1 (a binary task), or
+      - the values are consecutive integers (0..K-1, 1..5, -1..1: no gap) or are all words (not integers),
+        and every value is found in at least 2 rows and in at least 1% of the rows: a value seen once is more
+        likely a stray than a class.
+    A mixture of integers and words, or integers with a gap (0, 1, 7), is never inferred. One value alone is not a
+    classification task. Integers are ordered numerically (the lowest is class 0), words alphabetically.
+    """
+    values = sorted(counts, key=_label_order)
+    total = sum(counts.values())
+    if len(values) < 2:
+        raise ValueError(f"{path}: the label column {column!r} holds {'only ' + repr(values[0]) if values else 'no value'}: "
+                         "a classifier needs at least 2 classes; check --label-column, or name them with --labels")
+    if values == ["0", "1"]:
+        return values
+    integers = all(_is_integer(v) for v in values)
+    low = int(values[0]) if integers else 0
+    shaped = values == [str(low + i) for i in range(len(values))] if integers else not any(_is_integer(v) for v in values)
+    frequent = [v for v in values if counts[v] >= max(2, 0.01 * total)]
+    if shaped and len(frequent) == len(values):
+        return values
+    shown = ", ".join(f"{v!r} ({counts[v]} row{'s' if counts[v] > 1 else ''})" for v in sorted(values, key=lambda v: -counts[v])[:10])
+    more = f" and {len(values) - 10} more" if len(values) > 10 else ""
+    guess = ",".join(frequent) if len(frequent) >= 2 else "A,B"
+    raise ValueError(
+        f"{path}: cannot tell the label set from column {column!r}: {shown}{more}; name the classes in id order "
+        f"with --labels (e.g. --labels {guess}): rows with other labels are then skipped and counted, or stop the "
+        "run with --on-bad-row error"
+    )
 
 
 @dataclass(frozen=True)

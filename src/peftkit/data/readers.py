@@ -6,9 +6,11 @@ Every record keeps its source line under ``LINE``; ``BadRows`` says how many row
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +60,9 @@ def read_records(
     line, or from ``columns`` when the file has no header. TSV is read with quoting off (GLUE's MRPC has raw ``"``
     inside sentences) and a UTF-8 byte-order mark is dropped. Plain text gives one ``{"text": line}`` per non-blank
     line. Each record stores its line number under ``LINE``.
+
+    A file that is not UTF-8 is refused, naming its first bad line (decoding it some other way could silently
+    change the text). A CSV/TSV field may be longer than the csv module's default limit (128 KiB).
 
     A row is bad when it cannot be parsed, has the wrong number of fields, or lacks a non-empty string in one of
     ``text_columns``. With ``on_bad_row="skip"`` bad rows are dropped and counted in the returned ``BadRows``;
@@ -112,12 +117,29 @@ def _text_problem(row: dict[str, Any], text_columns: Sequence[str]) -> tuple[str
     return None
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped), or ValueError naming the first line that is not
+    UTF-8 and what to do."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}): save the file as "
+            "UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > NEW"
+        ) from None
+
+
 def _read_json(path: Path, bad: BadRows) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8-sig") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {err.lineno}: invalid JSON ({err.msg})") from None
+    try:
+        data = json.loads(read_utf8(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {err.lineno}: invalid JSON ({err.msg})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of objects, got a {type(data).__name__}")
     for index, row in enumerate(data):
@@ -128,19 +150,18 @@ def _read_json(path: Path, bad: BadRows) -> Iterator[tuple[int, dict]]:
 
 
 def _read_jsonl(path: Path, bad: BadRows) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                bad.reject(line, None, f"invalid JSON ({err.msg})")
-                continue
-            if isinstance(row, dict):
-                yield line, row
-            else:
-                bad.reject(line, None, f"expected a JSON object, got a {type(row).__name__}")
+    for line, text in enumerate(read_utf8(path).split("\n"), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            bad.reject(line, None, f"invalid JSON ({err.msg})")
+            continue
+        if isinstance(row, dict):
+            yield line, row
+        else:
+            bad.reject(line, None, f"expected a JSON object, got a {type(row).__name__}")
 
 
 def _read_delimited(
@@ -149,13 +170,21 @@ def _read_delimited(
     # Quoting off for TSV: a field like `" The pie business ...` would otherwise open a quoted field that swallows
     # the following lines. CSV keeps standard quoting, since commas inside text need it.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with path.open(encoding="utf-8-sig", newline="") as f:  # utf-8-sig drops the BOM that MRPC starts with
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        header = list(columns) if columns else next(reader, None)
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter, quoting=quoting)
+    with _no_field_limit():
+        header = list(columns) if columns else _next_row(reader, path)
         if header is None:
             return
         start = reader.line_num + 1
-        for fields in reader:
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # the reader goes on with the next line
+                line, start = start, reader.line_num + 1
+                bad.reject(line, None, f"unreadable {'TSV' if delimiter == chr(9) else 'CSV'} row ({err})")
+                continue
             # line_num counts physical lines, so a quoted CSV field spanning lines still reports where its row starts
             line, start = start, reader.line_num + 1
             if not fields:
@@ -166,9 +195,26 @@ def _read_delimited(
             yield line, dict(zip(header, fields))
 
 
+def _next_row(reader: Any, path: Path) -> list[str] | None:
+    try:
+        return next(reader, None)
+    except csv.Error as err:
+        raise ValueError(f"{path}, line 1: unreadable header line ({err})") from None
+
+
+@contextmanager
+def _no_field_limit() -> Iterator[None]:
+    """Lift the csv module's 128 KiB field limit (a long document is valid data) while one file is read."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
+
+
 def _read_text(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, start=1):
-            text = text.rstrip("\r\n")
-            if text.strip():
-                yield line, {"text": text}
+    for line, text in enumerate(read_utf8(path).split("\n"), start=1):
+        text = text.rstrip("\r")
+        if text.strip():
+            yield line, {"text": text}

@@ -23,12 +23,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--model", default="smollm2-135m",
                         help="base model: an embedded name (smollm2-135m), a local Hugging Face folder or a cached hub id "
                              "(default: %(default)s)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                        help="an adapter folder to serve as model NAME (repeatable)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", type=_adapter_spec,
+                        help="an adapter folder to serve as model NAME (repeatable; each NAME once)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s, this machine only). The completion endpoints "
                              "have no authentication: bind elsewhere only on a trusted network")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default: %(default)s)")
     parser.add_argument("--api-key-file", type=Path, metavar="FILE",
                         help="file holding the bearer token for POST/DELETE /v1/adapters (without it they answer 403)")
     parser.add_argument("--adapters-dir", type=Path, metavar="DIR",
@@ -55,16 +55,19 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model and adapters, then serve until interrupted."""
-    import uvicorn
+    """Check every setting (before the model loads, which takes a while), load the model and adapters, then serve
+    until interrupted. Errors are raised for the caller's handler (``peftkit.cli.errors``) to print in one line."""
+    import uvicorn  # the 'serve' extra: a missing one is reported before anything else
 
+    from ..errors import SettingsError
     from ..models import load_model
     from .app import create_app
 
-    adapters = dict(_parse_adapter(spec) for spec in args.adapter)
+    adapters = _adapter_names(args.adapter, args.model)
     api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
     if args.adapters_dir is not None and not args.adapters_dir.is_dir():
-        raise SystemExit(f"--adapters-dir {args.adapters_dir} is not a directory")
+        raise SettingsError(f"--adapters-dir {args.adapters_dir} is not a directory")
+    _check_can_bind(args.host, args.port)
     if not _is_loopback(args.host):
         print(f"peftkit serve: binding to {args.host}: anyone who can reach it can run completions", file=sys.stderr)
     if args.threads:
@@ -75,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
                          api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
-    except (OSError, ValueError, TypeError) as err:  # a bad --adapter: say which and why, no traceback
-        raise SystemExit(f"peftkit serve: {err}") from None
+    except TypeError as err:  # a bad --adapter (the method cannot be served): say which and why
+        raise ValueError(str(err)) from None
     names = ", ".join([args.model, *adapters])
     print(f"peftkit serve: models {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
@@ -84,27 +87,64 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m peftkit.serve``: the same checks and one-line errors as ``peftkit serve``."""
+    from ..cli.errors import debug_requested, run_verb
+
     parser = configure_parser(argparse.ArgumentParser(prog="peftkit serve", description=DESCRIPTION,
                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run(parser.parse_args(argv))
+    return run_verb("serve", run, parser.parse_args(argv), debug_requested())
 
 
-def _parse_adapter(spec: str) -> tuple[str, str]:
+def _adapter_spec(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` (argparse type): a name and an adapter folder that exists."""
     name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise SystemExit(f"--adapter takes NAME=PATH, got {spec!r}")
+    if not sep or not name.strip() or not path:
+        raise argparse.ArgumentTypeError(f"takes NAME=PATH, got {spec!r}")
     if not (Path(path) / "adapter_config.json").exists():
-        raise SystemExit(f"--adapter {spec}: {path} has no adapter_config.json")
-    return name, path
+        raise argparse.ArgumentTypeError(f"{spec}: {path} has no adapter_config.json (not an adapter folder)")
+    return name.strip(), path
+
+
+def _adapter_names(specs: list[tuple[str, str]], base: str) -> dict[str, str]:
+    """Adapter name -> folder; a name given twice, or the base model's name, is refused (one would hide the other)."""
+    from ..errors import SettingsError
+
+    adapters: dict[str, str] = {}
+    for name, path in specs:
+        if name in adapters:
+            raise SettingsError(f"--adapter {name}= is given twice ({adapters[name]} and {path}): give each adapter its own name")
+        if name == base:
+            raise SettingsError(f"--adapter {name}= has the base model's name: requests for {name!r} would be ambiguous; rename it")
+        adapters[name] = path
+    return adapters
+
+
+def _check_can_bind(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let go, so a taken port or an unknown host is said before the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host}: unknown address ({err.strerror}); use an IP address or a resolvable name") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port or --host") from None
 
 
 def _read_api_key(path: Path) -> str:
+    from ..errors import SettingsError
+
     try:
         token = path.read_text().strip()
-    except OSError as err:
-        raise SystemExit(f"--api-key-file {path}: {err.strerror}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingsError(f"--api-key-file {path}: {getattr(err, 'strerror', None) or 'not UTF-8 text'}") from None
     if not token or any(c.isspace() for c in token):
-        raise SystemExit(f"--api-key-file {path} must hold one token (no spaces), and it is empty or has several")
+        raise SettingsError(f"--api-key-file {path} must hold one token (no spaces), and it is empty or has several")
     return token
 
 
@@ -117,15 +157,29 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value

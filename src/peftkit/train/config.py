@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..distributed import DEFAULT_TIMEOUT, STRATEGIES
+from ..errors import SettingsError
 from ..tuners.base import tuner_for_method
 
 TASKS = ("sft", "seq-cls", "text", "multiple-choice")
@@ -43,6 +48,8 @@ class TrainConfig:
     Method options (``r``, ``alpha``, ``dropout``, ``num_virtual_tokens``, ``reduction_factor``) go to the method's
     config; ``method_options`` passes any other config field by name.
     ``warmup``: a fraction of the steps if < 1, else a number of steps.
+    ``labels`` (seq-cls, plain files): the label values in class-id order; left out, they are inferred from the
+    training file when that is unambiguous (see :func:`peftkit.data.infer_labels`), and the run records them.
     Under torchrun, ``batch_size`` is per process (a step reads ``world * batch_size`` examples), ``strategy`` is
     ``ddp`` or ``fsdp`` and ``dist_timeout`` the seconds a rank waits for the others before failing.
     ``recipe`` names a set of defaults from ``RECIPES`` (``t-few``); ``choice_losses`` the multiple-choice losses
@@ -75,6 +82,7 @@ class TrainConfig:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
+    labels: list[str] | None = None  # seq-cls: label values as written in the data, in class-id order
     on_bad_row: str = "skip"
     choice_losses: str = "lm"
     # optimization
@@ -108,10 +116,14 @@ class TrainConfig:
         clean = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(clean) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}")
+            raise SettingsError(f"{source}: unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        for name, value in clean.items():
+            if not fits_type(value, hints[name]):
+                raise SettingsError(f"{source}: {name} must be {type_name(hints[name])}, got {value!r}")
         if clean.get("recipe") is not None:
             if clean["recipe"] not in RECIPES:
-                raise ValueError(f"{source}: unknown recipe {clean['recipe']!r}; known: {', '.join(RECIPES)}")
+                raise SettingsError(f"{source}: unknown recipe {clean['recipe']!r}; known: {', '.join(RECIPES)}")
             clean = {**RECIPES[clean["recipe"]], **clean}
         return cls(**clean)
 
@@ -121,14 +133,14 @@ class TrainConfig:
     def resolved(self, task: str) -> "TrainConfig":
         """A copy with every default filled in for ``task`` (what the run folder's config.yaml records)."""
         if task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+            raise SettingsError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         tuner = tuner_for_method(self.method)
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise SettingsError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+            raise SettingsError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.on_bad_row not in ("skip", "error"):
-            raise ValueError(f"on_bad_row must be 'skip' or 'error', got {self.on_bad_row!r}")
+            raise SettingsError(f"on_bad_row must be 'skip' or 'error', got {self.on_bad_row!r}")
         out = dataclasses.replace(self, task=task, method_options=dict(self.method_options))
         for name, option in tuner.cli_options.items():
             if getattr(out, name) is None and option.default is not None:
@@ -148,14 +160,126 @@ class TrainConfig:
             parse_losses(out.choice_losses)
         if out.max_steps is None and out.epochs is None:
             out.epochs = 1.0
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "keep_checkpoints"):
-            if getattr(out, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(out, name)}")
-        if out.max_steps is not None and out.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {out.max_steps}")
-        if not 0 < out.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be between 0 and 1, got {out.eval_fraction}")
+        out.check_ranges()
         return out
+
+    def check_ranges(self) -> None:
+        """Raise :class:`SettingsError` naming the first setting whose value makes no sense (see ``RANGES``)."""
+        for name, (low, high, low_open, high_open, meaning) in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value) or value < low or (low_open and value == low) or (
+                    high is not None and (value > high or (high_open and value == high))):
+                flag = "--" + name.replace("_", "-")
+                raise SettingsError(f"{flag} (setting {name}) must be {meaning}, got {value}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            import re
+
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise SettingsError(f"target_modules: invalid regular expression {self.target_modules!r}: {err}") from None
+
+
+# name -> (lowest, highest or None, lowest excluded, highest excluded, what it must be): each number a run takes
+RANGES: dict[str, tuple[float, float | None, bool, bool, str]] = {
+    "lr": (0, None, True, False, "a positive number"),
+    "warmup": (0, None, False, False, ">= 0 (a fraction of the steps if < 1, else steps)"),
+    "epochs": (0, None, True, False, "a positive number"),
+    "max_steps": (1, None, False, False, "at least 1"),
+    "batch_size": (1, None, False, False, "at least 1"),
+    "eval_batch_size": (1, None, False, False, "at least 1"),
+    "grad_accum": (1, None, False, False, "at least 1"),
+    "max_length": (1, None, False, False, "at least 1"),
+    "keep_checkpoints": (1, None, False, False, "at least 1"),
+    "eval_fraction": (0, 1, True, True, "between 0 and 1, both excluded"),
+    "max_eval_examples": (1, None, False, False, "at least 1"),
+    "threads": (1, None, False, False, "at least 1"),
+    "weight_decay": (0, None, False, False, ">= 0"),
+    "max_grad_norm": (0, None, True, False, "a positive number"),
+    "dist_timeout": (0, None, True, False, "a positive number of seconds"),
+    "eval_every": (0, None, False, False, ">= 0 (0: no evaluation)"),
+    "save_every": (0, None, False, False, ">= 0 (0: no checkpoints)"),
+    "num_samples": (0, None, False, False, ">= 0"),
+    "sample_tokens": (1, None, False, False, "at least 1"),
+    "dropout": (0, 1, False, True, "in [0, 1)"),
+}
+
+# settings that fix what a run trains (the model, the adapter's shape, the data and its labels): --resume keeps them
+RESUME_FIXED = ("model", "method", "task", "data", "eval_data", "eval_fraction", "r", "alpha", "dropout",
+                "target_modules", "num_virtual_tokens", "reduction_factor", "method_options", "quantization",
+                "max_length", "template", "text_column", "text_pair_column", "label_column", "labels", "on_bad_row",
+                "seed")
+
+
+def resume_conflicts(saved: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """``--flag new (run: old)`` for each override of a ``RESUME_FIXED`` setting that differs from the run's."""
+    conflicts = []
+    for name in RESUME_FIXED:
+        if name in overrides and name in saved and overrides[name] != saved[name]:
+            conflicts.append(f"--{name.replace('_', '-')} {overrides[name]} (the run's: {saved[name]})")
+    return conflicts
+
+
+def read_settings_file(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The mapping of settings in a YAML file (``--config``, a run's config.yaml), or one line saying what is wrong."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file" if not path.exists() else f"{what} {path} is a folder, not a YAML file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{what} {path}{where}: invalid YAML ({problem}): fix the file's syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{what} {path}: expected a mapping of settings (key: value lines), got {type(loaded).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def fits_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as YAML or a flag gives it) fits a dataclass field's type hint: int, float (an int too),
+    str, bool, None, Literal, Any, list / tuple / dict of those and unions. A hint this check does not know passes:
+    the config itself decides."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits_type(value, option) for option in args)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and (not args or all(fits_type(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(fits_type(v, args[1]) for v in value.values()))
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def type_name(hint: Any) -> str:
+    """``hint`` in words, for a message: "an integer or null"."""
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+             tuple: "a list", dict: "a mapping", type(None): "null"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    return names.get(typing.get_origin(hint) or hint, str(hint))
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, schedule: str = "cosine") -> float:

@@ -8,8 +8,9 @@ from typing import Any
 
 from .. import checkpoint
 from ..atomic import recover
+from ..errors import SettingsError
 from ..families import classifier_weight_suffixes
-from .config import TrainConfig
+from .config import TrainConfig, read_settings_file
 from .model import load_base_model
 from .run_folder import ADAPTER_DIR, CONFIG_FILE
 from .task_data import TaskData, load_eval_data, load_task_data, resolve_config
@@ -29,9 +30,7 @@ def find_adapter(path: str | os.PathLike) -> tuple[Path, TrainConfig | None]:
         raise FileNotFoundError(f"{path} is neither an adapter folder (adapter_config.json) nor a peftkit run folder")
     if run is None:
         return adapter, None
-    import yaml
-
-    return adapter, TrainConfig.from_dict(yaml.safe_load((run / CONFIG_FILE).read_text()), source=str(run / CONFIG_FILE))
+    return adapter, TrainConfig.from_dict(read_settings_file(run / CONFIG_FILE, "the run's"), source=str(run / CONFIG_FILE))
 
 
 def adapter_task(adapter_dir: str | os.PathLike) -> tuple[str | None, int | None]:
@@ -77,12 +76,13 @@ def evaluate_adapter(
     config = resolve_config(TrainConfig.from_dict(settings))
     held_out = data is None and run_config is not None
     if config.task == "seq-cls":
-        labels = None
-        if held_out:
-            evaluation = load_task_data(config, None)
-        else:
-            labels = run_config and load_task_data(run_config.resolved("seq-cls"), None).label_names
-            evaluation = load_eval_data(config, None, labels)
+        if num_labels is not None and config.labels is not None and len(config.labels) != num_labels:
+            raise SettingsError(f"{adapter_dir} classifies into {num_labels} classes, but the labels are "
+                                f"{','.join(config.labels)}: pass --labels with {num_labels} values in class-id order")
+        evaluation = load_task_data(config, None) if held_out else load_eval_data(config, None, num_labels)
+        if num_labels is not None and len(evaluation.file_labels) != num_labels:
+            raise SettingsError(f"{adapter_dir} classifies into {num_labels} classes, but the labels are "
+                                f"{','.join(evaluation.file_labels)}: pass --labels with {num_labels} values in class-id order")
         base, tokenizer = load_base_model(config, num_labels=num_labels or len(evaluation.label_names))
     else:
         base, tokenizer = load_base_model(config)

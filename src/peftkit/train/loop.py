@@ -19,15 +19,17 @@ from typing import Any, Iterator
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, strict_json
 from ..data import render_prompt
 from ..distributed import Distributed
-from .config import TrainConfig, learning_rate
+from ..errors import SettingsError
+from .config import TrainConfig, learning_rate, read_settings_file, resume_conflicts
 from .generation import generate_texts
 from .model import build_peft_config, load_base_model
 from .run_folder import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
+    check_output_folder,
     CONFIG_FILE,
     METRICS_FILE,
     TrainResult,
@@ -71,6 +73,7 @@ class TrainingRun:
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, progress: bool = True, _resuming: bool = False) -> None:
         self.run_dir = Path(run_dir or config.out or default_run_dir(config.method))
+        check_output_folder(self.run_dir, "--out")  # before any model loads
         if not _resuming and (self.run_dir / CONFIG_FILE).exists():
             raise FileExistsError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, or pick another --out")
         # Building the run draws random numbers (adapter init, a new classifier head) from a stream seeded here, but
@@ -87,8 +90,10 @@ class TrainingRun:
         self.dist = Distributed.setup(self.config.strategy, self.config.dist_timeout)
         self.progress = progress and self.dist.is_main
         self.config.out = str(self.run_dir)
+        peft_config = build_peft_config(self.config)  # checked before the model loads
         if self.config.task == "seq-cls":  # the label set decides the classifier's size; tokenizing waits for batches
             self.data = load_task_data(self.config, tokenizer=None)
+            self.config.labels = self.data.file_labels  # recorded in config.yaml: eval and resume map labels alike
             model, self.tokenizer = load_base_model(self.config, num_labels=len(self.data.label_names))
         else:
             model, self.tokenizer = load_base_model(self.config)
@@ -96,7 +101,6 @@ class TrainingRun:
         from ..peft_model import get_peft_model
 
         torch.manual_seed(self.config.seed)  # the adapter's initial values depend on the seed only
-        peft_config = build_peft_config(self.config)
         self.model = get_peft_model(model, peft_config)
         if self.config.target_modules is None:  # record the default targets the method chose
             self.config.target_modules = getattr(self.model.peft_config["default"], "target_modules", None)
@@ -107,7 +111,8 @@ class TrainingRun:
         self.runner = self.dist.wrap(self.model)
         self.task = make_task(self.model, self.tokenizer, self.config)
         if not self.data.eval and self.config.eval_every != 0:
-            raise ValueError(f"no evaluation examples ({'; '.join(self.data.notes)}): fix --eval-data, or pass --eval-every 0")
+            raise ValueError(f"no evaluation examples ({'; '.join(self.data.notes + self.data.bad_row_reports())}): "
+                             "fix --eval-data, or pass --eval-every 0")
         self.params = list(trainable_parameters(self.model).values())
         if not self.params:
             raise ValueError(f"method {self.config.method!r} left no trainable parameter in {self.config.model}")
@@ -138,9 +143,10 @@ class TrainingRun:
         path = run_dir / CONFIG_FILE
         if not path.exists():
             raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a peftkit run folder?")
-        import yaml
-
-        saved = yaml.safe_load(path.read_text()) or {}
+        saved = read_settings_file(path, "--resume: the run's")
+        if conflicts := resume_conflicts(saved, overrides or {}):
+            raise SettingsError(f"--resume {run_dir}: {'; '.join(conflicts)}: a resumed run keeps its model, adapter "
+                                "shape and data; drop these flags, or start a new run with --out")
         config = TrainConfig.from_dict({**saved, **(overrides or {}), "out": str(run_dir)}, source=str(path))
         run = cls(config, run_dir, progress=progress, _resuming=True)
         run._restore()
@@ -222,7 +228,7 @@ class TrainingRun:
         if not self.dist.is_main:
             return
         with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json.dumps(record) + "\n")
 
     def _write_config(self) -> None:
         if not self.dist.is_main:
@@ -310,6 +316,9 @@ class TrainingRun:
         )
         for note in self.data.notes:
             self._say(f"  {note}")
+        if self.dist.is_main:  # skipped rows change what is trained on: said even with --quiet
+            for report in self.data.bad_row_reports():
+                print(f"peftkit train: warning: {report}", file=sys.stderr, flush=True)
         if self._start_rng is not None:
             torch.set_rng_state(self._start_rng[0])
             random.setstate(self._start_rng[1])
@@ -426,6 +435,7 @@ class TrainingRun:
             trainable_parameters=trainable,
             total_parameters=total,
             mode=self.task.mode,
+            skipped_rows=self.data.skipped_rows(),
         )
         if self.dist.is_main:
             if after:

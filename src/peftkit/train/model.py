@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 from torch import nn
 
 from ..tuners.base import tuner_for_method
-from .config import METHOD_OPTIONS, TrainConfig
+from ..errors import SettingsError
+from .config import METHOD_OPTIONS, TrainConfig, fits_type, type_name
 
 
 def build_peft_config(config: TrainConfig) -> Any:
@@ -34,6 +36,14 @@ def build_peft_config(config: TrainConfig) -> Any:
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}; its fields: {', '.join(sorted(fields))}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - a hint that does not resolve: the config's own checks still run
+        hints = {}
+    for name, value in kwargs.items():
+        if name in hints and not fits_type(value, hints[name]):
+            raise SettingsError(f"{cls.__name__}.{name} must be {type_name(hints[name])}, got {value!r}: fix "
+                                f"--method-option {name}=... (or the matching flag)")
     kwargs["task_type"] = "SEQ_CLS" if config.task == "seq-cls" else "CAUSAL_LM"
     return cls(**kwargs)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -146,6 +146,19 @@ class TrainResult:
     trainable_parameters: int
     total_parameters: int
     mode: str
+    skipped_rows: dict[str, int] = field(default_factory=dict)  # bad rows skipped, per data file
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, a folder that cannot be created: one of its parents is a file, or not writable."""
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{flag} {path}: {parent} is a file, not a folder; pick another {flag}")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"{flag} {path}: cannot write in {parent}; pick another {flag}")
+            return
 
 
 def default_run_dir(method: str) -> Path:

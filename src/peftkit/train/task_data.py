@@ -13,8 +13,10 @@ from typing import Any, Sequence
 import torch
 
 from ..data import (
-    GLUE_TASKS, LINE, chunk_text, load_choices, load_classification, load_glue, read_records, tokenize_choices, tokenize_sft,
+    GLUE_TASKS, LINE, BadRows, chunk_text, load_choices, load_classification, load_glue, read_records, read_utf8,
+    tokenize_choices, tokenize_sft,
 )
+from ..errors import SettingsError
 from .config import TrainConfig
 
 @dataclass
@@ -31,7 +33,17 @@ class TaskData:
     label_names: list[str] = field(default_factory=list)
     metric: str | None = None  # the classification score that matters: accuracy, f1 or matthews_corrcoef
     eval_records: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # bad-row reports, where the eval split came from
+    notes: list[str] = field(default_factory=list)  # where the eval split came from, tokenization warnings
+    bad_rows: list[BadRows] = field(default_factory=list)  # one per file read: rows skipped and why
+    file_labels: list[str] = field(default_factory=list)  # seq-cls: label values as written in the data, id order
+
+    def skipped_rows(self) -> dict[str, int]:
+        """Rows skipped as bad, per file read (what summary.json records)."""
+        return {bad.path: bad.count for bad in self.bad_rows}
+
+    def bad_row_reports(self) -> list[str]:
+        """One line per file with skipped rows: how many, and the first reasons (shown even with --quiet)."""
+        return [str(bad) for bad in self.bad_rows if bad.count]
 
 
 def infer_task(path: str | os.PathLike, records: Sequence[dict[str, Any]] | None = None) -> str:
@@ -121,9 +133,39 @@ def load_task_data(config: TrainConfig, tokenizer: Any) -> TaskData:
     return loaders[config.task](config, Path(config.data), tokenizer)
 
 
+def _table_spec(path: Path, config: TrainConfig, labels: Sequence[str] | None) -> dict[str, Any]:
+    """Which columns of a plain classification file hold the text, the text pair and the label.
+
+    From ``--text-column`` / ``--label-column`` when given, else guessed from the header line. A CSV/TSV whose first
+    line names no label column and has two fields is read as ``text<TAB>label`` (or ``label<TAB>text``) without a
+    header: the label field is the one whose first value is one of ``labels`` (or an integer when they are unknown).
+    """
+    rows, _ = read_records(path, on_bad_row="skip")
+    if not rows:
+        raise ValueError(f"{path}: no usable examples: the file has no data rows")
+    keys = [k for k in rows[0] if k != LINE]
+    label = config.label_column or _guess_label_column(set(keys))
+    columns = None
+    if label is None and path.suffix.lower() in (".csv", ".tsv") and len(keys) == 2 and not config.text_column:
+        known = set(labels) if labels else None
+        is_label = [(v.strip() in known) if known else v.strip().lstrip("-").isdigit() for v in keys]
+        if is_label.count(True) == 1:
+            columns = ("label", "text") if is_label[0] else ("text", "label")
+            keys, label = list(columns), "label"
+    if label is None:
+        raise ValueError(f"{path}: no label column among {keys}: add a header line (e.g. sentence<TAB>label) or pass "
+                         "--label-column (and --text-column)")
+    text, pair = (config.text_column, config.text_pair_column) if config.text_column else _guess_text_columns(keys, label)
+    return dict(text_column=text, text_pair_column=pair, label_column=label, columns=columns)
+
+
 def _classification_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
     notes = []
     if path.is_dir():
+        glue = GLUE_TASKS.get(path.name.lower())
+        if glue is not None and config.labels is not None and list(config.labels) != list(glue.labels):
+            raise SettingsError(f"--labels {','.join(config.labels)}: the GLUE task {path.name} has the labels "
+                                f"{','.join(glue.labels)}; drop --labels")
         train = load_glue(path, "train", on_bad_row=config.on_bad_row)
         held = None
         if config.eval_data is None:
@@ -131,26 +173,22 @@ def _classification_data(config: TrainConfig, path: Path, tokenizer: Any) -> Tas
                 raise FileNotFoundError(f"{path} has no dev.tsv: pass --eval-data")
             held = load_glue(path, "dev", on_bad_row=config.on_bad_row)
             notes.append(f"eval: {path / 'dev.tsv'} ({len(held.records)} examples)")
-        glue = GLUE_TASKS[path.name.lower()]
-        spec = dict(text_column=glue.text_column, text_pair_column=glue.text_pair_column, label_column=glue.label_column)
-        file_labels, columns = list(glue.labels), glue.columns
+        spec = dict(text_column=glue.text_column, text_pair_column=glue.text_pair_column, label_column=glue.label_column,
+                    columns=glue.columns)
+        file_labels = list(glue.labels)
     else:
-        rows, _ = read_records(path, on_bad_row=config.on_bad_row)
-        keys = list(rows[0]) if rows else []
-        label = config.label_column or _guess_label_column(set(keys))
-        if label is None:
-            raise ValueError(f"{path}: no label column among {keys}; pass --label-column")
-        text, pair = (config.text_column, config.text_pair_column) if config.text_column else _guess_text_columns(keys, label)
-        spec = dict(text_column=text, text_pair_column=pair, label_column=label)
-        train = load_classification(path, **spec, on_bad_row=config.on_bad_row)
-        file_labels, columns, held = list(train.label_names), None, None
-    notes.append(str(train.bad_rows))
+        spec = _table_spec(path, config, config.labels)
+        train = load_classification(path, **spec, labels=config.labels, on_bad_row=config.on_bad_row)
+        file_labels, held = list(train.label_names), None
+    bad_rows = [train.bad_rows] + ([held.bad_rows] if held is not None else [])
     train_records = train.records
     if config.eval_data is not None:
+        eval_spec = spec if path.is_dir() else _table_spec(Path(config.eval_data), config, file_labels)
         held = load_classification(
-            config.eval_data, **spec, labels=file_labels, columns=columns, metric=train.metric, on_bad_row=config.on_bad_row
+            config.eval_data, **eval_spec, labels=file_labels, metric=train.metric, on_bad_row=config.on_bad_row
         )
-        notes.append(f"eval: {config.eval_data} ({len(held.records)} examples); {held.bad_rows}")
+        bad_rows.append(held.bad_rows)
+        notes.append(f"eval: {config.eval_data} ({len(held.records)} examples)")
     if held is None:
         train_records, eval_records = _hold_out(train_records, config)
         notes.append(f"eval: {len(eval_records)} examples held out of {path} (never trained on)")
@@ -158,24 +196,25 @@ def _classification_data(config: TrainConfig, path: Path, tokenizer: Any) -> Tas
         eval_records = held.records[: config.max_eval_examples]
     if not train_records:
         raise ValueError(f"{path}: no usable training examples ({train.bad_rows})")
-    label_names = list(train.label_names)
-    return TaskData("seq-cls", train_records, eval_records, label_names, train.metric, notes=notes)
+    return TaskData("seq-cls", train_records, eval_records, list(train.label_names), train.metric, notes=notes,
+                    bad_rows=bad_rows, file_labels=file_labels)
 
 
-def _read_instructions(path: str | os.PathLike, config: TrainConfig) -> tuple[list[dict[str, Any]], str]:
+def _read_instructions(path: str | os.PathLike, config: TrainConfig) -> tuple[list[dict[str, Any]], BadRows]:
     records, bad = read_records(path, text_columns=["instruction", "output"], on_bad_row=config.on_bad_row)
     if not records:
         raise ValueError(f"{path}: no instruction records with non-empty 'instruction' and 'output' ({bad})")
-    return records, str(bad)
+    return records, bad
 
 
 def _sft_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
-    records, report = _read_instructions(path, config)
-    notes = [report]
+    records, bad = _read_instructions(path, config)
+    notes, bad_rows = [], [bad]
     if config.eval_data is not None:
-        eval_records, eval_report = _read_instructions(config.eval_data, config)
+        eval_records, eval_bad = _read_instructions(config.eval_data, config)
         eval_records = eval_records[: config.max_eval_examples]
-        notes.append(f"eval: {config.eval_data} ({len(eval_records)} records); {eval_report}")
+        notes.append(f"eval: {config.eval_data} ({len(eval_records)} records)")
+        bad_rows.append(eval_bad)
     else:
         records, eval_records = _hold_out(records, config)
         notes.append(f"eval: {len(eval_records)} records held out of {path} (never trained on)")
@@ -184,34 +223,36 @@ def _sft_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
         train = tokenize_sft(records, tokenizer, config.max_length, config.template)
         held = tokenize_sft(eval_records, tokenizer, config.max_length, config.template)
     notes += [str(w.message) for w in caught]
-    return TaskData("sft", train, held, eval_records=eval_records, notes=notes)
+    return TaskData("sft", train, held, eval_records=eval_records, notes=notes, bad_rows=bad_rows)
 
 
-def _read_choices(path: str | os.PathLike, split: str, config: TrainConfig) -> tuple[list[dict[str, Any]], str]:
+def _read_choices(path: str | os.PathLike, split: str, config: TrainConfig) -> tuple[list[dict[str, Any]], BadRows]:
     records, bad = load_choices(path, split, on_bad_row=config.on_bad_row)
     if not records:
         raise ValueError(f"{path}: no multiple-choice records ({bad}); see peftkit.data.choices for the format")
-    return records, str(bad)
+    return records, bad
 
 
 def _choice_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
-    records, report = _read_choices(path, "train", config)
-    notes = [report]
+    records, bad = _read_choices(path, "train", config)
+    notes, bad_rows = [], [bad]
     if config.eval_data is not None or path.is_dir():
         source = config.eval_data if config.eval_data is not None else path
-        eval_records, eval_report = _read_choices(source, "dev", config)
+        eval_records, eval_bad = _read_choices(source, "dev", config)
         eval_records = eval_records[: config.max_eval_examples]
-        notes.append(f"eval: {source} ({len(eval_records)} questions); {eval_report}")
+        notes.append(f"eval: {source} ({len(eval_records)} questions)")
+        bad_rows.append(eval_bad)
     else:
         records, eval_records = _hold_out(records, config)
         notes.append(f"eval: {len(eval_records)} questions held out of {path} (never trained on)")
     return TaskData("multiple-choice", tokenize_choices(records, tokenizer, config.max_length),
-                    tokenize_choices(eval_records, tokenizer, config.max_length), metric="accuracy", notes=notes)
+                    tokenize_choices(eval_records, tokenizer, config.max_length), metric="accuracy", notes=notes,
+                    bad_rows=bad_rows)
 
 
 def _read_text(path: Path) -> str:
     if path.suffix.lower() == ".txt":
-        return path.read_text(encoding="utf-8-sig")
+        return read_utf8(path)
     records, _ = read_records(path, text_columns=["text"])
     if not records:
         raise ValueError(f"{path}: task 'text' needs a .txt file or records with a 'text' field")
@@ -233,31 +274,39 @@ def _text_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
     return TaskData("text", chunks, held, notes=notes)
 
 
-def load_eval_data(config: TrainConfig, tokenizer: Any, label_names: Sequence[str] | None = None) -> TaskData:
+def load_eval_data(config: TrainConfig, tokenizer: Any, num_labels: int | None = None) -> TaskData:
     """Every example of ``config.data`` as evaluation data (a GLUE folder: its dev split), none held back for
-    training. ``label_names``: the label values in the classifier's order, when the file alone cannot tell."""
+    training; a ValueError when none is usable.
+
+    Classification labels: ``config.labels`` (``--labels``, or the ones a run recorded), else for a classifier of
+    ``num_labels`` outputs the integers 0..num_labels-1, else inferred from the file (:func:`peftkit.data.infer_labels`).
+    """
     path = Path(config.data)
     if config.task == "seq-cls":
         if path.is_dir():
             data = load_glue(path, "dev", on_bad_row=config.on_bad_row)
+            file_labels = list(GLUE_TASKS[path.name.lower()].labels)
         else:
-            keys = list(read_records(path)[0][0])
-            label = config.label_column or _guess_label_column(set(keys))
-            if label is None:
-                raise ValueError(f"{path}: no label column among {keys}; pass --label-column")
-            text, pair = (config.text_column, config.text_pair_column) if config.text_column else _guess_text_columns(keys, label)
-            data = load_classification(path, text_column=text, text_pair_column=pair, label_column=label,
-                                       labels=label_names, on_bad_row=config.on_bad_row)
-        return TaskData("seq-cls", [], data.records, list(data.label_names), data.metric, notes=[str(data.bad_rows)])
+            labels = config.labels or ([str(i) for i in range(num_labels)] if num_labels else None)
+            data = load_classification(path, **_table_spec(path, config, labels), labels=labels, on_bad_row=config.on_bad_row)
+            file_labels = list(data.label_names)
+        if not data.records:
+            hint = "" if config.labels else f"; if the file's labels are not {','.join(file_labels)}, name them in class-id order with --labels"
+            raise ValueError(f"{path}: no usable examples ({data.bad_rows}){hint}")
+        return TaskData("seq-cls", [], data.records, list(data.label_names), data.metric, bad_rows=[data.bad_rows],
+                        file_labels=file_labels)
     if config.task == "multiple-choice":
-        records, report = _read_choices(path, "dev", config)
+        records, bad = _read_choices(path, "dev", config)
         return TaskData("multiple-choice", [], tokenize_choices(records, tokenizer, config.max_length),
-                        metric="accuracy", notes=[report])
+                        metric="accuracy", bad_rows=[bad])
     if config.task == "sft":
-        records, report = _read_instructions(path, config)
+        records, bad = _read_instructions(path, config)
         return TaskData("sft", [], tokenize_sft(records, tokenizer, config.max_length, config.template),
-                        eval_records=records, notes=[report])
-    return TaskData("text", [], chunk_text(_read_text(path), tokenizer, config.max_length))
+                        eval_records=records, bad_rows=[bad])
+    chunks = chunk_text(_read_text(path), tokenizer, config.max_length)
+    if not chunks:
+        raise ValueError(f"{path}: no text to evaluate (it is empty or shorter than a few tokens)")
+    return TaskData("text", [], chunks)
 
 
 class BatchOrder:
