@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from . import analyze, bench, evaluate, generate, inspect, merge, plan, train
-from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, debug_requested, run_verb
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, debug_requested, run_verb, sigint_watch
 
 DEBUG_HELP = "on an error, show the Python traceback too (or set PEFTKIT_DEBUG=1)"
 
@@ -42,17 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``peftkit`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers warns after fork otherwise
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-file loading bars: noise here
-    try:
-        parser = build_parser()  # imports the tuners (and torch): a Ctrl-C here is one line too
-    except KeyboardInterrupt:
-        print("peftkit: interrupted (Ctrl-C)", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # said by the verb's parser, so the line names the verb and its usage
-        verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-        (verbs.get(getattr(args, "verb", None)) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    debug = vars(args).pop("debug", False) or debug_requested()
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_USAGE
-    return run_verb(args.verb, args.func, args, debug)
+    with sigint_watch():  # a Ctrl-C while torch imports can surface later as an unrelated ImportError
+        try:
+            parser = build_parser()  # imports the tuners (and torch): a Ctrl-C here is one line too
+        except KeyboardInterrupt:
+            print("peftkit: interrupted (Ctrl-C)", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the verb's parser, so the line names the verb and its usage
+            verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+            (verbs.get(getattr(args, "verb", None)) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+        debug = vars(args).pop("debug", False) or debug_requested()
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_USAGE
+        return run_verb(args.verb, args.func, args, debug)

@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 import traceback
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from ..errors import SettingsError
 
@@ -44,6 +47,35 @@ _OS_HINTS = {
 def debug_requested() -> bool:
     """``PEFTKIT_DEBUG=1`` (or true/yes) in the environment: show tracebacks as if ``--debug`` were given."""
     return os.environ.get("PEFTKIT_DEBUG", "").strip().lower() in ("1", "true", "yes")
+
+
+class _SigintSeen:
+    """Whether a Ctrl-C arrived while the verb ran. A Ctrl-C during an import can surface as an unrelated
+    ImportError (a C extension half-initialised, then "cannot load module more than once"), with no
+    KeyboardInterrupt left in the exception's chain; the signal itself is the reliable witness."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: object) -> None:
+        cls.seen = True
+        signal.default_int_handler(signum, frame)
+
+
+@contextmanager
+def sigint_watch() -> Iterator[None]:
+    """Record a Ctrl-C anywhere inside (see :class:`_SigintSeen`); the previous handler comes back on exit.
+
+    Only from the main thread and only over Python's default handler (a caller's own handler is left alone)."""
+    watch = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    _SigintSeen.seen = False
+    if watch:
+        signal.signal(signal.SIGINT, _SigintSeen.handler)
+    try:
+        yield
+    finally:
+        if watch:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_verb(verb: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace, debug: bool) -> int:
@@ -67,12 +99,14 @@ def run_verb(verb: str, func: Callable[[argparse.Namespace], int], args: argpars
 
 def explain(err: BaseException) -> tuple[int, str]:
     """(exit status, one-line message) for an exception that reached the top of a verb."""
-    if isinstance(err, KeyboardInterrupt):
+    if _SigintSeen.seen or _interrupted(err):  # also a Ctrl-C during an import that a library re-raised otherwise
         return EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
     if isinstance(err, SettingsError):
         return EXIT_USAGE, f"error: {_one_line(err)}"
     if isinstance(err, ModuleNotFoundError):
         root = (err.name or "").split(".")[0]
+        if not root:
+            return EXIT_ERROR, f"error: an import failed: {_one_line(err)}"
         if root in EXTRAS:
             return EXIT_ERROR, (f"error: this needs the optional package {root!r}, which is not installed: "
                                 f"pip install 'peftkit[{EXTRAS[root]}]'")
@@ -100,6 +134,18 @@ def explain(err: BaseException) -> tuple[int, str]:
         return EXIT_ERROR, f"error: {_one_line(err)}"
     return EXIT_ERROR, (f"internal error: {type(err).__name__}: {_one_line(err, limit=300)} "
                         "(a bug in peftkit: rerun with --debug and report it)")
+
+
+def _interrupted(err: BaseException) -> bool:
+    """True if ``err`` is, or was raised while handling or because of, a KeyboardInterrupt."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _os_message(err: OSError) -> str:
