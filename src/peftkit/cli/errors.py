@@ -67,11 +67,11 @@ def run_verb(verb: str, func: Callable[[argparse.Namespace], int], args: argpars
 
 def explain(err: BaseException) -> tuple[int, str]:
     """(exit status, one-line message) for an exception that reached the top of a verb."""
-    if isinstance(err, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
+    if isinstance(err, KeyboardInterrupt) or isinstance(_root_cause(err), KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted (Ctrl-C)"  # the second case: a library wrapped it (an interrupted import)
     if isinstance(err, SettingsError):
         return EXIT_USAGE, f"error: {_one_line(err)}"
-    if isinstance(err, ModuleNotFoundError):
+    if isinstance(err, ModuleNotFoundError) and err.name:
         root = (err.name or "").split(".")[0]
         if root in EXTRAS:
             return EXIT_ERROR, (f"error: this needs the optional package {root!r}, which is not installed: "
@@ -100,6 +100,15 @@ def explain(err: BaseException) -> tuple[int, str]:
         return EXIT_ERROR, f"error: {_one_line(err)}"
     return EXIT_ERROR, (f"internal error: {type(err).__name__}: {_one_line(err, limit=300)} "
                         "(a bug in peftkit: rerun with --debug and report it)")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The first exception of the chain that led to ``err`` (``raise ... from``, or raised while handling)."""
+    seen = {id(err)}
+    while (earlier := err.__cause__ or err.__context__) is not None and id(earlier) not in seen:
+        seen.add(id(earlier))
+        err = earlier
+    return err
 
 
 def _os_message(err: OSError) -> str:
