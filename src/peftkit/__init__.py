@@ -1,8 +1,8 @@
 """peftkit: parameter-efficient fine-tuning of PyTorch models, with Hugging Face PEFT-compatible adapter files.
 
 The public names load on first use (PEP 562): ``import peftkit`` and the ``peftkit`` command start without
-importing torch, so ``peftkit --help`` answers at once and a Ctrl-C while torch loads reaches the command's own
-handler (one line, exit 130) instead of a traceback from an import.
+importing torch, so a Ctrl-C while torch loads reaches the command's own handler (one line, exit 130) rather than
+a traceback from an import at the top of the program.
 """
 
 from __future__ import annotations

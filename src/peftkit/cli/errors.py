@@ -103,10 +103,8 @@ def explain(err: BaseException) -> tuple[int, str]:
         return EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
     if isinstance(err, SettingsError):
         return EXIT_USAGE, f"error: {_one_line(err)}"
-    if isinstance(err, ModuleNotFoundError):
-        root = (err.name or "").split(".")[0]
-        if not root:
-            return EXIT_ERROR, f"error: an import failed: {_one_line(err)}"
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        root = err.name.split(".")[0]
         if root in EXTRAS:
             return EXIT_ERROR, (f"error: this needs the optional package {root!r}, which is not installed: "
                                 f"pip install 'peftkit[{EXTRAS[root]}]'")
