@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: one verb per job (train, eval, generate, merge, inspect, bench, serve).
+"""The ``peftkit`` command: one verb per job (train, eval, generate, merge, export, inspect, bench, serve).
 
 Heavy imports (torch, transformers) happen inside the verbs, so ``peftkit --help`` answers at once. Errors a user
 can fix (a wrong path, an unknown option, a finished run) print one line and exit with status 1, not a traceback.
@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Sequence
 
-from . import bench, evaluate, generate, inspect, merge, train
+from . import bench, evaluate, export, generate, inspect, merge, train
 from .common import EXIT_ERROR, EXIT_INTERRUPTED
 
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'peftkit VERB --help' for a verb's options and examples.",
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb in (train, evaluate, generate, merge, inspect, bench):
+    for verb in (train, evaluate, generate, merge, export, inspect, bench):
         verb.add_parser(subparsers)
     from ..serve.command import add_serve_parser
 
