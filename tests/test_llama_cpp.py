@@ -33,6 +33,7 @@ except ImportError:
 
 import peftkit as pk
 from peftkit.export import export_lora_gguf, read_gguf_base, write_merged_gguf
+from peftkit.hf_compat import find_cache, with_cache
 from peftkit.models import embedded_gguf
 
 from conftest import ALPACA_TINY, adamw_steps
@@ -75,13 +76,13 @@ def pk_logits(model, ids):
 
 @torch.no_grad()
 def pk_greedy(model, ids, n):
-    ids = list(ids)
-    out = []
-    for _ in range(n):
-        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-        out.append(token)
-        ids.append(token)
-    return out
+    """n argmax tokens (no stop at EOS, as lc_greedy), decoding with the key/value cache."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        out = model(torch.tensor([tokens[-1:]]), **with_cache({"use_cache": True}, model, find_cache(out)))
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
 
 
 @pytest.fixture(scope="module")
