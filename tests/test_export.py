@@ -224,3 +224,16 @@ def test_portable_report(smollm2, tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "ia3"), "--portable"]) == 0
     out = capsys.readouterr().out
     assert "llama.cpp / Ollama   NO" in out and "merged GGUF          ok" in out
+
+
+def test_cli_merge_to_gguf_f16(smollm2, tmp_path, capsys):
+    """`peftkit merge --to gguf --outtype f16`: the adapter's base (recorded as the hub id) resolves to the embedded
+    model and its GGUF; matrices are the merged weights rounded to f16, norms stay f32."""
+    folder, pm = lora_folder(smollm2, tmp_path, r=4, lora_alpha=8, target_modules=["v_proj"])
+    merged = pm.merge_and_unload().state_dict()["model.layers.2.self_attn.v_proj.weight"]
+    assert cli.main(["merge", "--adapter", str(folder), "--to", "gguf", "--outtype", "f16", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert "GGUF f16, 272 tensors" in capsys.readouterr().out
+    fields, tensors = gguf_fields(tmp_path / "m.gguf")
+    assert fields["general.file_type"] == 1 and tensors["blk.2.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert torch.equal(torch.from_numpy(np.array(tensors["blk.2.attn_v.weight"].data)), merged.half())
+    assert cli.main(["merge", "--adapter", str(folder), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == cli.EXIT_ERROR
