@@ -93,6 +93,7 @@ def test_lora_gguf_layout_and_scale(smollm2, tmp_path, kwargs, written_alpha):
     assert done.rescaled == (30 if kwargs.get("alpha_pattern") else 0)
 
 
+@pytest.mark.slow  # writes a 135M-parameter GGUF
 def test_merged_gguf_f32_is_the_merged_model_with_the_base_metadata(smollm2, tmp_path):
     folder, pm = lora_folder(smollm2, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"])
     merged = pm.merge_and_unload()
@@ -112,6 +113,7 @@ def test_merged_gguf_f32_is_the_merged_model_with_the_base_metadata(smollm2, tmp
         assert torch.equal(base.unpermute_rows(name, torch.from_numpy(back[name])), state[f"model.layers.5.{hf}.weight"])
 
 
+@pytest.mark.slow  # writes a 135M-parameter GGUF
 def test_merged_gguf_q8_0_within_half_a_step(smollm2, tmp_path):
     """Q8_0: 32 weights share one scale d = max|w| / 127 stored as f16 (d16), q = round(w / d), so each weight is
     off by at most |w - q d| + |q| |d - d16| <= d / 2 + 127 |d - d16|."""
@@ -226,6 +228,7 @@ def test_portable_report(smollm2, tmp_path, capsys):
     assert "llama.cpp / Ollama   NO" in out and "merged GGUF          ok" in out
 
 
+@pytest.mark.slow  # writes a 135M-parameter GGUF
 def test_cli_merge_to_gguf_f16(smollm2, tmp_path, capsys):
     """`peftkit merge --to gguf --outtype f16`: the adapter's base (recorded as the hub id) resolves to the embedded
     model and its GGUF; matrices are the merged weights rounded to f16, norms stay f32."""
