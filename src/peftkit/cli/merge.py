@@ -11,6 +11,8 @@ from .common import model_of
 EXAMPLES = """example:
   peftkit merge --adapter runs/20250101-120000-lora --out merged/
   python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('merged/')"
+  peftkit merge --adapter runs/20250101-120000-ia3 --to gguf --outtype q8_0 --out merged.gguf
+  llama-cli -m merged.gguf -p "Write a haiku about the sea."      # or Ollama: FROM ./merged.gguf
 """
 
 
@@ -20,8 +22,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "that transformers loads without peftkit. LoRA and (IA)^3 merge; methods that add layers or tokens cannot."),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="adapter or run folder")
-    p.add_argument("--out", required=True, help="folder for the merged model (must not exist)")
+    p.add_argument("-o", "--out", required=True, help="folder (--to hf) or file (--to gguf) for the merged model; must not exist")
     p.add_argument("--model", help="base model (default: the run's, else the adapter's base)")
+    p.add_argument("--to", choices=["hf", "gguf"], default="hf",
+                   help="hf: a Hugging Face folder (default); gguf: one GGUF file for llama.cpp / Ollama, with the "
+                        "metadata and tokenizer of the base's own GGUF (Llama family)")
+    p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF weight type (default f32: exact)")
+    p.add_argument("--base-gguf", help="--to gguf: the base model's GGUF (default: the embedded model's own file)")
     p.set_defaults(func=cmd_merge)
 
 
@@ -42,12 +49,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model_name = args.model or model_of([(folder, run_config)])
     if not model_name:
         raise ValueError(f"{folder} does not name its base model: pass --model")
+    gguf_base = None
+    if args.to == "gguf":  # check the GGUF base before the slow part
+        from ..export import check_merge_base, resolve_base
+
+        gguf_base = resolve_base(model_name, args.base_gguf)
+        check_merge_base(gguf_base)
     task, num_labels = adapter_task(folder)
     base, tokenizer = load_model(model_name, task=task or "causal-lm", num_labels=num_labels)
     try:
         merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     except TypeError as err:  # the method adds layers or tokens: nothing to fold into the weights
         raise ValueError(str(err)) from None
+    if gguf_base is not None:
+        from ..export import write_merged_gguf
+
+        done = write_merged_gguf(merged, gguf_base, out, args.outtype)
+        print(f"merged {folder} into {model_name}: {out} (GGUF {done.outtype}, {done.tensors} tensors, "
+              f"{done.bytes / 2**20:.1f} MiB)")
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
