@@ -114,9 +114,6 @@ def format_portability(folder: str | os.PathLike, verdicts: list[Verdict]) -> st
 def write_portable_peft(adapter: str | os.PathLike, out: str | os.PathLike, base_name: str | None = None) -> str:
     """Copy an adapter folder to ``out`` (a new folder, written whole or not at all) with a portable base name:
     ``base_name``, else the hub id of an embedded model; the name recorded is returned."""
-    import shutil
-    import tempfile
-
     folder, out = Path(adapter), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; pick a new folder")
@@ -127,12 +124,6 @@ def write_portable_peft(adapter: str | os.PathLike, out: str | os.PathLike, base
     if not verdict.loads:
         raise ValueError(f"the base name would not be portable: {verdict.why}")
     config.base_model_name_or_path = name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        checkpoint.write_adapter(tmp, config, tensors)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    checkpoint.check_weights(tensors, folder)
+    checkpoint.save_adapters(out, {"default": (config, tensors)})  # the whole folder or nothing (peftkit.atomic)
     return name
