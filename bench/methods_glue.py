@@ -132,6 +132,7 @@ def run_one(
 
     import peftkit as pk
     from peftkit.data import ClassificationCollator, load_glue
+    from peftkit.device import Precision
     from peftkit.train import ClassificationTask, learning_rate
     from peftkit.train.task_data import BatchOrder
 
@@ -158,7 +159,7 @@ def run_one(
     head = head_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     collate = ClassificationCollator(tokenizer, MAX_LENGTH)
-    task_runner = ClassificationTask(model, tokenizer, MAX_LENGTH)
+    task_runner = ClassificationTask(model, tokenizer, MAX_LENGTH, torch.device("cpu"), Precision(torch.float32, "this benchmark is fp32"))
     pairs = [r["text_pair"] for r in train] if "text_pair" in train[0] else None
     lengths = [len(ids) for ids in tokenizer([r["text"] for r in train], pairs, truncation=True, max_length=MAX_LENGTH)["input_ids"]]
     batches = BatchOrder(len(train), batch or BATCH[task], seed, lengths)  # random batches of similar lengths: little padding

@@ -4,12 +4,18 @@ Both sides train LoRA (r=8, alpha=16, dropout=0.05, q_proj/v_proj) for the same 
 (examples per step) and learning rate, on the same training records, in their own subprocesses (one at a time, so
 they never share the CPU). Then one more subprocess scores both adapters (and the base model) with the same code on
 the same held-out records, which neither side trained on. Reported per side: useful (non-padding) training tokens per
-second, padding share, median step time, peak RSS, final eval loss; plus this machine's fp32 matmul peak
-(torch.mm, 2048 square) and each side's LoRA step throughput as a share of it, counting a LoRA step as
-4 x (matmul parameters) x (useful tokens) FLOPs (forward + input gradients; frozen weights get no weight gradients).
+second, padding share, median step time, peak RSS, final eval loss, the precision it trained in; plus this machine's
+fp32 and bf16 matmul peaks (torch.mm, 2048 square) and each side's LoRA step throughput as a share of the peak of
+its precision, counting a LoRA step as 4 x (matmul parameters) x (useful tokens) FLOPs (forward + input
+gradients; frozen weights get no weight gradients).
+
+Precision: each side gets its best CPU setting. peftkit trains with ``--precision`` as its ``--dtype`` (default auto: bf16
+autocast where peftkit's probe finds bf16 matmul faster, see peftkit.device); the Trainer gets ``bf16=True`` (its
+CPU bf16 autocast) under ``--hf-bf16 auto`` on the same condition, or as forced by ``--hf-bf16 yes|no``.
 
     python bench/train_throughput.py --steps 40           # about 10 minutes on 2 cores
     python bench/train_throughput.py --steps 5 --eval-records 8 --json out.json   # a quick check
+    python bench/train_throughput.py --precision float32 --hf-bf16 no         # both sides in fp32
 
 peftkit side: `peftkit train` defaults (packed micro-batches with per-sequence attention, vocabulary head only on
 response tokens, cosine schedule with 5% warmup). HF side: Trainer defaults (padding to the longest example,
@@ -33,11 +39,12 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct" / "a
 TARGETS = ["q_proj", "v_proj"]
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 torch.mm GFLOP/s over ``repeats`` runs of a size x size product (2 n^3 FLOPs each)."""
+def matmul_peak(dtype_name: str = "float32", size: int = 2048, repeats: int = 10) -> float:
+    """Best torch.mm GFLOP/s in ``dtype_name`` over ``repeats`` runs of a size x size product (2 n^3 FLOPs each)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
@@ -76,6 +83,7 @@ def run_peftkit(args: argparse.Namespace) -> dict:
         data=args.data, model=args.model, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         max_length=512, seed=args.seed, r=8, alpha=16, dropout=0.05, target_modules=TARGETS, out=str(out),
         eval_every=0, save_every=0, num_samples=0,  # evaluation happens apart, the same way for both sides
+        device="cpu", dtype=args.precision,
     )
     run = TrainingRun(config, progress=False)
     run.fit()
@@ -84,7 +92,8 @@ def run_peftkit(args: argparse.Namespace) -> dict:
         "side": "peftkit", "adapter": str(out / "adapter"), "matmul_params": matmul_parameters(run.model.base_model),
         "tokens": sum(m["tokens"] for m in steps), "seconds": sum(m["seconds"] for m in steps),
         "median_step_s": statistics.median(m["seconds"] for m in steps), "padding": 0.0, "peak_rss_mib": peak_rss_mib(),
-        "mode": run.task.mode,
+        "mode": run.task.mode, "precision": run.precision.describe(),
+        "precision_dtype": run.precision.name,
     }
 
 
@@ -119,10 +128,11 @@ def run_hf(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - self.start)
 
     out = Path(args.workdir) / "hf"
+    bf16 = hf_bf16(args.hf_bf16)
     training_args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
         seed=args.seed, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True,
+        disable_tqdm=True, bf16=bf16,
     )
     trainer = Trainer(model=peft_model, args=training_args, train_dataset=examples, data_collator=collate, callbacks=[StepTimer()])
     trainer.train()
@@ -134,24 +144,41 @@ def run_hf(args: argparse.Namespace) -> dict:
         "side": "hf", "adapter": str(out / "adapter"), "matmul_params": matmul_parameters(model),
         "tokens": sum(useful), "seconds": sum(times[1:]), "median_step_s": statistics.median(times[1:]),
         "padding": 1 - sum(useful) / sum(total), "peak_rss_mib": peak_rss_mib(), "torch_threads": torch.get_num_threads(),
+        "precision": "Trainer bf16=True (CPU bf16 autocast)" if bf16 else "Trainer fp32 (bf16=False)",
+        "precision_dtype": "bfloat16" if bf16 else "float32",
     }
+
+
+def hf_bf16(choice: str) -> bool:
+    """The Trainer's best CPU setting: bf16=True where peftkit's probe finds bf16 matmul faster (``auto``)."""
+    if choice != "auto":
+        return choice == "yes"
+    import torch
+
+    from peftkit.device import cpu_auto_precision
+
+    return cpu_auto_precision().dtype == torch.bfloat16
 
 
 def run_eval(args: argparse.Namespace) -> dict:
     """Held-out loss of the base model and of each side's adapter, all with peftkit's token-weighted scorer."""
+    import torch
+
     from peftkit import PeftModel, load_model
     from peftkit.data import tokenize_sft
+    from peftkit.device import Precision
     from peftkit.train import LMTask
 
     _, held = split(args)
     model, tokenizer = load_model(args.model)
     examples = tokenize_sft(held, tokenizer, 512)
-    scores = {"base": LMTask(model, tokenizer, 512).evaluate(examples, 16)["loss"]}
+    cpu, fp32 = torch.device("cpu"), Precision(torch.float32, "the same scorer for both sides")
+    scores = {"base": LMTask(model, tokenizer, 512, cpu, fp32).evaluate(examples, 16)["loss"]}
     for side in ("peftkit", "hf"):
         adapter = Path(args.workdir) / side / "adapter"
         peft_model = PeftModel.from_pretrained(model, adapter, adapter_name=side)
         peft_model.eval()
-        scores[side] = LMTask(peft_model, tokenizer, 512).evaluate(examples, 16)["loss"]
+        scores[side] = LMTask(peft_model, tokenizer, 512, cpu, fp32).evaluate(examples, 16)["loss"]
         model = peft_model.unload()
     return {"side": "eval", "records": len(held), "tokens": len(examples), **scores}
 
@@ -160,32 +187,33 @@ def subprocess_json(side: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--side", side, "--workdir", args.workdir, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
                "--data", args.data, "--model", args.model, "--eval-records", str(args.eval_records),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--precision", args.precision, "--hf-bf16", args.hf_bf16]
     print(f"[{time.strftime('%H:%M:%S')}] running {side} ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(peak: float, ours: dict, hf: dict, scores: dict, args: argparse.Namespace) -> str:
+def report(peaks: dict[str, float], ours: dict, hf: dict, scores: dict, args: argparse.Namespace) -> str:
     rows = []
     for side in (ours, hf):
         rate = side["tokens"] / side["seconds"]
-        share = 4 * side["matmul_params"] * rate / (peak * 1e9)
+        share = 4 * side["matmul_params"] * rate / (peaks[side["precision_dtype"]] * 1e9)
         rows.append((side, rate, share))
     speedup = rows[0][1] / rows[1][1]
     lines = [
         f"Alpaca sample, {args.model}, LoRA r=8 q_proj/v_proj, batch {args.batch_size}, lr {args.lr:g}, {args.steps} steps; "
         f"eval on {scores['records']} held-out records (base model: {scores['base']:.4f})",
-        f"fp32 matmul peak (torch.mm 2048^2, {hf['torch_threads']} threads): {peak:.1f} GFLOP/s; "
-        f"matmul params {ours['matmul_params']:,}",
+        f"matmul peaks (torch.mm 2048^2, {hf['torch_threads']} threads): fp32 {peaks['float32']:.1f} GFLOP/s, "
+        f"bf16 {peaks['bfloat16']:.1f} GFLOP/s; matmul params {ours['matmul_params']:,}",
+        f"precision: peftkit {ours['precision']}; HF {hf['precision']}",
         "",
-        "| side | useful tokens/s | padding | median step | LoRA step as % of matmul peak | peak RSS | final eval loss |",
-        "|---|---|---|---|---|---|---|",
+        "| side | precision | useful tokens/s | padding | median step | LoRA step as % of its precision's matmul peak | peak RSS | final eval loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     names = {"peftkit": f"peftkit train ({ours.get('mode', '')})", "hf": "HF PEFT + Trainer"}
     for side, rate, share in rows:
         lines.append(
-            f"| {names[side['side']]} | {rate:.1f} | {100 * side['padding']:.0f}% | {side['median_step_s']:.2f} s | "
+            f"| {names[side['side']]} | {side['precision_dtype']} | {rate:.1f} | {100 * side['padding']:.0f}% | {side['median_step_s']:.2f} s | "
             f"{100 * share:.0f}% | {side['peak_rss_mib']:.0f} MiB | {scores[side['side']]:.4f} |"
         )
     lines += ["", f"peftkit / HF useful tokens/s: {speedup:.2f}x; eval loss peftkit {scores['peftkit']:.4f} vs HF {scores['hf']:.4f}"]
@@ -200,6 +228,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides and the peak (default: torch's)")
     parser.add_argument("--eval-records", type=int, default=10**6, help="score at most this many held-out records (default: all 86)")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="peftkit side's --dtype (default auto: bf16 where the probe finds it faster)")
+    parser.add_argument("--hf-bf16", choices=["auto", "yes", "no"], default="auto",
+                        help="Trainer's bf16=True: auto (where the probe finds bf16 faster), yes or no")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -217,14 +249,17 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="train_throughput-") as workdir:
         args.workdir = workdir
-        peak = matmul_peak()
+        from peftkit.device import cpu_identity
+
+        # without bf16 units a bf16 product is emulated, up to hundreds of times slower: not worth minutes here
+        peaks = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16") if cpu_identity()[1] else float("nan")}
         ours = subprocess_json("peftkit", args)
         hf = subprocess_json("hf", args)
         scores = subprocess_json("eval", args)
-    text = report(peak, ours, hf, scores, args)
+    text = report(peaks, ours, hf, scores, args)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"matmul_peak_gflops": peak, "peftkit": ours, "hf": hf, "eval": scores}, indent=2))
+        Path(args.json).write_text(json.dumps({"matmul_peak_gflops": peaks, "peftkit": ours, "hf": hf, "eval": scores}, indent=2))
     return 0
 
 

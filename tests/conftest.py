@@ -9,6 +9,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# --dtype auto is float32 in tests whatever the CPU (bf16 where it is faster would change results by machine);
+# tests of the automatic choice pass their own probe. No test reads or writes the per-machine probe cache.
+os.environ.setdefault("PEFTKIT_AUTO_DTYPE", "float32")
+os.environ.setdefault("PEFTKIT_PRECISION_CACHE", "0")
 
 import pytest
 import torch

@@ -14,7 +14,8 @@ from peftkit import train as T
 from peftkit.data import PackedCollator, pack_examples
 from peftkit.losses import causal_lm_loss
 from peftkit.train import tasks as train_tasks
-from peftkit.train.attention import PACKED_ATTENTION, attention_implementation, packed_attention
+from peftkit.device import Precision
+from peftkit.train.attention import PACKED_ATTENTION, attention_implementation, packed_attention, packed_bounds
 from peftkit.train.task_data import BatchOrder
 
 def save_tiny_classifier(folder: Path) -> Path:
@@ -98,7 +99,8 @@ def test_packed_loss_equals_separate_sequences(varlen):
     for n, prompt in ((9, 4), (6, 2), (12, 5)):
         ids = torch.randint(0, 128, (n,), generator=g).tolist()
         examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    task = T.LMTask(pm, type("Tok", (), {"pad_token_id": 0, "eos_token_id": 1})(), max_length=16)
+    task = T.LMTask(pm, type("Tok", (), {"pad_token_id": 0, "eos_token_id": 1})(), max_length=16,
+                    device=torch.device("cpu"), precision=Precision(torch.float32, "test"))
     task.varlen = varlen
     with torch.no_grad():
         batch = task.collate(examples)
@@ -133,7 +135,8 @@ def test_packed_attention_is_used_and_matches_the_block_mask():
         with torch.no_grad():
             masked = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).last_hidden_state
             with attention_implementation(model, PACKED_ATTENTION):
-                varlen = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+                bounds = packed_bounds([r["seq_lens"] for r in rows], batch["input_ids"].shape[1])
+                varlen = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], packed_bounds=bounds).last_hidden_state
     finally:
         AttentionInterface.register(PACKED_ATTENTION, original)
     assert len(calls) == model.config.num_hidden_layers

@@ -76,6 +76,11 @@ def teardown() -> None:
     _owns_group = False
 
 
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The random state of ``device``'s generator when it is a GPU (a CPU byte tensor), else None."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
 def is_main_process() -> bool:
     """Rank 0 (or a single process): the one that writes files and prints."""
     if dist.is_available() and dist.is_initialized():
@@ -162,6 +167,13 @@ class Distributed:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        from .base_layers import is_quantized
+
+        if any(is_quantized(m) for m in model.modules()):
+            # fully_shard flattens and shards parameters as float tensors; bitsandbytes keeps 4-bit weights as
+            # packed uint8 storage with a quant_state beside it, which sharding would split from its scales
+            raise ValueError("QLoRA (a 4/8-bit base) cannot be sharded with --strategy fsdp: use --strategy ddp, "
+                             "which keeps the quantized base whole on every GPU and reduces only adapter gradients")
         device = next(model.parameters()).device
         mesh = init_device_mesh(device.type, (self.world_size,))
         blocks = set(getattr(model, "_no_split_modules", None) or ())
@@ -231,11 +243,28 @@ class Distributed:
 
         if not isinstance(target, DTensor):
             return full
-        return distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+        full = full.to(device=target.device_mesh.device_type, dtype=target.dtype)  # files load on the CPU
+        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
 
-    def rng_states(self) -> list[torch.Tensor]:
-        """*Collective*: every rank's torch CPU RNG state, by rank (dropout masks differ per rank)."""
-        state = torch.get_rng_state()
+    def combine(self, part: dict[str, Any]) -> dict[str, Any]:
+        """*Collective*: one evaluation from every rank's ``part`` (same keys on every rank): numbers are summed,
+        lists concatenated in rank order (the order of the examples, as :func:`shard` splits them contiguously)."""
+        if not self.enabled:
+            return dict(part)
+        out: dict[str, Any] = {}
+        for key, value in part.items():
+            if isinstance(value, list):
+                parts: list[Any] = [None] * self.world_size
+                dist.all_gather_object(parts, value)  # our own lists of ints, never user files
+                out[key] = [v for p in parts for v in p]
+            else:
+                out[key] = self.sum([value])[0]
+        return out
+
+    def rng_states(self, device: torch.device | None = None) -> list[torch.Tensor]:
+        """*Collective*: every rank's torch CPU RNG state, or its ``device``'s (a GPU) with a CUDA ``device``, by
+        rank (dropout masks differ per rank)."""
+        state = torch.get_rng_state() if device is None else cuda_rng_state(device)
         if not self.enabled:
             return [state]
         states = [torch.empty_like(state) for _ in range(self.world_size)]

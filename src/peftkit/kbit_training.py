@@ -66,19 +66,21 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW with 32-bit state (``"adamw"``, torch), 8-bit state (``"adamw_8bit"``, bitsandbytes: moments stored
     blockwise-quantized, 4x smaller), or paged state (``"paged_adamw_32bit"`` / ``"paged_adamw_8bit"``: state in
-    CUDA unified memory that pages to CPU RAM under GPU memory pressure; CUDA only)."""
+    CUDA unified memory that pages to CPU RAM under GPU memory pressure; CUDA only). The one optimizer path of
+    peftkit: the trainer (``--optim``) builds its optimizer here. Choices the machine cannot run raise
+    ``ValueError`` with the alternative."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("make_optimizer got no parameters that require grad (is the adapter in inference mode?)")
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        raise ValueError(f"optimizer (--optim) must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     bnb = require_bitsandbytes()
     device = params[0].device
     if name.startswith("paged_"):
         if device.type != "cuda":
-            raise RuntimeError(
+            raise ValueError(
                 f"{name} keeps optimizer state in CUDA unified memory that pages out to CPU RAM when the GPU runs "
                 f"short; it needs a CUDA device and parameters on it, but they are on {device.type}"
                 f"{'' if torch.cuda.is_available() else ' and no CUDA device is available'}. On CPU the state "
@@ -97,7 +99,7 @@ def _check_8bit_adam(bnb: Any, device: torch.device) -> None:
     try:
         bnb.optim.AdamW8bit([probe], lr=1e-3).step()
     except Exception as err:
-        raise RuntimeError(
+        raise ValueError(
             f"bitsandbytes {bnb.__version__} cannot run 8-bit AdamW on {device.type} ({type(err).__name__}: {err}); "
             "use 'adamw' instead"
         ) from err

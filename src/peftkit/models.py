@@ -142,10 +142,11 @@ def load_model(
     name_or_path: str | os.PathLike = "smollm2-135m",
     task: str = "causal-lm",
     num_labels: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
     quantization: str | None = None,
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` without touching the network.
 
@@ -157,6 +158,11 @@ def load_model(
     also quantizes the block constants, 4.127 instead of 4.5 bits per weight) or ``"int8"`` (``Linear8bitLt``)
     for every linear layer except the output head, computing in ``compute_dtype``. Weights are quantized one at
     a time as they are read, so loading never holds the full-precision model (see :mod:`peftkit.quant`).
+
+    ``dtype``: the storage type of the (non-quantized) weights, a ``torch.dtype`` or its name; None is float32,
+    what training wants (run it in bf16 with autocast, :mod:`peftkit.device`, so adapter weights stay fp32).
+    ``device``: where the model ends (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``; None keeps the CPU).
+    Quantized layers move with their quantization state.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -177,6 +183,13 @@ def load_model(
         model_cls, kwargs = AutoModelForCausalLM, {}
     else:
         model_cls, kwargs = AutoModelForSequenceClassification, {"num_labels": num_labels or 2}
+    if isinstance(dtype, str):
+        from .device import DTYPES
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or torch.float32
     if quantization is None:
         model = model_cls.from_pretrained(path, dtype=dtype, **kwargs)
     else:
@@ -191,5 +204,9 @@ def load_model(
     if portable_name(name_or_path) in HUB_IDS.values():
         # adapters record config.name_or_path as their base: the hub id, not this machine's cache folder
         model.config.name_or_path = portable_name(name_or_path)
+    if device is not None:
+        from .device import resolve_device
+
+        model.to(resolve_device(device))
     model.eval()
     return model, tokenizer

@@ -299,8 +299,7 @@ class PeftModel(nn.Module):
             tuner = tuner_for(self.peft_config[name])
             if not tuner.mixable:
                 raise ValueError(f"adapter {name!r} is {tuner.peft_type}, which cannot be mixed per row in one batch")
-        index = torch.tensor([order.index(n) for n in adapter_names], dtype=torch.long, device=self.device)
-        mixed = MixedBatch(order=order, index=index)
+        mixed = MixedBatch.build(order, [order.index(n) for n in adapter_names], self.device)
         for layer in layers:
             layer.mixed = mixed
         try:

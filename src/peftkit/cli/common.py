@@ -82,3 +82,30 @@ def adapter_names(paths: Sequence[str]) -> list[str]:
             candidate, n = f"{name}-{n}", n + 1
         names.append(candidate)
     return names
+
+
+DEVICE_HELP = ("where to compute: auto (a CUDA GPU when present, under torchrun the process's LOCAL_RANK GPU), cpu, "
+               "cuda or cuda:N (default auto)")
+DTYPE_HELP = ("compute precision: auto (bf16 autocast on a GPU that has it, and on a CPU only where a measured probe "
+              "finds bf16 matmul faster; else float32), float32, bfloat16, or float16 (GPU inference only); weights "
+              "stay float32 (default auto)")
+
+
+def add_device_options(parser: argparse.ArgumentParser, dtype_help: str = DTYPE_HELP, suppress: bool = False) -> None:
+    """``--device`` and ``--dtype`` in a "hardware" group (``suppress``: no default, for config-file verbs)."""
+    g = parser.add_argument_group("hardware")
+    defaults = {} if suppress else {"default": "auto"}
+    g.add_argument("--device", metavar="auto|cpu|cuda|cuda:N", help=DEVICE_HELP, **defaults)
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help=dtype_help, **defaults)
+
+
+def resolve_hardware(args: argparse.Namespace, verb: str) -> tuple[Any, Any]:
+    """(device, precision) from ``--device`` / ``--dtype``, with the choice and its reason printed to stderr."""
+    import sys
+
+    from ..device import resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.dtype, device)
+    print(f"peftkit {verb} runs on {device}, {precision.describe()}", file=sys.stderr)  # not "VERB:": errors start so
+    return device, precision

@@ -9,6 +9,8 @@ from .. import strict_json
 from .common import label_list
 from .errors import EXIT_ERROR
 
+from .common import add_device_options, resolve_hardware
+
 EXAMPLES = """examples:
   peftkit eval --adapter runs/20250101-120000-lora            # the run's own held-out split
   peftkit eval --adapter runs/sst2 --data ../shared/data/glue/SST-2
@@ -32,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(default: the run's, else 0..K-1 for a K-class adapter)")
     p.add_argument("--on-bad-row", choices=["skip", "error"], help="skip bad rows with a count (default) or stop at the first")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object (strict JSON: null for NaN)")
+    add_device_options(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -40,8 +43,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.adapter is None and args.data is None:
         raise ValueError("pass --adapter (a run or adapter folder) and/or --data")
+    resolve_hardware(args, "eval")  # says which device and precision, and why
     overrides = {k: v for k, v in (("task", args.task), ("eval_batch_size", args.batch_size), ("max_length", args.max_length),
-                                   ("labels", args.labels), ("on_bad_row", args.on_bad_row)) if v is not None}
+                                   ("labels", args.labels), ("on_bad_row", args.on_bad_row), ("device", args.device),
+                                   ("dtype", args.dtype)) if v is not None}
     scores, config, data = evaluate_adapter(args.adapter, args.data, args.model, overrides)
     for report in data.bad_row_reports():
         print(f"peftkit eval: warning: {report}", file=sys.stderr)

@@ -7,11 +7,12 @@ import sys
 from typing import Any
 
 from .. import strict_json
-from .common import adapter_names, model_of, positive_int
+from .common import adapter_names, add_device_options, model_of, positive_int, resolve_hardware
 
 EXAMPLES = """examples:
   peftkit generate --prompt "Give three tips for staying healthy." --adapter runs/20250101-120000-lora
   peftkit generate --prompt "Name a color." --prompt "Say hi." --adapter runs/a --adapter runs/b --max-new-tokens 32
+  peftkit generate --prompt "Say hi." --adapter runs/a --device cuda --dtype bfloat16
 
 Base model and every adapter answer each prompt side by side; adapters run together in one mixed batch.
 """
@@ -29,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="new tokens per answer at most (default: %(default)s)")
     p.add_argument("--no-base", action="store_true", help="only the adapters, not the base model")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_device_options(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -44,7 +46,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--no-base needs at least one --adapter")
     adapters = [find_adapter(a) for a in args.adapter]
     model_name = args.model or model_of(adapters) or "smollm2-135m"
-    base, tokenizer = load_model(model_name)
+    device, precision = resolve_hardware(args, "generate")
+    base, tokenizer = load_model(model_name, device=device)
     texts = [p if args.template == "none" else render_prompt({"instruction": p}, args.template, tokenizer) for p in prompts]
     columns = [] if args.no_base else [("base", "__base__")]
     model = base
@@ -56,9 +59,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for name, (folder, _) in zip(names[1:], adapters[1:]):
             model.load_adapter(folder, adapter_name=name)
         columns += [(label, name) for label, name in zip(args.adapter, names)]
-        outputs = _generate_columns(model, tokenizer, texts, columns, args.max_new_tokens)
+        outputs = _generate_columns(model, tokenizer, texts, columns, args.max_new_tokens, precision)
     else:
-        outputs = {"__base__": generate_texts(base, tokenizer, texts, args.max_new_tokens)}
+        outputs = {"__base__": generate_texts(base, tokenizer, texts, args.max_new_tokens, precision=precision)}
     for i, prompt in enumerate(prompts):
         if args.json:
             print(strict_json.dumps({"prompt": prompt, **{label: outputs[name][i] for label, name in columns}}))
@@ -70,7 +73,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_columns(model: Any, tokenizer: Any, texts: list[str], columns: list[tuple[str, str]], max_new_tokens: int) -> dict[str, list[str]]:
+def _generate_columns(
+    model: Any, tokenizer: Any, texts: list[str], columns: list[tuple[str, str]], max_new_tokens: int, precision: Any
+) -> dict[str, list[str]]:
     """Every (prompt, column) pair in one mixed-adapter batch when the methods allow, else one batch per column."""
     from ..train import generate_texts
     from ..tuners.base import tuner_for
@@ -79,14 +84,14 @@ def _generate_columns(model: Any, tokenizer: Any, texts: list[str], columns: lis
     mixable = all(tuner_for(model.peft_config[n]).mixable for n in names if n != "__base__")
     if mixable:
         flat = generate_texts(model, tokenizer, texts * len(names), max_new_tokens,
-                              adapter_names=[n for n in names for _ in texts])
+                              adapter_names=[n for n in names for _ in texts], precision=precision)
         return {name: flat[k * len(texts) : (k + 1) * len(texts)] for k, name in enumerate(names)}
     outputs = {}
     for name in names:
         if name == "__base__":
             with model.disable_adapter():
-                outputs[name] = generate_texts(model, tokenizer, texts, max_new_tokens)
+                outputs[name] = generate_texts(model, tokenizer, texts, max_new_tokens, precision=precision)
         else:
             model.set_adapter(name)
-            outputs[name] = generate_texts(model, tokenizer, texts, max_new_tokens)
+            outputs[name] = generate_texts(model, tokenizer, texts, max_new_tokens, precision=precision)
     return outputs

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import model_of
+from .common import add_device_options, model_of
 
 EXAMPLES = """example:
   peftkit merge --adapter runs/20250101-120000-lora --out merged/
@@ -29,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "metadata and tokenizer of the base's own GGUF (Llama family)")
     p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF weight type (default f32: exact)")
     p.add_argument("--base-gguf", help="--to gguf: the base model's GGUF (default: the embedded model's own file)")
+    add_device_options(p, dtype_help="storage type of the saved weights: auto or float32 (the base's float32), "
+                       "bfloat16 or float16 (half the size); the merge itself is computed in float32 (default auto)")
     p.set_defaults(func=cmd_merge)
 
 
@@ -36,6 +38,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
+    from ..device import DTYPES, resolve_device
     from ..models import load_model
     from ..peft_model import PeftModel
     from ..train import adapter_task, find_adapter
@@ -56,7 +59,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         gguf_base = resolve_base(model_name, args.base_gguf)
         check_merge_base(gguf_base)
     task, num_labels = adapter_task(folder)
-    base, tokenizer = load_model(model_name, task=task or "causal-lm", num_labels=num_labels)
+    base, tokenizer = load_model(model_name, task=task or "causal-lm", num_labels=num_labels, device=resolve_device(args.device))
     try:
         merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     except TypeError as err:  # the method adds layers or tokens: nothing to fold into the weights
@@ -64,10 +67,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if gguf_base is not None:
         from ..export import write_merged_gguf
 
-        done = write_merged_gguf(merged, gguf_base, out, args.outtype)
+        done = write_merged_gguf(merged.cpu(), gguf_base, out, args.outtype)
         print(f"merged {folder} into {model_name}: {out} (GGUF {done.outtype}, {done.tensors} tensors, "
               f"{done.bytes / 2**20:.1f} MiB)")
         return 0
+    if args.dtype in ("bfloat16", "float16"):
+        merged = merged.to(DTYPES[args.dtype])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

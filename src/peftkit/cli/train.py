@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .common import key_value, label_list, target_modules
+from .common import add_device_options, key_value, label_list, target_modules
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED
 
 EXAMPLES = """examples:
@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   peftkit train --resume runs/20250101-120000-lora     # after Ctrl-C or a crash
   peftkit train --recipe t-few --task multiple-choice --data ../shared/data/glue/RTE --max-steps 200   # T-Few
   torchrun --nproc-per-node 4 -m peftkit.cli train --data d.json --batch-size 2 --strategy fsdp   # 4 processes
+  peftkit train --data d.json --device cuda --quantization nf4 --optim paged_adamw_8bit   # QLoRA on a GPU
 
 The task is inferred from --data when --task is not given: a GLUE folder or a table with a label column ->
 seq-cls, instruction/input/output records -> sft, records with prompt/choices/answer -> multiple-choice (rank
@@ -86,6 +87,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
     g.add_argument("--seed", type=int, help="seed for the adapter's init, the data order and the held-out split (default 0)")
     g.add_argument("--threads", type=int, help="torch threads (default: one per core; fewer helps on a busy machine)")
+    g.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"],
+                   help="optimizer: adamw (default; 32-bit state), adamw_8bit (bitsandbytes, 4x smaller state), "
+                        "paged_adamw_32bit / paged_adamw_8bit (state pages to CPU RAM under GPU memory pressure; CUDA only)")
+    add_device_options(p, suppress=True)
     g = p.add_argument_group("several processes (under torchrun; --batch-size is per process)")
     g.add_argument("--strategy", choices=["ddp", "fsdp"],
                    help="ddp: a full model copy per process (default); fsdp: the frozen base sharded across processes")

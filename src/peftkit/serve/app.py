@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
+from ..device import Precision
 from ..tuners.base import BASE
 from .protocol import (
     ChatCompletionRequest,
@@ -370,13 +371,15 @@ def create_app(
     api_key: str | None = None,
     max_batch_size: int = 16,
     max_queue: int = 64,
+    precision: Precision | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``model`` as ``base_name`` and each of ``adapters`` (name -> folder) by name.
 
     ``adapters_dir``: where POST /v1/adapters may load from (nothing outside it). ``api_key``: the bearer token for
     adapter management (None disables it). The scheduler thread starts and stops with the app's lifespan.
+    Everything runs on ``model``'s device, under ``precision``'s autocast (None: float32).
     """
-    registry = AdapterRegistry(model, tokenizer, base_name)
+    registry = AdapterRegistry(model, tokenizer, base_name, precision)
     for name, path in (adapters or {}).items():
         _attach_at_start(registry, name, path)
     scheduler = Scheduler(registry, max_batch_size=max_batch_size, max_queue=max_queue)

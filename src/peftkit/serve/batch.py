@@ -18,9 +18,12 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..device import pin
+
 
 class KVBatch:
-    """Key/value cache, padding mask and per-row lengths for the rows currently decoding together."""
+    """Key/value cache, padding mask and per-row lengths for the rows currently decoding together, all on the
+    model's device (new columns and row indices are made where the mask lives)."""
 
     def __init__(self, cache: DynamicCache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
         for layer in cache.layers:
@@ -43,20 +46,20 @@ class KVBatch:
 
     def step_inputs(self) -> dict[str, torch.Tensor]:
         """Mask and positions for feeding one new token per row (the cache grows by one column)."""
-        ones = torch.ones(self.size, 1, dtype=torch.bool)
+        ones = torch.ones(self.size, 1, dtype=torch.bool, device=self.mask.device)
         return {"attention_mask": torch.cat([self.mask, ones], dim=1), "position_ids": self.lengths[:, None].clone()}
 
     def advance(self) -> None:
         """Account for the column the last forward appended."""
-        self.mask = torch.cat([self.mask, torch.ones(self.size, 1, dtype=torch.bool)], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones(self.size, 1, dtype=torch.bool, device=self.mask.device)], dim=1)
         self.lengths = self.lengths + 1
 
     def select(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order), then trim columns that are padding in every remaining row."""
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.mask = self.mask.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
-        trim = self.width - int(self.mask.sum(dim=1).max()) if rows else self.width
+        trim = self.width - int(self.mask.sum(dim=1).max()) if rows else self.width  # one sync, when rows leave
         self.mask = self.mask[:, trim:]
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
@@ -80,12 +83,15 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
     return F.pad(t, pad)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, L) left-padded with ``pad_id``, and the matching bool mask."""
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, L) left-padded with ``pad_id``, and the matching bool mask, built on the host and copied to
+    ``device`` (default: the CPU) from pinned memory."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(sequences), width, dtype=torch.bool)
     for row, seq in enumerate(sequences):
         ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
         mask[row, width - len(seq) :] = True
-    return ids, mask
+    if device is None:
+        return ids, mask
+    return pin(ids, device), pin(mask, device)

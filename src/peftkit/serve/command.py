@@ -42,6 +42,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="torch threads for the model (default: torch's choice, one per core). When other "
                              "processes share the cores, fewer threads avoid oversubscription, which can be far slower")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from ..cli.common import add_device_options
+
+    add_device_options(parser)
     return parser
 
 
@@ -74,10 +77,14 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    from ..cli.common import resolve_hardware
+
+    device, precision = resolve_hardware(args, "serve")
+    model, tokenizer = load_model(args.model, device=device)
     try:
         app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
-                         api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+                         api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                         precision=precision)
     except TypeError as err:  # a bad --adapter (the method cannot be served): say which and why
         raise ValueError(str(err)) from None
     names = ", ".join([args.model, *adapters])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint
+from ..device import Precision
 from ..hf_compat import with_cache
 from ..peft_model import PeftModel
 from ..tuners.base import BASE, PeftConfig, tuner_for
@@ -77,9 +78,11 @@ class AdapterRegistry:
     """The model and its adapters. ``forward``, ``attach`` and ``detach`` run on the scheduler thread only; the
     name lookups are safe from any thread."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str, precision: Precision | None = None) -> None:
         model.eval()
         self.model = model
+        self.device = next(model.parameters()).device  # adapters attach beside their base layers, on this device
+        self.precision = precision or Precision(torch.float32, "default")
         self.peft: PeftModel | None = None
         self.base_name = base_name
         self.context_length = int(model.config.max_position_embeddings)
@@ -164,8 +167,9 @@ class AdapterRegistry:
     def forward(self, *, adapter_names: list[str], cache: Any, **inputs: Any) -> torch.Tensor:
         """Logits at the last position, (batch, vocab), each row through its own adapter; ``cache`` grows in place."""
         inputs = with_cache(inputs, self.model, cache)
-        if self.peft is None:
-            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        else:
-            out = self.peft(**inputs, adapter_names=adapter_names, use_cache=True, logits_to_keep=1)
+        with self.precision.autocast(self.device):
+            if self.peft is None:
+                out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+            else:
+                out = self.peft(**inputs, adapter_names=adapter_names, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()

@@ -29,9 +29,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def make_generator(self) -> torch.Generator:
-        """A private random stream: ``seed`` when given, otherwise fresh entropy."""
-        return torch.Generator().manual_seed(self.seed if self.seed is not None else random.SystemRandom().getrandbits(63))
+    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A private random stream on ``device`` (where the logits are: a CUDA generator cannot draw for CPU
+        tensors, nor the reverse): ``seed`` when given, otherwise fresh entropy."""
+        return torch.Generator(device=device).manual_seed(self.seed if self.seed is not None else random.SystemRandom().getrandbits(63))
 
 
 def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,7 @@ def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from a row of logits (shape ``(vocab,)``, any float dtype)."""
+    """One token id from a row of logits (shape ``(vocab,)``, any float dtype, on ``generator``'s device)."""
     if params.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ..device import pin
 from ..tuners.base import BASE
 from .batch import KVBatch, left_pad
 from .sampling import SamplingParams, TextStream, sample_token, unusable_rows
@@ -70,7 +71,7 @@ class Sequence:
         self.text = ""  # everything sent so far
         self.finish_reason: str | None = None
         self.on_event = on_event
-        self.generator = params.make_generator()
+        self.generator: torch.Generator | None = None  # on the model's device: made when the scheduler first runs it
         self.stream = TextStream(tokenizer, params.stop)
         self.cancelled = threading.Event()
 
@@ -119,6 +120,7 @@ class ModelHost(Protocol):
 
     eos_ids: frozenset[int]
     pad_id: int
+    device: torch.device  # where the model is: every batch tensor, the cache and the generators live there
 
     def forward(self, **inputs: Any) -> torch.Tensor: ...  # logits of the last position, (batch, vocab)
 
@@ -286,8 +288,11 @@ class Scheduler:
 
     def _prefill(self, group: list[Sequence]) -> None:
         """Run the group's contexts, sample each one's next token and append the unfinished rows to the batch."""
+        for seq in group:  # kept when a failed batch is prefilled again: the request's draws continue
+            if seq.generator is None:
+                seq.generator = seq.params.make_generator(self.host.device)
         try:
-            ids, mask = left_pad([s.context for s in group], self.host.pad_id)
+            ids, mask = left_pad([s.context for s in group], self.host.pad_id, self.host.device)
             positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
             cache = self.host.new_cache()
             logits = self.host.forward(
@@ -322,7 +327,7 @@ class Scheduler:
         try:
             inputs = self._batch.step_inputs()
             logits = self.host.forward(
-                input_ids=torch.tensor([[s.output_ids[-1]] for s in rows], dtype=torch.long),
+                input_ids=pin(torch.tensor([[s.output_ids[-1]] for s in rows], dtype=torch.long), self.host.device),
                 cache=self._batch.cache, adapter_names=[s.adapter for s in rows], **inputs,
             )
         except Exception:

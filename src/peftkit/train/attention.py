@@ -4,13 +4,32 @@ AttentionInterface."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 PACKED_ATTENTION = "peftkit_packed"
+
+
+def packed_bounds(seq_lens: Sequence[Sequence[int]], length: int) -> tuple[tuple[int, ...], ...]:
+    """Per row, the offsets where its packed sequences start, then ``length`` (the row's end): rows of
+    ``pack_examples`` with ``seq_lens`` [3, 4] padded to 9 give (0, 3, 7, 9); padding is one more sequence.
+
+    Computed on the host from the lengths the packer knows, once per batch, and passed to every layer's
+    attention as the ``packed_bounds`` keyword (transformers forwards a model's extra keywords to its attention
+    function): reading the bounds back from ``position_ids`` on the device would cost one host-device
+    synchronisation per row per layer."""
+    bounds = []
+    for lens in seq_lens:
+        offsets = [0]
+        for n in lens:
+            offsets.append(offsets[-1] + n)
+        if offsets[-1] < length:
+            offsets.append(length)
+        bounds.append(tuple(offsets))
+    return tuple(bounds)
 
 
 def packed_attention(
@@ -21,27 +40,25 @@ def packed_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    position_ids: torch.Tensor | None = None,
+    packed_bounds: tuple[tuple[int, ...], ...] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each packed sequence of a row, found where ``position_ids`` restart.
+    """Causal attention inside each packed sequence of a row, between the offsets ``packed_bounds`` gives
+    (:func:`packed_bounds`).
 
     For sequences of lengths L_1..L_n packed in one row, this costs sum_i L_i^2 instead of the (sum_i L_i)^2 of a
     block-diagonal mask, and gives the same result: token t of sequence i attends to tokens of sequence i up to t.
     query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D), as transformers' attention functions return.
     """
-    if position_ids is None:
+    if packed_bounds is None or len(packed_bounds) != query.shape[0]:
         raise RuntimeError(
-            f"{type(module).__name__} did not pass position_ids to its attention function, so packed sequences cannot "
-            "be told apart; this model needs the 4-D mask path (peftkit.train falls back to it for such models)"
+            f"{type(module).__name__}'s attention got no packed_bounds for its {query.shape[0]} row(s): pass "
+            "packed_bounds=packed_bounds(seq_lens, length) to the model's forward (this model needs the 4-D mask "
+            "path if it does not forward extra keywords to attention)"
         )
-    positions = position_ids.expand(query.shape[0], -1)
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
     gqa = key.shape[1] != query.shape[1]
     rows = []
-    for b, row_starts in enumerate(starts):
-        bounds = row_starts.nonzero().flatten().tolist() + [query.shape[2]]
+    for b, bounds in enumerate(packed_bounds):
         pieces = [
             F.scaled_dot_product_attention(
                 query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],

@@ -14,12 +14,14 @@ choice token (a few per row), not over the whole prompt.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..data import ChoiceCollator, group_by_length, ungroup
+from ..device import Precision, to_device
 from ..losses import choice_log_likelihoods, length_normalized_softmax_loss, rank_classification, unlikelihood_loss
 
 CHOICE_LOSSES = ("lm", "ul", "ln")
@@ -39,11 +41,16 @@ class MultipleChoiceTask:
 
     mode = "padded"
 
-    def __init__(self, model: nn.Module, tokenizer: Any, losses: Sequence[str] = ("lm",)) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, losses: Sequence[str] = ("lm",), device: torch.device | None = None,
+        precision: Precision | None = None,
+    ) -> None:
         from ..peft_model import PeftModel
         from ..tuners.base import Tuner, tuner_for
 
         self.model = model
+        self.device = device or torch.device("cpu")
+        self.precision = precision or Precision(torch.float32, "default")
         self.hf_model = model.base_model if isinstance(model, PeftModel) else model
         self.losses = tuple(losses)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -59,6 +66,10 @@ class MultipleChoiceTask:
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].numel())
+
+    @staticmethod
+    def attention() -> AbstractContextManager:
+        return nullcontext()
 
     def choice_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, C, T, V): the next-token logits at the positions that score each choice token."""
@@ -91,21 +102,34 @@ class MultipleChoiceTask:
         return sum(losses[name] for name in self.losses) * self.count(batch)
 
     @torch.no_grad()
-    def evaluate(self, examples: Sequence[dict[str, Any]], batch_size: int) -> dict[str, float]:
-        """L_LM of the right choices, and rank-classification accuracy with and without length normalisation."""
+    def evaluate_parts(self, examples: Sequence[dict[str, Any]], batch_size: int, batches: int = 0) -> dict[str, Any]:
+        """Summed L_LM of the right choices and both rank predictions, in the examples' order (one rank's share;
+        ``batches`` as in ``LMTask.evaluate_parts``: forward passes on a stand-in up to that many, for FSDP)."""
         lengths = [len(e["prompt_ids"]) + max(len(c) for c in e["choice_ids"]) for e in examples]
-        batches = group_by_length(lengths, batch_size)
-        lm_total, raw, normed = 0.0, [], []
-        for indices in batches:
-            batch = self.collate([examples[i] for i in indices])
-            losses, ll, n = self.losses_of(batch)
-            lm_total += float(losses["lm"]) * len(indices)
+        groups = group_by_length(lengths, batch_size)
+        lm_total, raw, normed = torch.zeros((), device=self.device, dtype=torch.float64), [], []
+        for indices in groups:
+            batch = to_device(self.collate([examples[i] for i in indices]), self.device)
+            with self.precision.autocast(self.device):
+                losses, ll, n = self.losses_of(batch)
+            lm_total += losses["lm"].double() * len(indices)
             raw.append(rank_classification(ll).tolist())
             normed.append(rank_classification(ll, n).tolist())
-        gold = [e["label"] for e in examples]
-        total = max(len(examples), 1)
+        for _ in range(batches - len(groups)):
+            with self.precision.autocast(self.device):
+                self.losses_of(to_device(self.collate(list(examples[:1])), self.device))
+        return {"loss_sum": float(lm_total), "predictions": ungroup(groups, raw), "predictions_norm": ungroup(groups, normed),
+                "labels": [e["label"] for e in examples]}
+
+    @staticmethod
+    def scores(parts: dict[str, Any]) -> dict[str, float]:
+        """L_LM of the right choices, and rank-classification accuracy with and without length normalisation."""
+        gold, total = parts["labels"], max(len(parts["labels"]), 1)
         return {
-            "loss": lm_total / total,
-            "accuracy": sum(p == g for p, g in zip(ungroup(batches, raw), gold)) / total,
-            "accuracy_norm": sum(p == g for p, g in zip(ungroup(batches, normed), gold)) / total,
+            "loss": parts["loss_sum"] / total,
+            "accuracy": sum(p == g for p, g in zip(parts["predictions"], gold)) / total,
+            "accuracy_norm": sum(p == g for p, g in zip(parts["predictions_norm"], gold)) / total,
         }
+
+    def evaluate(self, examples: Sequence[dict[str, Any]], batch_size: int) -> dict[str, float]:
+        return self.scores(self.evaluate_parts(examples, batch_size))

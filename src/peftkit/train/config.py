@@ -50,6 +50,9 @@ class TrainConfig:
     ``warmup``: a fraction of the steps if < 1, else a number of steps.
     ``labels`` (seq-cls, plain files): the label values in class-id order; left out, they are inferred from the
     training file when that is unambiguous (see :func:`peftkit.data.infer_labels`), and the run records them.
+    ``device`` (auto, cpu, cuda, cuda:N) and ``dtype`` (auto, float32, bfloat16) say where and in which autocast
+    precision the run computes (:mod:`peftkit.device`); ``optim`` is the optimizer (``make_optimizer``: adamw,
+    adamw_8bit, paged_adamw_32bit, paged_adamw_8bit).
     Under torchrun, ``batch_size`` is per process (a step reads ``world * batch_size`` examples), ``strategy`` is
     ``ddp`` or ``fsdp`` and ``dist_timeout`` the seconds a rank waits for the others before failing.
     ``recipe`` names a set of defaults from ``RECIPES`` (``t-few``); ``choice_losses`` the multiple-choice losses
@@ -98,6 +101,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     threads: int | None = None
+    optim: str = "adamw"
+    # hardware
+    device: str = "auto"
+    dtype: str = "auto"
     # several processes (torchrun)
     strategy: str = "ddp"
     dist_timeout: float = DEFAULT_TIMEOUT

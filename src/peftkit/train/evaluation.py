@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import checkpoint
 from ..atomic import recover
+from ..device import resolve_device, resolve_precision
 from ..errors import SettingsError
 from ..families import classifier_weight_suffixes
 from .config import TrainConfig, read_settings_file
@@ -54,14 +55,16 @@ def evaluate_adapter(
     """Metrics of ``model`` (+ ``adapter``, an adapter or run folder) on ``data`` (``peftkit eval``).
 
     With a run folder and no ``data``, the run's own evaluation split is used (the held-out slice it never trained
-    on, or the GLUE dev split). The model defaults to the run's, else the adapter's base model.
+    on, or the GLUE dev split). The model defaults to the run's, else the adapter's base model. ``overrides``
+    ``device`` and ``dtype`` say where and how to compute (default auto, not the run's).
     """
     from ..peft_model import PeftModel
 
     adapter_dir, run_config = find_adapter(adapter) if adapter is not None else (None, None)
     task, num_labels = adapter_task(adapter_dir) if adapter_dir is not None else (None, None)
     settings: dict[str, Any] = run_config.to_dict() if run_config is not None else {}
-    settings.pop("out", None)
+    for name in ("out", "device", "dtype"):  # where the run trained says nothing about where it is evaluated
+        settings.pop(name, None)
     if model is not None:
         settings["model"] = model
     elif "model" not in settings and adapter_dir is not None:
@@ -74,6 +77,8 @@ def evaluate_adapter(
     if data is not None:
         settings["data"] = data
     config = resolve_config(TrainConfig.from_dict(settings))
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.dtype, device)
     held_out = data is None and run_config is not None
     if config.task == "seq-cls":
         if num_labels is not None and config.labels is not None and len(config.labels) != num_labels:
@@ -83,11 +88,11 @@ def evaluate_adapter(
         if num_labels is not None and len(evaluation.file_labels) != num_labels:
             raise SettingsError(f"{adapter_dir} classifies into {num_labels} classes, but the labels are "
                                 f"{','.join(evaluation.file_labels)}: pass --labels with {num_labels} values in class-id order")
-        base, tokenizer = load_base_model(config, num_labels=num_labels or len(evaluation.label_names))
+        base, tokenizer = load_base_model(config, num_labels=num_labels or len(evaluation.label_names), device=device)
     else:
-        base, tokenizer = load_base_model(config)
+        base, tokenizer = load_base_model(config, device=device)
         evaluation = load_task_data(config, tokenizer) if held_out else load_eval_data(config, tokenizer)
     network = PeftModel.from_pretrained(base, adapter_dir) if adapter_dir is not None else base
     network.eval()
-    scores = make_task(network, tokenizer, config).evaluate(evaluation.eval, config.eval_batch_size)
+    scores = make_task(network, tokenizer, config, device, precision).evaluate(evaluation.eval, config.eval_batch_size)
     return scores, config, evaluation

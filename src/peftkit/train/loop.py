@@ -21,8 +21,10 @@ import torch
 
 from .. import checkpoint, strict_json
 from ..data import render_prompt
-from ..distributed import Distributed
+from ..device import resolve_device, resolve_precision, to_device
+from ..distributed import Distributed, cuda_rng_state
 from ..errors import SettingsError
+from ..kbit_training import make_optimizer
 from .config import TrainConfig, learning_rate, read_settings_file, resume_conflicts
 from .generation import generate_texts
 from .model import build_peft_config, load_base_model
@@ -45,10 +47,10 @@ from .task_data import BatchOrder, example_length, load_task_data, resolve_confi
 from .tasks import make_task
 
 @contextmanager
-def _isolated_rng() -> Iterator[None]:
-    """Python's and torch's CPU random state are restored on exit, whatever the block drew."""
+def _isolated_rng(device: torch.device) -> Iterator[None]:
+    """Python's and torch's CPU random state (and ``device``'s, a GPU) are restored on exit, whatever the block drew."""
     state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             yield
         finally:
@@ -78,25 +80,27 @@ class TrainingRun:
             raise FileExistsError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, or pick another --out")
         # Building the run draws random numbers (adapter init, a new classifier head) from a stream seeded here, but
         # leaves the process's own random state as it was; fit() starts training from the state kept in _start_rng.
-        with _isolated_rng():
+        self.dist = Distributed.setup(config.strategy, config.dist_timeout)
+        self.device = resolve_device(config.device)  # after joining torchrun's group: its LOCAL_RANK GPU
+        self.precision = resolve_precision(config.dtype, self.device, training=True)
+        with _isolated_rng(self.device):
             random.seed(config.seed)
             torch.manual_seed(config.seed)
             self._build(config, progress)
-            self._start_rng: tuple | None = (torch.get_rng_state(), random.getstate())
+            self._start_rng: tuple | None = (torch.get_rng_state(), random.getstate(), cuda_rng_state(self.device))
         self.dist.barrier()  # no rank writes into the run folder before every rank has checked it
 
     def _build(self, config: TrainConfig, progress: bool) -> None:
         self.config = resolve_config(config)
-        self.dist = Distributed.setup(self.config.strategy, self.config.dist_timeout)
         self.progress = progress and self.dist.is_main
         self.config.out = str(self.run_dir)
         peft_config = build_peft_config(self.config)  # checked before the model loads
         if self.config.task == "seq-cls":  # the label set decides the classifier's size; tokenizing waits for batches
             self.data = load_task_data(self.config, tokenizer=None)
             self.config.labels = self.data.file_labels  # recorded in config.yaml: eval and resume map labels alike
-            model, self.tokenizer = load_base_model(self.config, num_labels=len(self.data.label_names))
+            model, self.tokenizer = load_base_model(self.config, num_labels=len(self.data.label_names), device=self.device)
         else:
-            model, self.tokenizer = load_base_model(self.config)
+            model, self.tokenizer = load_base_model(self.config, device=self.device)
             self.data = load_task_data(self.config, self.tokenizer)
         from ..peft_model import get_peft_model
 
@@ -109,14 +113,17 @@ class TrainingRun:
             torch.manual_seed(self.config.seed + self.dist.rank)
         # every use of the model in training goes through the runner, so DDP / FSDP hooks run around it
         self.runner = self.dist.wrap(self.model)
-        self.task = make_task(self.model, self.tokenizer, self.config)
+        self.task = make_task(self.model, self.tokenizer, self.config, self.device, self.precision)
         if not self.data.eval and self.config.eval_every != 0:
             raise ValueError(f"no evaluation examples ({'; '.join(self.data.notes + self.data.bad_row_reports())}): "
                              "fix --eval-data, or pass --eval-every 0")
         self.params = list(trainable_parameters(self.model).values())
         if not self.params:
             raise ValueError(f"method {self.config.method!r} left no trainable parameter in {self.config.model}")
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        if self.dist.enabled and self.config.strategy == "fsdp" and self.config.optim != "adamw":
+            raise ValueError(f"--optim {self.config.optim} under --strategy fsdp: bitsandbytes' optimizers do not take "
+                             "FSDP's sharded parameters; use --strategy ddp, or --optim adamw")
+        self.optimizer = make_optimizer(self.config.optim, self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         lengths = None
         if self.task.mode == "padded" and self.config.group_by_length:
             lengths = [example_length(e) for e in self.data.train]
@@ -239,12 +246,25 @@ class TrainingRun:
         checkpoint.atomic_write(self.run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
 
     def evaluate(self) -> dict[str, float]:
-        """Scores on the whole evaluation split (every rank computes the same ones)."""
+        """*Collective*: scores on the whole evaluation split. Each rank evaluates its contiguous share and the
+        parts are combined (sums added, predictions concatenated in rank order), so every rank returns the scores
+        one process would compute. Under FSDP every rank runs as many forward passes as the largest share needs."""
+        examples = self.data.eval
+        mine = self.dist.shard(range(len(examples)))
+        size = self.config.eval_batch_size
+        largest = math.ceil(len(examples) / self.dist.world_size)  # the first share (shard gives it the remainder)
+        batches = 0
+        if self.dist.enabled and self.dist.strategy == "fsdp":
+            if len(examples) < self.dist.world_size:  # a rank with no example has nothing to run its stand-ins on
+                raise ValueError(f"{len(examples)} evaluation example(s) for {self.dist.world_size} processes under FSDP: "
+                                 "give --eval-data more examples, or pass --eval-every 0")
+            batches = math.ceil(largest / size)
         self.model.eval()
         try:
-            return self._no_grad(self.task.evaluate, self.data.eval, self.config.eval_batch_size)
+            part = self._no_grad(self.task.evaluate_parts, [examples[i] for i in mine], size, batches)
         finally:
             self.model.train()
+        return self.task.scores(self.dist.combine(part))
 
     def _no_grad(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` without gradients, through the runner (FSDP gathers the sharded weights around it)."""
@@ -283,14 +303,16 @@ class TrainingRun:
             sum(self.task.count(b) * w for b, w in batches), sum(int(b["num_real_tokens"]) * w for b, w in batches)
         ])
         # DDP / FSDP average gradients over ranks: dividing by count / world makes the average (1/count) sum
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for i, (batch, weight) in enumerate(batches):
-            with self.dist.gradient_sync(self.runner, sync=i == len(batches) - 1):
-                loss = self.runner(self.task.loss_sum, batch) * weight / (max(count, 1) / world)
+            batch = to_device(batch, self.device)  # counted above on the host copy: no device sync
+            with self.dist.gradient_sync(self.runner, sync=i == len(batches) - 1), self.task.attention():
+                with self.precision.autocast(self.device):
+                    loss = self.runner(self.task.loss_sum, batch) * weight / (max(count, 1) / world)
                 loss.backward()
-            total += float(loss.detach()) / world
-        # checked after the sum over ranks, so that every rank stops at the same step
-        total, stop = self.dist.sum([total, float(self._stop_requested)])
+            total += loss.detach().float() / world
+        # checked after the sum over ranks, so that every rank stops at the same step (one device sync per step)
+        total, stop = self.dist.sum([float(total), float(self._stop_requested)])
         self._stop_agreed = stop > 0  # a signal to any rank stops all of them after this step
         if not math.isfinite(total):
             raise NonFiniteLossError(f"the loss became {total} at step {self.step + 1}")
@@ -314,6 +336,7 @@ class TrainingRun:
             f"{len(self.data.train)} training / {len(self.data.eval)} eval examples, {self.total_steps} steps, "
             f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), run folder {self.run_dir}"
         )
+        self._say(f"  device: {self.device}, {self.precision.describe()}, optimizer {self.config.optim}")
         for note in self.data.notes:
             self._say(f"  {note}")
         if self.dist.is_main:  # skipped rows change what is trained on: said even with --quiet
@@ -322,6 +345,8 @@ class TrainingRun:
         if self._start_rng is not None:
             torch.set_rng_state(self._start_rng[0])
             random.setstate(self._start_rng[1])
+            if self._start_rng[2] is not None:
+                torch.cuda.set_rng_state(self._start_rng[2], self.device)
         threads = torch.get_num_threads()
         if self.config.threads:  # on a shared machine fewer threads than cores can be much faster
             torch.set_num_threads(self.config.threads)
@@ -413,7 +438,7 @@ class TrainingRun:
     def _generate_samples(self) -> list[dict[str, str]]:
         records = self.data.eval_records[: self.config.num_samples]
         prompts = [render_prompt(r, self.config.template, self.tokenizer) for r in records]
-        outputs = self._no_grad(generate_texts, self.model, self.tokenizer, prompts, self.config.sample_tokens)
+        outputs = self._no_grad(generate_texts, self.model, self.tokenizer, prompts, self.config.sample_tokens, None, self.precision)
         return [{"prompt": p, "reference": r["output"], "output": o} for p, r, o in zip(prompts, records, outputs)]
 
     # -------------------------------------------------------------------------------------------------- finish

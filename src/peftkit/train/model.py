@@ -6,6 +6,7 @@ import dataclasses
 import typing
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..tuners.base import tuner_for_method
@@ -48,8 +49,10 @@ def build_peft_config(config: TrainConfig) -> Any:
     return cls(**kwargs)
 
 
-def load_base_model(config: TrainConfig, num_labels: int | None = None) -> tuple[nn.Module, Any]:
-    """The frozen base model for ``config.task`` (4-bit when ``config.quantization`` is set)."""
+def load_base_model(
+    config: TrainConfig, num_labels: int | None = None, device: torch.device | None = None
+) -> tuple[nn.Module, Any]:
+    """The frozen base model for ``config.task`` (4-bit when ``config.quantization`` is set), on ``device``."""
     from ..models import load_model
 
     task = "seq-cls" if config.task == "seq-cls" else "causal-lm"
@@ -58,7 +61,7 @@ def load_base_model(config: TrainConfig, num_labels: int | None = None) -> tuple
         kwargs["quantization"] = config.quantization
         kwargs["double_quant"] = config.double_quant
     try:
-        model, tokenizer = load_model(config.model, task=task, num_labels=num_labels, **kwargs)
+        model, tokenizer = load_model(config.model, task=task, num_labels=num_labels, device=device, **kwargs)
     except TypeError as err:
         if config.quantization and "quantization" in str(err):
             raise ValueError(f"--quantization {config.quantization}: this peftkit's load_model has no 4-bit path") from None

@@ -36,7 +36,7 @@ def save_checkpoint(
     swapped into place).
 
     ``adapter/`` is a usable adapter folder; ``training_state.safetensors`` holds the trainable parameters (by name,
-    so every method resumes exactly), AdamW's moment tensors and the torch RNG state; ``trainer_state.json`` the
+    so every method resumes exactly), the optimizer's state tensors and the torch RNG states (CPU, and each rank's GPU when on CUDA); ``trainer_state.json`` the
     step, the optimizer's hyperparameters, the Python RNG state and ``state``. Nothing is pickled.
 
     Under torchrun (``dist``), every rank calls this: sharded tensors are gathered whole, each rank's RNG state is
@@ -49,18 +49,21 @@ def save_checkpoint(
     tensors = dist.full({f"param.{n}": p for n, p in trainable_parameters(peft_model).items()})
     extra_state: dict[str, dict[str, Any]] = {}
     for index, entries in saved["state"].items():
-        for key, value in entries.items():
+        for key, value in _flatten(entries):  # bitsandbytes nests its 8-bit state in a dict
             if torch.is_tensor(value):
                 tensors[f"optimizer.{index}.{key}"] = value
             else:
                 extra_state.setdefault(str(index), {})[key] = value
     tensors = dist.full(tensors)
     rng_states = dist.rng_states()
+    device = next(iter(trainable_parameters(peft_model).values())).device
+    cuda_states = dist.rng_states(device) if device.type == "cuda" else []
     if not dist.is_main:
         return
     tensors["rng.torch"] = rng_states[0]
     if dist.enabled:
         tensors.update({f"rng.torch.rank{r}": s for r, s in enumerate(rng_states)})
+    tensors.update({f"rng.cuda.rank{r}": s for r, s in enumerate(cuda_states)})  # GPU dropout masks resume exactly
     python_rng = random.getstate()
     trainer_state = {
         **state,
@@ -76,6 +79,25 @@ def save_checkpoint(
         write_file(staging / "trainer_state.json", (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode())
 
     replace_folder(directory, build)  # the same step saved again after a resume replaces it whole
+
+
+def _flatten(entries: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(key, value) pairs of a parameter's optimizer state, nested dicts as ``outer/inner`` keys."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in entries.items():
+        if isinstance(value, dict):
+            pairs += _flatten(value, f"{prefix}{key}/")
+        else:
+            pairs.append((f"{prefix}{key}", value))
+    return pairs
+
+
+def _unflatten(entries: dict[str, Any], key: str, value: Any) -> None:
+    """Put ``value`` back under ``key`` (``outer/inner`` into nested dicts): the inverse of :func:`_flatten`."""
+    *outer, last = key.split("/")
+    for name in outer:
+        entries = entries.setdefault(name, {})
+    entries[last] = value
 
 
 def load_checkpoint(
@@ -112,12 +134,16 @@ def load_checkpoint(
             param = ordered[int(index)]
             if value.shape == param.shape:  # moments are laid out as their parameter; the step count is a scalar
                 value = dist.like(value, param)
-            optimizer_state.setdefault(int(index), {})[entry] = value
+            _unflatten(optimizer_state.setdefault(int(index), {}), entry, value)
     for index, entries in state["optimizer_extra_state"].items():
-        optimizer_state.setdefault(int(index), {}).update(entries)
+        for entry, value in entries.items():
+            _unflatten(optimizer_state.setdefault(int(index), {}), entry, value)
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in state["optimizer_param_groups"]]
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
     torch.set_rng_state(tensors.get(f"rng.torch.rank{dist.rank}", tensors["rng.torch"]))
+    device = next(iter(params.values())).device
+    if device.type == "cuda" and f"rng.cuda.rank{dist.rank}" in tensors:  # saved on a GPU: resumed on one
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{dist.rank}"], device)
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return state

@@ -4,6 +4,7 @@ sequence classification."""
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -12,8 +13,11 @@ from torch import nn
 
 from ..data import IGNORE_INDEX, ClassificationCollator, PackedCollator, PaddingCollator, group_by_length, pack_examples, ungroup
 from ..losses import causal_lm_loss
+from ..device import Precision, to_device
+from .attention import (
+    PACKED_ATTENTION, attention_implementation, packed_bounds, register_packed_attention, supports_packed_attention,
+)
 from .choice_task import MultipleChoiceTask, parse_losses
-from .attention import PACKED_ATTENTION, attention_implementation, register_packed_attention, supports_packed_attention
 from .config import TrainConfig
 
 class LMTask:
@@ -24,11 +28,12 @@ class LMTask:
     and the loss on its full logits (the last L positions: virtual tokens come first).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int, device: torch.device, precision: Precision) -> None:
         from ..peft_model import PeftModel
         from ..tuners.base import Tuner, tuner_for
 
         self.model = model  # a PeftModel, or a plain transformers model (evaluating the base)
+        self.device, self.precision = device, precision
         self.hf_model = model.base_model if isinstance(model, PeftModel) else model
         self.max_length = max_length
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -48,11 +53,20 @@ class LMTask:
             return self.padding(examples)
         # one row per micro-batch when attention is per sequence (no padding at all); rows of max_length otherwise
         length = sum(len(e["input_ids"]) for e in examples) if self.varlen else self.max_length
-        return self.packing(pack_examples(examples, length))
+        rows = pack_examples(examples, length)
+        batch = self.packing(rows)
+        if self.varlen:  # host-side offsets for packed_attention (no device sync per layer)
+            batch["packed_bounds"] = packed_bounds([r["seq_lens"] for r in rows], batch["input_ids"].shape[1])
+        return batch
 
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def attention(self) -> AbstractContextManager:
+        """Packed attention in place (when this task packs): the training loop holds it through forward *and*
+        backward, since activation checkpointing recomputes each block in backward and must attend as forward did."""
+        return attention_implementation(self.hf_model, PACKED_ATTENTION) if self.varlen else nullcontext()
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
@@ -63,7 +77,9 @@ class LMTask:
         head = self.hf_model.get_output_embeddings()
         if self.varlen:
             with attention_implementation(self.hf_model, PACKED_ATTENTION):
-                hidden = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+                hidden = backbone(
+                    input_ids=batch["input_ids"], position_ids=batch["position_ids"], packed_bounds=batch["packed_bounds"]
+                ).last_hidden_state
         else:
             hidden = backbone(
                 input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"]
@@ -71,21 +87,43 @@ class LMTask:
         return causal_lm_loss(hidden, head, labels, reduction="sum")
 
     @torch.no_grad()
-    def evaluate(self, examples: Sequence[dict[str, list[int]]], batch_size: int) -> dict[str, float]:
-        """Mean next-token loss over every scored token of ``examples``."""
-        total, count = 0.0, 0
+    def evaluate_parts(self, examples: Sequence[dict[str, list[int]]], batch_size: int, batches: int = 0) -> dict[str, Any]:
+        """Summed next-token loss and scored tokens over ``examples`` (one rank's share of an evaluation: the parts
+        of all ranks add up, see :meth:`scores`). ``batches``: run forward passes up to this many (the extra ones on
+        a stand-in example, discarded) so that every rank makes as many, as FSDP's gathers need."""
+        total, count, runs = torch.zeros((), device=self.device, dtype=torch.float64), 0, 0
         for start in range(0, len(examples), batch_size):
             batch = self.collate(examples[start : start + batch_size])
-            total += float(self.loss_sum(batch))
-            count += self.count(batch)
-        return {"loss": total / max(count, 1), "tokens": count}
+            count += self.count(batch)  # on the host batch: no device sync
+            with self.precision.autocast(self.device):
+                total += self.loss_sum(to_device(batch, self.device)).double()
+            runs += 1
+        run_stand_ins(self, examples, batches - runs)
+        return {"loss_sum": float(total), "tokens": count}
+
+    @staticmethod
+    def scores(parts: dict[str, Any]) -> dict[str, float]:
+        """Mean next-token loss from :meth:`evaluate_parts` (summed over ranks)."""
+        return {"loss": parts["loss_sum"] / max(parts["tokens"], 1), "tokens": parts["tokens"]}
+
+    def evaluate(self, examples: Sequence[dict[str, list[int]]], batch_size: int) -> dict[str, float]:
+        """Mean next-token loss over every scored token of ``examples``."""
+        return self.scores(self.evaluate_parts(examples, batch_size))
+
+
+def run_stand_ins(task: "LMTask | ClassificationTask", examples: Sequence[Any], count: int) -> None:
+    """``count`` forward passes on one stand-in example, results discarded (see ``evaluate_parts``)."""
+    for _ in range(max(count, 0)):
+        with task.precision.autocast(task.device):
+            task.loss_sum(to_device(task.collate(list(examples[:1])), task.device))
 
 
 class ClassificationTask:
     """Sequence classification: cross-entropy on the classifier's logits; evaluation adds accuracy, F1, MCC."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int, device: torch.device, precision: Precision) -> None:
         self.model = model
+        self.device, self.precision = device, precision
         self.tokenizer = tokenizer
         self.collator = ClassificationCollator(tokenizer, max_length)
         self.mode = "padded"
@@ -97,6 +135,10 @@ class ClassificationTask:
     def count(batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].numel())
 
+    @staticmethod
+    def attention() -> AbstractContextManager:
+        return nullcontext()
+
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_real_tokens")}
         return self.model(**inputs).logits
@@ -105,20 +147,34 @@ class ClassificationTask:
         return F.cross_entropy(self.logits(batch), batch["labels"], reduction="sum")
 
     @torch.no_grad()
-    def evaluate(self, records: Sequence[dict[str, Any]], batch_size: int) -> dict[str, float]:
-        """Loss and scores over ``records``, batched by length (little padding), reported in the original order."""
+    def evaluate_parts(self, records: Sequence[dict[str, Any]], batch_size: int, batches: int = 0) -> dict[str, Any]:
+        """Summed loss, predictions and labels over ``records`` in their order, batched by length (little padding);
+        one rank's share of an evaluation (``batches``: as in :meth:`LMTask.evaluate_parts`)."""
         pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
-        lengths = [len(ids) for ids in self.tokenizer([r["text"] for r in records], pairs, truncation=True, max_length=self.collator.max_length)["input_ids"]]
-        batches = group_by_length(lengths, batch_size)
-        total, predictions = 0.0, []
-        for indices in batches:
-            batch = self.collate([records[i] for i in indices])
-            logits = self.logits(batch)
-            total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-            predictions.append(logits.argmax(-1).tolist())
-        predicted = ungroup(batches, predictions)
-        scores = classification_metrics(predicted, [r["label"] for r in records])
-        return {"loss": total / max(len(records), 1), **scores}
+        lengths = [len(ids) for ids in self.tokenizer([r["text"] for r in records], pairs, truncation=True, max_length=self.collator.max_length)["input_ids"]] if records else []
+        groups = group_by_length(lengths, batch_size)
+        total, predictions = torch.zeros((), device=self.device, dtype=torch.float64), []
+        for indices in groups:
+            batch = to_device(self.collate([records[i] for i in indices]), self.device)
+            with self.precision.autocast(self.device):
+                logits = self.logits(batch).float()
+            total += F.cross_entropy(logits, batch["labels"], reduction="sum").double()
+            predictions.append(logits.argmax(-1))
+        run_stand_ins(self, records, batches - len(groups))
+        flat = torch.cat(predictions).tolist() if predictions else []  # one device sync for the whole split
+        sizes = [len(g) for g in groups]
+        predicted = ungroup(groups, [flat[sum(sizes[:k]) : sum(sizes[: k + 1])] for k in range(len(groups))])
+        return {"loss_sum": float(total), "predictions": predicted, "labels": [r["label"] for r in records]}
+
+    @staticmethod
+    def scores(parts: dict[str, Any]) -> dict[str, float]:
+        """Mean loss, accuracy, F1 and MCC from :meth:`evaluate_parts` (predictions of all ranks, in order)."""
+        scores = classification_metrics(parts["predictions"], parts["labels"])
+        return {"loss": parts["loss_sum"] / max(len(parts["labels"]), 1), **scores}
+
+    def evaluate(self, records: Sequence[dict[str, Any]], batch_size: int) -> dict[str, float]:
+        """Loss and scores over ``records``."""
+        return self.scores(self.evaluate_parts(records, batch_size))
 
 
 def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
@@ -156,10 +212,12 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) ->
     }
 
 
-def make_task(model: nn.Module, tokenizer: Any, config: TrainConfig) -> LMTask | ClassificationTask | MultipleChoiceTask:
-    """The loss/evaluation runner for ``config.task``."""
+def make_task(
+    model: nn.Module, tokenizer: Any, config: TrainConfig, device: torch.device, precision: Precision
+) -> LMTask | ClassificationTask | MultipleChoiceTask:
+    """The loss/evaluation runner for ``config.task``, with ``model`` on ``device`` computing in ``precision``."""
     if config.task == "multiple-choice":
-        return MultipleChoiceTask(model, tokenizer, parse_losses(config.choice_losses))
+        return MultipleChoiceTask(model, tokenizer, parse_losses(config.choice_losses), device, precision)
     if config.task == "seq-cls":
-        return ClassificationTask(model, tokenizer, config.max_length)
-    return LMTask(model, tokenizer, config.max_length)
+        return ClassificationTask(model, tokenizer, config.max_length, device, precision)
+    return LMTask(model, tokenizer, config.max_length, device, precision)

@@ -26,10 +26,24 @@ if TYPE_CHECKING:  # (tuners.base imports this module)
 
 @dataclass
 class MixedBatch:
-    """Per-row adapter choice for one forward: row i uses adapter ``order[index[i]]``; ``order[0]`` is the base."""
+    """Per-row adapter choice for one forward: row i uses adapter ``order[index[i]]``; ``order[0]`` is the base.
+
+    ``rows[k]``: the rows that use ``order[k]`` (a tensor on the model's device) or None when no row does. Built
+    once from the host-side choice (:meth:`build`), so that no layer asks the device which rows it has: a
+    ``nonzero()`` per adapter per layer would stop the host until the GPU catches up, at every layer."""
 
     order: tuple[str, ...]
     index: torch.Tensor
+    rows: tuple[torch.Tensor | None, ...]
+
+    @classmethod
+    def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device) -> "MixedBatch":
+        """From ``choice`` (row b uses ``order[choice[b]]``, a host list), with the index tensors on ``device``."""
+        members: list[list[int]] = [[] for _ in order]
+        for row, k in enumerate(choice):
+            members[k].append(row)
+        rows = tuple(torch.tensor(m, dtype=torch.long, device=device) if m else None for m in members)
+        return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows)
 
 
 class AdapterLayer(nn.Module, abc.ABC):
@@ -241,9 +255,8 @@ class ModulesToSaveWrapper(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.mixed is not None:
             out = None
-            for i, name in enumerate(self.mixed.order):
-                rows = (self.mixed.index == i).nonzero().flatten()
-                if rows.numel() == 0:
+            for name, rows in zip(self.mixed.order, self.mixed.rows):
+                if rows is None:
                     continue
                 module = self.modules_to_save[name] if name in self.modules_to_save else self.base_layer
                 part = module(x.index_select(0, rows), *args, **kwargs)

@@ -147,9 +147,8 @@ class SelectiveLayer(AdapterLayer):
         if self.mixed.index.numel() != x.shape[0]:
             raise ValueError(f"adapter_names has {self.mixed.index.numel()} entries but the batch has {x.shape[0]} rows")
         out = None
-        for i, name in enumerate(self.mixed.order):
-            rows = (self.mixed.index == i).nonzero().flatten()
-            if rows.numel() == 0:
+        for name, rows in zip(self.mixed.order, self.mixed.rows):
+            if rows is None:
                 continue
             part = self._run([name], (x.index_select(0, rows), *rest), kwargs)
             if out is None:
