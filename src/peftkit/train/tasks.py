@@ -15,6 +15,7 @@ from ..losses import causal_lm_loss
 from .choice_task import MultipleChoiceTask, parse_losses
 from .attention import PACKED_ATTENTION, attention_implementation, register_packed_attention, supports_packed_attention
 from .config import TrainConfig
+from .generation import answer_accuracy
 
 class LMTask:
     """Causal-LM loss for sft and text: packed batches, backbone hidden states, head only where labels count.
@@ -29,6 +30,7 @@ class LMTask:
         from ..tuners.base import Tuner, tuner_for
 
         self.model = model  # a PeftModel, or a plain transformers model (evaluating the base)
+        self.tokenizer = tokenizer
         self.hf_model = model.base_model if isinstance(model, PeftModel) else model
         self.max_length = max_length
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -72,13 +74,18 @@ class LMTask:
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[dict[str, list[int]]], batch_size: int) -> dict[str, float]:
-        """Mean next-token loss over every scored token of ``examples``."""
+        """Mean next-token loss over every scored token of ``examples``; when every answer is one word (a label
+        phrased as text), also ``accuracy``: the greedy answer's first word matches it (:func:`answer_accuracy`)."""
         total, count = 0.0, 0
         for start in range(0, len(examples), batch_size):
             batch = self.collate(examples[start : start + batch_size])
             total += float(self.loss_sum(batch))
             count += self.count(batch)
-        return {"loss": total / max(count, 1), "tokens": count}
+        scores = {"loss": total / max(count, 1), "tokens": count}
+        accuracy = answer_accuracy(self.model, self.tokenizer, examples, batch_size)
+        if accuracy is not None:
+            scores["accuracy"] = accuracy
+        return scores
 
 
 class ClassificationTask:
