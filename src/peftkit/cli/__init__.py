@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from . import analyze, bench, evaluate, export, generate, inspect, merge, plan, train
+from . import analyze, bench, evaluate, export, generate, inspect, merge, plan, report, train
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, debug_requested, run_verb, sigint_watch
 
 DEBUG_HELP = "on an error, show the Python traceback too (or set PEFTKIT_DEBUG=1)"
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb in (train, evaluate, generate, merge, export, inspect, analyze, plan, bench):
+    for verb in (train, evaluate, generate, merge, export, inspect, analyze, plan, report, bench):
         verb.add_parser(subparsers)
     from ..serve.command import add_serve_parser
 

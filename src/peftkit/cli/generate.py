@@ -27,6 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="base model (default: the first adapter's, else smollm2-135m)")
     p.add_argument("--template", choices=["alpaca", "chat", "none"], default="alpaca",
                    help="wrap each prompt as an Alpaca instruction (default, as peftkit trains sft), in the chat template, or not at all")
+    p.add_argument("--chat-template", metavar="FILE|NAME",
+                   help="chat template replacing the tokenizer's (default: the one the first adapter's run trained with)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="new tokens per answer at most (default: %(default)s)")
     p.add_argument("--no-base", action="store_true", help="only the adapters, not the base model")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -35,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..data import render_prompt
+    from ..data import render_prompt, set_chat_template
     from ..models import load_model
     from ..train import find_adapter, generate_texts
 
@@ -47,7 +49,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     adapters = [find_adapter(a) for a in args.adapter]
     model_name = args.model or model_of(adapters) or "smollm2-135m"
     device, precision = resolve_hardware(args, "generate")
-    base, tokenizer = load_model(model_name, device=device)
+    base, tokenizer = load_model(model_name, task="causal-lm", device=device)
+    # served the way it was trained: the run's own chat template unless one is given here
+    trained_with = next((config.chat_template for _, config in adapters if config is not None), None)
+    set_chat_template(tokenizer, args.chat_template or trained_with)
     texts = [p if args.template == "none" else render_prompt({"instruction": p}, args.template, tokenizer) for p in prompts]
     columns = [] if args.no_base else [("base", "__base__")]
     model = base

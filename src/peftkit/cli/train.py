@@ -11,6 +11,7 @@ from .errors import EXIT_ERROR, EXIT_INTERRUPTED
 
 EXAMPLES = """examples:
   peftkit train --data ../shared/data/instruct/alpaca_sample_1727.json
+  peftkit train --data chats.jsonl                     # {"messages": [{"role": "user", "content": ...}, ...]} per line
   peftkit train --model minilm-l6 --data ../shared/data/glue/SST-2 --r 16 --alpha 32 --lr 1e-3 --max-steps 1500
   peftkit train --config run.yaml --lr 1e-4            # flags override the file
   peftkit train --resume runs/20250101-120000-lora     # after Ctrl-C or a crash
@@ -19,10 +20,12 @@ EXAMPLES = """examples:
   peftkit train --data d.json --device cuda --quantization nf4 --optim paged_adamw_8bit   # QLoRA on a GPU
 
 The task is inferred from --data when --task is not given: a GLUE folder or a table with a label column ->
-seq-cls, instruction/input/output records -> sft, records with prompt/choices/answer -> multiple-choice (rank
+seq-cls, instruction/input/output records or conversations (OpenAI "messages" or ShareGPT "conversations", JSON
+or JSONL; loss on the assistant's turns only) -> sft, records with prompt/choices/answer -> multiple-choice (rank
 classification; --task multiple-choice phrases a GLUE folder as a question), a .txt file -> text. Without
 --eval-data, evaluation uses the GLUE dev split, or a held-out 5% of the training file that is never trained on. The run folder (default
-runs/<time>-<method>) gets the adapter, metrics.jsonl, metrics.png, config.yaml, samples.md (sft) and checkpoints.
+runs/<time>-<method>) gets the adapter, metrics.jsonl, metrics.png, report.html (open it in a browser), config.yaml,
+samples.md (sft) and checkpoints.
 """
 
 
@@ -61,7 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-fraction", type=float, help="held-out share of --data when there is no --eval-data (default 0.05)")
     g.add_argument("--max-eval-examples", type=int, help="evaluate on at most this many examples (default 2000)")
     g.add_argument("--max-length", type=int, help="tokens per example / text chunk (default: sft 512, text 256, seq-cls 128)")
-    g.add_argument("--template", choices=["alpaca", "chat"], help="sft prompt format (default alpaca)")
+    g.add_argument("--template", choices=["alpaca", "chat"], help="sft prompt format of instruction records (default alpaca; conversations always use the chat template)")
+    g.add_argument("--chat-template", metavar="FILE|NAME", help="a Jinja chat template file, or chatml, replacing the tokenizer's (needed when it has none)")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                    help="padded batches (seq-cls, prompt/prefix): random lengths instead of similar ones")
     g.add_argument("--text-column", help="seq-cls: the text column (default: guessed)")
@@ -103,6 +107,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
     g.add_argument("--num-samples", type=int, help="sft: held-out prompts generated before and after training (default 3)")
     g.add_argument("--sample-tokens", type=int, help="sft: new tokens per sample (default 64)")
+    g.add_argument("--report-to", choices=["none", "tensorboard", "mlflow", "trackio"],
+                   help="also send the metrics, config and summary to this tracker (default none; each needs its extra: pip install 'peftkit[tensorboard]')")
     p.add_argument("--quiet", action="store_true", help="no progress bar or notes (skipped bad rows are still reported)")
     p.set_defaults(func=cmd_train)
 

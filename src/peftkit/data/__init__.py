@@ -13,8 +13,11 @@ The modules, in the order data flows through them:
   ``BadRows``, ``LINE``);
 - ``classification``: classification data sets, their label set and GLUE tasks (``load_classification``,
   ``infer_labels``, ``load_glue``);
+- ``chat``: conversations (OpenAI ``messages``, ShareGPT ``conversations``) and the chat template (``render_chat``,
+  ``conversation_messages``, ``is_conversation``, ``assistant_spans``, ``chat_sample``, ``set_chat_template``);
 - ``prompts``: prompt templates for instruction records (``render_prompt``);
-- ``tokenization``: records and texts into examples (``tokenize_sft``, ``chunk_text``, ``IGNORE_INDEX``);
+- ``tokenization``: records and texts into examples (``tokenize_sft``, ``tokenize_conversations``, ``chunk_text``,
+  ``IGNORE_INDEX``);
 - ``packing``: several examples per row (``pack_examples``, ``PackedCollator``);
 - ``batching``: padded batches and length grouping (``PaddingCollator``, ``ClassificationCollator``,
   ``padding_fraction``, ``group_by_length``, ``ungroup``);
@@ -25,16 +28,18 @@ Every public name is importable from ``peftkit.data`` itself.
 """
 
 from .batching import ClassificationCollator, PaddingCollator, group_by_length, padding_fraction, ungroup
+from .chat import CHAT_TEMPLATES, assistant_spans, chat_sample, conversation_messages, is_conversation, render_chat, set_chat_template
 from .choices import PHRASINGS, ChoiceCollator, load_choices, tokenize_choices
 from .classification import GLUE_TASKS, ClassificationData, GlueTask, infer_labels, load_classification, load_glue
 from .packing import PackedCollator, pack_examples
 from .prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, Template, render_prompt
 from .readers import LINE, BadRows, OnBadRow, read_records, read_utf8
-from .tokenization import IGNORE_INDEX, chunk_text, tokenize_sft
+from .tokenization import IGNORE_INDEX, chunk_text, tokenize_conversation, tokenize_conversations, tokenize_sft
 
 __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
+    "CHAT_TEMPLATES",
     "GLUE_TASKS",
     "IGNORE_INDEX",
     "LINE",
@@ -48,6 +53,12 @@ __all__ = [
     "PackedCollator",
     "PaddingCollator",
     "Template",
+    "assistant_spans",
+    "chat_sample",
+    "conversation_messages",
+    "is_conversation",
+    "render_chat",
+    "set_chat_template",
     "chunk_text",
     "group_by_length",
     "infer_labels",
@@ -60,6 +71,8 @@ __all__ = [
     "read_utf8",
     "render_prompt",
     "tokenize_choices",
+    "tokenize_conversation",
+    "tokenize_conversations",
     "tokenize_sft",
     "ungroup",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from .chat import render_chat
+
 Template = Literal["alpaca", "chat"]
 
 # Stanford Alpaca's prompt templates, verbatim (github.com/tatsu-lab/stanford_alpaca, train.py).
@@ -32,9 +34,8 @@ def render_prompt(record: dict[str, Any], template: Template = "alpaca", tokeniz
             return ALPACA_PROMPT.format(instruction=instruction, input=context)
         return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
     if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if tokenizer is None:
             raise ValueError("template='chat' needs a tokenizer that has a chat template")
         user = f"{instruction}\n\n{context}" if context.strip() else instruction
-        messages = [{"role": "user", "content": user}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)
     raise ValueError(f"unknown template {template!r}: expected 'alpaca' or 'chat'")

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
 from ..device import Precision
+from ..data.chat import render_chat
 from ..tuners.base import BASE
 from .protocol import (
     ChatCompletionRequest,
@@ -119,8 +120,8 @@ class Server:
             raise APIError(400, f"model {self.registry.base_name!r} has no chat template; use /v1/completions",
                            param="messages")
         turns = [{"role": m.role, "content": m.text()} for m in messages]
-        try:
-            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        try:  # the same rendering as training (peftkit.data.chat), so adapters are served as they were trained
+            text = render_chat(self.tokenizer, turns, add_generation_prompt=True)
         except Exception as err:  # the template itself rejects some conversations (e.g. role order)
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=False).input_ids

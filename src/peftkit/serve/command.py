@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli.common import resolve_hardware
 
     device, precision = resolve_hardware(args, "serve")
-    model, tokenizer = load_model(args.model, device=device)
+    model, tokenizer = load_model(args.model, task="causal-lm", device=device)
     try:
         app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
                          api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,

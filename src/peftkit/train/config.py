@@ -82,6 +82,7 @@ class TrainConfig:
     max_length: int | None = None
     group_by_length: bool = True
     template: str = "alpaca"
+    chat_template: str | None = None  # a Jinja file or built-in name replacing the tokenizer's (peftkit.data.chat)
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
@@ -114,6 +115,7 @@ class TrainConfig:
     save_every: int | None = None
     keep_checkpoints: int = 2
     num_samples: int = 3
+    report_to: str = "none"  # none, tensorboard, mlflow or trackio (peftkit.train.trackers)
     sample_tokens: int = 64
 
     @classmethod

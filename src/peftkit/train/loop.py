@@ -45,6 +45,7 @@ from .run_folder import (
 )
 from .task_data import BatchOrder, example_length, load_task_data, resolve_config
 from .tasks import make_task
+from .trackers import Tracker
 
 @contextmanager
 def _isolated_rng(device: torch.device) -> Iterator[None]:
@@ -92,6 +93,8 @@ class TrainingRun:
 
     def _build(self, config: TrainConfig, progress: bool) -> None:
         self.config = resolve_config(config)
+        # only the process that writes the run folder reports; a missing extra fails here, before any work
+        self.tracker = Tracker(self.config.report_to if self.dist.is_main else "none", self.run_dir)
         self.progress = progress and self.dist.is_main
         self.config.out = str(self.run_dir)
         peft_config = build_peft_config(self.config)  # checked before the model loads
@@ -236,6 +239,7 @@ class TrainingRun:
             return
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(strict_json.dumps(record) + "\n")
+        self.tracker.log(record)
 
     def _write_config(self) -> None:
         if not self.dist.is_main:
@@ -330,6 +334,7 @@ class TrainingRun:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
+        self.tracker.start(self.config.to_dict(), self.step)
         trainable, total = self.model.get_nb_trainable_parameters()
         self._say(
             f"peftkit train: {self.config.method} on {self.config.model}, task {self.data.task}, "
@@ -437,7 +442,8 @@ class TrainingRun:
 
     def _generate_samples(self) -> list[dict[str, str]]:
         records = self.data.eval_records[: self.config.num_samples]
-        prompts = [render_prompt(r, self.config.template, self.tokenizer) for r in records]
+        # conversations come with their prompt rendered (peftkit.data.chat_sample); instruction records get the template
+        prompts = [r["rendered_prompt"] if "rendered_prompt" in r else render_prompt(r, self.config.template, self.tokenizer) for r in records]
         outputs = self._no_grad(generate_texts, self.model, self.tokenizer, prompts, self.config.sample_tokens, None, self.precision)
         return [{"prompt": p, "reference": r["output"], "output": o} for p, r, o in zip(prompts, records, outputs)]
 
@@ -466,10 +472,16 @@ class TrainingRun:
             if after:
                 write_samples(self.run_dir / "samples.md", samples_before, after)
             from ..plots import plot_metrics
+            from ..report import REPORT_FILE, SAMPLES_FILE, write_report
 
             plot_metrics(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / "metrics.png", self.data.metric)
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
             checkpoint.save_json(self.run_dir / "summary.json", summary)
+            checkpoint.save_json(self.run_dir / SAMPLES_FILE, {"samples": [
+                {"prompt": b["prompt"], "reference": b["reference"], "before": b["output"], "after": a["output"]}
+                for b, a in zip(samples_before, after)]})
+            write_report([self.run_dir], self.run_dir / REPORT_FILE)
+            self.tracker.finish(summary)
         self.dist.barrier()  # the run folder is complete when any rank returns
         return result
 

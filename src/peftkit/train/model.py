@@ -66,6 +66,9 @@ def load_base_model(
         if config.quantization and "quantization" in str(err):
             raise ValueError(f"--quantization {config.quantization}: this peftkit's load_model has no 4-bit path") from None
         raise
+    from ..data import set_chat_template
+
+    set_chat_template(tokenizer, config.chat_template)
     if config.quantization:
         from ..kbit_training import prepare_model_for_kbit_training
 

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 import torch
 
 from ..data import (
-    GLUE_TASKS, LINE, BadRows, chunk_text, load_choices, load_classification, load_glue, read_records, read_utf8,
-    tokenize_choices, tokenize_sft,
+    GLUE_TASKS, LINE, BadRows, chat_sample, chunk_text, conversation_messages, is_conversation,
+    load_choices, load_classification, load_glue, read_records, read_utf8,
+    tokenize_choices, tokenize_conversations, tokenize_sft,
 )
 from ..errors import SettingsError
 from .config import TrainConfig
@@ -48,7 +49,7 @@ class TaskData:
 
 def infer_task(path: str | os.PathLike, records: Sequence[dict[str, Any]] | None = None) -> str:
     """The task a data path implies: a GLUE folder or a table with a label column -> seq-cls; instruction records
-    (``instruction`` and ``output``) -> sft; records with ``choices`` -> multiple-choice; a ``.txt`` file or records with only ``text`` -> text."""
+    (``instruction`` and ``output``) or conversations (``messages`` / ``conversations``) -> sft; records with ``choices`` -> multiple-choice; a ``.txt`` file or records with only ``text`` -> text."""
     path = Path(path)
     if path.is_dir():
         if (path / "train.tsv").exists():
@@ -63,14 +64,14 @@ def infer_task(path: str | os.PathLike, records: Sequence[dict[str, Any]] | None
     keys = set(records[0])
     if "choices" in keys:
         return "multiple-choice"
-    if {"instruction", "output"} <= keys:
+    if {"instruction", "output"} <= keys or is_conversation(records[0]):
         return "sft"
     if "label" in keys or _guess_label_column(keys):
         return "seq-cls"
     if "text" in keys:
         return "text"
     raise ValueError(
-        f"cannot tell the task of {path} from its fields {sorted(keys - {LINE})}: expected instruction/output (sft), "
+        f"cannot tell the task of {path} from its fields {sorted(keys - {LINE})}: expected instruction/output or messages/conversations (sft), "
         "a label column (seq-cls) or text (text). Pass --task, and --text-column/--label-column if needed."
     )
 
@@ -207,21 +208,52 @@ def _read_instructions(path: str | os.PathLike, config: TrainConfig) -> tuple[li
     return records, bad
 
 
+def _read_conversations(path: str | os.PathLike, config: TrainConfig) -> tuple[list[list[dict[str, str]]], BadRows]:
+    """Every conversation of a JSON/JSONL file as OpenAI messages; a malformed one is a bad row (skipped and counted,
+    or the error with ``--on-bad-row error``) that names its line and what is wrong."""
+    records, bad = read_records(path, on_bad_row=config.on_bad_row)
+    conversations = []
+    for record in records:
+        try:
+            conversations.append(conversation_messages(record))
+        except ValueError as err:
+            bad.reject(record[LINE], None, str(err))
+    if not conversations:
+        raise ValueError(f"{path}: no usable conversations ({bad})")
+    return conversations, bad
+
+
+def _is_chat_file(path: str | os.PathLike) -> bool:
+    if Path(path).suffix.lower() not in (".json", ".jsonl"):
+        return False
+    records, _ = read_records(path)
+    return bool(records) and is_conversation(records[0])
+
+
 def _sft_data(config: TrainConfig, path: Path, tokenizer: Any) -> TaskData:
-    records, bad = _read_instructions(path, config)
+    """Instruction records (loss on the response) or conversations (loss on every assistant turn; samples answer
+    each held-out conversation's last turn)."""
+    chat = _is_chat_file(path)
+    read, unit = (_read_conversations, "conversations") if chat else (_read_instructions, "records")
+    records, bad = read(path, config)
     notes, bad_rows = [], [bad]
     if config.eval_data is not None:
-        eval_records, eval_bad = _read_instructions(config.eval_data, config)
+        eval_records, eval_bad = read(config.eval_data, config)
         eval_records = eval_records[: config.max_eval_examples]
-        notes.append(f"eval: {config.eval_data} ({len(eval_records)} records)")
+        notes.append(f"eval: {config.eval_data} ({len(eval_records)} {unit})")
         bad_rows.append(eval_bad)
     else:
         records, eval_records = _hold_out(records, config)
-        notes.append(f"eval: {len(eval_records)} records held out of {path} (never trained on)")
+        notes.append(f"eval: {len(eval_records)} {unit} held out of {path} (never trained on)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train = tokenize_sft(records, tokenizer, config.max_length, config.template)
-        held = tokenize_sft(eval_records, tokenizer, config.max_length, config.template)
+        if chat:
+            train = tokenize_conversations(records, tokenizer, config.max_length)
+            held = tokenize_conversations(eval_records, tokenizer, config.max_length)
+            eval_records = [chat_sample(tokenizer, m) for m in eval_records]
+        else:
+            train = tokenize_sft(records, tokenizer, config.max_length, config.template)
+            held = tokenize_sft(eval_records, tokenizer, config.max_length, config.template)
     notes += [str(w.message) for w in caught]
     return TaskData("sft", train, held, eval_records=eval_records, notes=notes, bad_rows=bad_rows)
 
@@ -299,6 +331,10 @@ def load_eval_data(config: TrainConfig, tokenizer: Any, num_labels: int | None =
         records, bad = _read_choices(path, "dev", config)
         return TaskData("multiple-choice", [], tokenize_choices(records, tokenizer, config.max_length),
                         metric="accuracy", bad_rows=[bad])
+    if config.task == "sft" and _is_chat_file(path):
+        conversations, bad = _read_conversations(path, config)
+        return TaskData("sft", [], tokenize_conversations(conversations, tokenizer, config.max_length),
+                        eval_records=[chat_sample(tokenizer, m) for m in conversations], bad_rows=[bad])
     if config.task == "sft":
         records, bad = _read_instructions(path, config)
         return TaskData("sft", [], tokenize_sft(records, tokenizer, config.max_length, config.template),

@@ -19,6 +19,7 @@ from .attention import (
 )
 from .choice_task import MultipleChoiceTask, parse_losses
 from .config import TrainConfig
+from .generation import answer_matches
 
 class LMTask:
     """Causal-LM loss for sft and text: packed batches, backbone hidden states, head only where labels count.
@@ -34,6 +35,7 @@ class LMTask:
 
         self.model = model  # a PeftModel, or a plain transformers model (evaluating the base)
         self.device, self.precision = device, precision
+        self.tokenizer = tokenizer
         self.hf_model = model.base_model if isinstance(model, PeftModel) else model
         self.max_length = max_length
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -99,15 +101,27 @@ class LMTask:
                 total += self.loss_sum(to_device(batch, self.device)).double()
             runs += 1
         run_stand_ins(self, examples, batches - runs)
-        return {"loss_sum": float(total), "tokens": count}
+        parts = {"loss_sum": float(total), "tokens": count, "answers_correct": 0, "answers": 0, "free_text": 0}
+        # generation's forward passes differ between ranks (early stops), which FSDP's gathers cannot allow: one process only
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            matches = answer_matches(self.model, self.tokenizer, examples, batch_size, self.precision)
+            if matches is None:
+                parts["free_text"] = 1
+            else:
+                parts["answers_correct"], parts["answers"] = matches
+        return parts
 
     @staticmethod
     def scores(parts: dict[str, Any]) -> dict[str, float]:
-        """Mean next-token loss from :meth:`evaluate_parts` (summed over ranks)."""
-        return {"loss": parts["loss_sum"] / max(parts["tokens"], 1), "tokens": parts["tokens"]}
+        """Mean next-token loss from :meth:`evaluate_parts` (summed over ranks); when every answer is one word (a
+        label phrased as text), also ``accuracy``: the greedy answer's first word matches it (:func:`answer_matches`)."""
+        scores = {"loss": parts["loss_sum"] / max(parts["tokens"], 1), "tokens": parts["tokens"]}
+        if parts.get("answers") and not parts.get("free_text"):
+            scores["accuracy"] = parts["answers_correct"] / parts["answers"]
+        return scores
 
     def evaluate(self, examples: Sequence[dict[str, list[int]]], batch_size: int) -> dict[str, float]:
-        """Mean next-token loss over every scored token of ``examples``."""
+        """Mean next-token loss over every scored token of ``examples`` (and ``accuracy``, see :meth:`scores`)."""
         return self.scores(self.evaluate_parts(examples, batch_size))
 
 
