@@ -18,7 +18,7 @@ RUN_OUT ?= runs/sst2-chat-$(shell date +%Y%m%d-%H%M%S)
 run: setup
 	$(PY) scripts/glue_chat.py --glue $(DATA)/glue/SST-2 --out runs/data --train 1000 --dev 200
 	$(VENV)/bin/peftkit train --data runs/data/sst2_train.jsonl --eval-data runs/data/sst2_dev.jsonl \
-		--max-steps 40 --batch-size 8 --lr 2e-3 --eval-every 20 --num-samples 4 --sample-tokens 8 --out $(RUN_OUT)
+		--max-steps 40 --batch-size 8 --lr 2e-3 --eval-every 40 --num-samples 4 --sample-tokens 8 --out $(RUN_OUT)
 	@echo; cat $(RUN_OUT)/samples.md; echo; echo "open $(RUN_OUT)/report.html (plot: $(RUN_OUT)/metrics.png)"
 
 # The earlier demo: LoRA instruction tuning on 100 Alpaca records (loss only moves a little in 40 steps).
