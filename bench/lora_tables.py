@@ -33,7 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from report import FinishedRuns, write_report  # noqa: E402  (bench/ is the script's folder)
+from report import FinishedRuns, panels, save_figure, write_report  # noqa: E402  (bench/ is the script's folder)
 from tables import SHARED_DATA, mean_std, run_jobs, summarize, train_and_score, write_jsonl  # noqa: E402
 
 SST2 = SHARED_DATA / "glue" / "SST-2"
@@ -103,14 +103,9 @@ def markdown(rows: list[dict], table: str, score: str) -> str:
 
 
 def plot(rows: list[dict], table: str, score: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = panels(len(models))
+    for ax, model in zip(axes, models):
         mine = [r for r in rows if r["model"] == model]
         ax.bar(range(len(mine)), [100 * r[f"{score}_mean"] for r in mine], yerr=[100 * r[f"{score}_std"] for r in mine], capsize=3)
         ax.set_xticks(range(len(mine)), [r["variant"] for r in mine], rotation=30, ha="right")
@@ -118,9 +113,7 @@ def plot(rows: list[dict], table: str, score: str, path: Path) -> None:
         ax.set_ylim(max(0, low - 5), 100)
         ax.set_ylabel(f"dev {score} (%), mean ± std")
         ax.set_title(f"{MODELS[model]}: {'equal budget, which weights' if table == 'targets' else 'which rank'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

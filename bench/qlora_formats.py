@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from report import FinishedRuns, write_report  # noqa: E402  (bench/ is the script's folder)
+from report import FinishedRuns, panels, save_figure, write_report  # noqa: E402  (bench/ is the script's folder)
 from tables import SHARED_DATA, mean_std, run_jobs, summarize, train_and_score  # noqa: E402
 
 FORMATS = {  # name -> (quantization, double_quant)
@@ -60,14 +60,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = panels(len(models))
+    for ax, model in zip(axes, models):
         mine, score = [r for r in rows if r["model"] == model], SCORE[model]
         xs = range(len(mine))
         ax.bar([x - 0.2 for x in xs], [r[f"before_{score}_mean"] for r in mine], 0.4, label="before training", color="tab:gray")
@@ -79,9 +74,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("dev accuracy" if score == "accuracy" else "held-out loss (lower is better)")
         ax.set_title(TASKS[model]["model"])
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

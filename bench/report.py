@@ -53,3 +53,22 @@ class FinishedRuns:
 
     def forget(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def panels(count: int, width: float = 6.0, height: float = 4.0):
+    """A figure of ``count`` side-by-side panels (matplotlib's Agg backend: no display needed): (figure, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

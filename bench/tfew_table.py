@@ -26,7 +26,6 @@ An interrupted run resumes: finished runs are kept in ``<out>/tfew_table.partial
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from report import FinishedRuns, write_report  # noqa: E402  (bench/ is the script's folder)
+from report import FinishedRuns, panels, save_figure, write_report  # noqa: E402  (bench/ is the script's folder)
 from tables import mean_std, run_jobs, summarize, train_and_score, write_jsonl  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -124,14 +123,9 @@ def markdown(rows: list[dict], dev_sizes: dict[str, int], majority: dict[str, fl
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = panels(len(tasks))
+    for ax, task in zip(axes, tasks):
         zero = next((r for r in rows if r["task"] == task and r["condition"] == "zero-shot"), None)
         if zero:
             ax.axhline(100 * zero["accuracy_mean"], color="gray", linestyle="--", label="zero-shot")
@@ -146,9 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("dev accuracy (%), mean ± std over seeds")
         ax.set_title(task.upper())
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

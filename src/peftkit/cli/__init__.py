@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from . import analyze, bench, evaluate, export, generate, inspect, merge, plan, report, train
-from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, debug_requested, run_verb, sigint_watch
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, debug_requested, run_verb, sigint_watch  # noqa: F401 (callers read cli.EXIT_*)
 
 DEBUG_HELP = "on an error, show the Python traceback too (or set PEFTKIT_DEBUG=1)"
 

@@ -14,7 +14,6 @@ choice token (a few per row), not over the whole prompt.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from ..data import ChoiceCollator, group_by_length, ungroup
 from ..device import Precision, to_device
 from ..losses import choice_log_likelihoods, length_normalized_softmax_loss, rank_classification, unlikelihood_loss
+from .padded import PaddedTask
 
 CHOICE_LOSSES = ("lm", "ul", "ln")
 
@@ -36,10 +36,8 @@ def parse_losses(text: str) -> tuple[str, ...]:
     return names
 
 
-class MultipleChoiceTask:
+class MultipleChoiceTask(PaddedTask):
     """Loss and rank-classification scores of a causal LM (a PeftModel or a plain transformers model) on choices."""
-
-    mode = "padded"
 
     def __init__(
         self, model: nn.Module, tokenizer: Any, losses: Sequence[str] = ("lm",), device: torch.device | None = None,
@@ -59,17 +57,6 @@ class MultipleChoiceTask:
         self.rewrites_inputs = isinstance(model, PeftModel) and any(
             type(tuner_for(model.peft_config[name])).prepare_inputs is not Tuner.prepare_inputs for name in model.active_adapters
         )
-
-    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return self.collator(examples)
-
-    @staticmethod
-    def count(batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["labels"].numel())
-
-    @staticmethod
-    def attention() -> AbstractContextManager:
-        return nullcontext()
 
     def choice_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, C, T, V): the next-token logits at the positions that score each choice token."""

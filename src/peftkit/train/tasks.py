@@ -20,6 +20,7 @@ from .attention import (
 from .choice_task import MultipleChoiceTask, parse_losses
 from .config import TrainConfig
 from .generation import answer_matches
+from .padded import PaddedTask
 
 class LMTask:
     """Causal-LM loss for sft and text: packed batches, backbone hidden states, head only where labels count.
@@ -132,7 +133,7 @@ def run_stand_ins(task: "LMTask | ClassificationTask", examples: Sequence[Any], 
             task.loss_sum(to_device(task.collate(list(examples[:1])), task.device))
 
 
-class ClassificationTask:
+class ClassificationTask(PaddedTask):
     """Sequence classification: cross-entropy on the classifier's logits; evaluation adds accuracy, F1, MCC."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_length: int, device: torch.device, precision: Precision) -> None:
@@ -140,18 +141,6 @@ class ClassificationTask:
         self.device, self.precision = device, precision
         self.tokenizer = tokenizer
         self.collator = ClassificationCollator(tokenizer, max_length)
-        self.mode = "padded"
-
-    def collate(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return self.collator(records)
-
-    @staticmethod
-    def count(batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["labels"].numel())
-
-    @staticmethod
-    def attention() -> AbstractContextManager:
-        return nullcontext()
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_real_tokens")}
