@@ -6,8 +6,8 @@
 #   LATEST=1      ignore constraints.txt: the newest transformers, peft and the rest that pip finds today
 #                 (`make test-latest`); otherwise every package is the exact version in constraints.txt
 #   WITH_LLAMA_CPP=1  also install llama-cpp-python (the real llama.cpp, for tests/test_llama_cpp.py; CI sets it).
-#                 PyPI has no wheel of it: pip builds one from source with cmake and g++ (about 4.5 min on 2 idle
-#                 cores), portable (-DGGML_NATIVE=OFF: a native build crashes on AMX machines), once: the wheel is
+#                 PyPI has no wheel of it: pip builds one from source with cmake and g++ (40 min measured on 2
+#                 busy cores; DESIGN.md gives about 4.5 min idle), portable (-DGGML_NATIVE=OFF: a native build crashes on AMX machines), once: the wheel is
 #                 kept in $LLAMA_WHEELS (default ~/.cache/peftkit/wheels) and later setups install it in seconds.
 #
 # torch comes first and pinned: an unpinned torch requirement would pull a multi-GB CUDA build. A second run with
