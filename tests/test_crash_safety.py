@@ -2,7 +2,7 @@
 
 Each round forks a child (the parent has the models built, so a child starts in a millisecond) that saves version
 B of a two-adapter folder ("default" at the top, "other" in a subfolder) over a folder holding version A and
-into a new folder (in alternating order), and SIGKILLs it after a random delay spread over the time those two saves take. The parent then
+into a new folder (in alternating order), and SIGKILLs it after a random delay from its start, spread over the time a child's two saves take. The parent then
 loads both folders the public way (``PeftModel.from_pretrained`` + ``load_adapter``) and compares every tensor and
 the config with A and B exactly. Half the rounds force the fallback protocol (two renames instead of the atomic
 ``RENAME_EXCHANGE`` swap), whose crash window leaves the folder missing with a complete staging sibling: loads
@@ -61,9 +61,10 @@ def classify(folder, base, versions: dict[str, dict]) -> str:
     return matches[0] if matches else "mixed"
 
 
-def child_saves(model: pk.PeftModel, targets, fallback: bool) -> None:
-    """In the forked child: save, save, exit (never returns)."""
+def child_saves(model: pk.PeftModel, targets, fallback: bool, ready: int) -> None:
+    """In the forked child: say "started" on the pipe ``ready``, save, save, exit (never returns)."""
     try:
+        os.write(ready, b"s")
         if fallback:
             atomic._exchange = lambda a, b: False  # as on a system without renameat2
         for target in targets:
@@ -72,15 +73,38 @@ def child_saves(model: pk.PeftModel, targets, fallback: bool) -> None:
         os._exit(0)
 
 
+def fork_saves(model: pk.PeftModel, targets, fallback: bool) -> int:
+    """Fork a child that saves ``model`` to ``targets``; return its pid once it has started (a busy machine may
+    take longer to schedule a fresh child than the saves take, so the kill delay counts from the child's start)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        child_saves(model, targets, fallback, write_end)
+    os.close(write_end)
+    os.read(read_end, 1)
+    os.close(read_end)
+    return pid
+
+
+def child_span(model: pk.PeftModel, root) -> float:
+    """Seconds a forked child takes for its two saves, the median of five (timed as the kills will be: from the
+    child's start, in a child, whose first writes to the parent's memory copy pages)."""
+    spans = []
+    for i in range(5):
+        start = time.perf_counter()
+        pid = fork_saves(model, [root / f"a{i}", root / f"b{i}"], fallback=False)
+        os.waitpid(pid, 0)
+        spans.append(time.perf_counter() - start)
+    return sorted(spans)[2]
+
+
 @pytest.mark.slow
 def test_kill_9_during_saves_leaves_old_or_new_never_a_mix(tmp_path):
     old_model, new_model = version(1, r=16, alpha=32, r_other=4), version(2, r=32, alpha=16, r_other=8)
     versions = {"old": fingerprint(old_model), "new": fingerprint(new_model)}
     base = tiny_llama()
-    start = time.perf_counter()  # how long the child's two saves take: kills are spread over that span
-    for i in range(5):
-        new_model.save_pretrained(tmp_path / "timing" / str(i))
-    span = 2 * (time.perf_counter() - start) / 5
+    span = child_span(new_model, tmp_path / "timing")  # kills are spread over this span
     rng = random.Random(0)
     counts: dict[str, Counter] = {}
     leftovers_seen = recovered = 0
@@ -89,11 +113,9 @@ def test_kill_9_during_saves_leaves_old_or_new_never_a_mix(tmp_path):
             existing, fresh = tmp_path / protocol / f"existing{k}", tmp_path / protocol / f"new{k}"
             old_model.save_pretrained(existing)
             (existing / "README.md").write_text("kept by every save")  # a file the saves do not write
-            pid = os.fork()
-            if pid == 0:
-                order = [existing, fresh] if k % 2 == 0 else [fresh, existing]
-                child_saves(new_model, order, fallback=protocol == "fallback")
-            time.sleep(rng.uniform(0, 1.2 * span))
+            order = [existing, fresh] if k % 2 == 0 else [fresh, existing]
+            pid = fork_saves(new_model, order, fallback=protocol == "fallback")
+            time.sleep(rng.uniform(0, span))
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             for kind, folder in (("existing", existing), ("new", fresh)):
