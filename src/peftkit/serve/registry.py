@@ -164,6 +164,18 @@ class AdapterRegistry:
 
         return DynamicCache(config=self.model.config)
 
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+                adapter_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run left-padded prompts into the empty ``cache``: the last position's logits (batch, vocab), and the mask
+        of every column the cache now holds (what decoding continues from).
+
+        Position ids count each row's real tokens from 0, so padding never shifts a row's positions.
+        """
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        logits = self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                              adapter_names=adapter_names)
+        return logits, attention_mask
+
     def forward(self, *, adapter_names: list[str], cache: Any, **inputs: Any) -> torch.Tensor:
         """Logits at the last position, (batch, vocab), each row through its own adapter; ``cache`` grows in place."""
         inputs = with_cache(inputs, self.model, cache)

@@ -124,6 +124,9 @@ class ModelHost(Protocol):
 
     def forward(self, **inputs: Any) -> torch.Tensor: ...  # logits of the last position, (batch, vocab)
 
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+                adapter_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...  # logits, the cache's mask
+
     def new_cache(self) -> Any: ...
 
     def has_adapter(self, name: str) -> bool: ...
@@ -293,12 +296,8 @@ class Scheduler:
                 seq.generator = seq.params.make_generator(self.host.device)
         try:
             ids, mask = left_pad([s.context for s in group], self.host.pad_id, self.host.device)
-            positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
             cache = self.host.new_cache()
-            logits = self.host.forward(
-                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                adapter_names=[s.adapter for s in group],
-            )
+            logits, mask = self.host.prefill(ids, mask, cache, [s.adapter for s in group])
         except Exception as err:
             if len(group) > 1:  # find the request at fault: each one alone
                 for seq in group:
