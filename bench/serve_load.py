@@ -1,52 +1,54 @@
-"""Load test of `peftkit serve` on the real SmolLM2-135M: mixed-adapter continuous batching vs one at a time.
+"""Load test of `peftkit serve` on the real SmolLM2-135M with 1 to 512 adapters on disk, against its decode bound
+and two baselines, all in one run.
 
-16 concurrent clients (threads using the official `openai` client, streaming, greedy) spread over 4 LoRA adapters
-and the base model send N chat requests each to a server on 127.0.0.1 (a free port). The same load is served
-twice in this one process, side by side: with --max-batch-size 16 and with --max-batch-size 1.
+Load: LoRA adapter folders written to a temporary directory (random non-zero B, four rank/target shapes, see
+serve_adapters.py), one directory per adapter count (1, 8, 64, 512). N clients (the official `openai` client,
+streaming, greedy) in a closed loop (why: serve_clients.py) pick adapters by Zipf (s = 1) or uniform popularity,
+with a fixed seed. One more variant mixes every method (LoRA, (IA)^3, Houlsby, Pfeiffer, prompt, prefix tuning).
 
-Checked: nothing lost (every request answered), nothing crossed (each answer equals what its adapter generates
-alone with ``PeftModel.generate(do_sample=False)``). Measured: p50/p99 latency, p50 time to first token, and
-generated tokens per second of wall time.
+Compared, per adapter count and popularity, in interleaved order (decode bound, batched server, one-at-a-time
+server, HF PEFT baseline; then the next popularity):
+  - the server with continuous batching (`peftkit serve --max-batch-size B`), a child process on 127.0.0.1;
+  - the same server serving one request at a time (`--max-batch-size 1`);
+  - an HF-PEFT-style baseline: transformers `generate` with `adapter_names=`, batches per arrival window;
+  - the bound: the server's own B-row decode step timed in this run (serve_baselines.py says how).
+With `--adapters-dir` on-demand loading (when this build has `--max-adapters`) the servers load adapters as
+requests name them, under `--max-adapters`; otherwise the adapters a load uses are POSTed to /v1/adapters first.
 
-    python bench/serve_load.py                 # 16 clients x 4 requests x 32 tokens
-    python bench/serve_load.py --requests 2    # shorter
-    python bench/serve_load.py --threads 1     # when other jobs share the cores (2 threads oversubscribe them)
+Checked: nothing lost (every request answered) and nothing crossed (each answer equals its adapter generating the
+same prompt alone, batch 1, greedy). Reported per configuration: tokens/s, its fraction of the bound, p50/p99
+latency and time to first token, adapter loads, evictions, peak RSS of the serving process (VmHWM, reset after
+start). Writes serve_load.json, .md and .png into --out.
+
+    python bench/serve_load.py --out bench/results        # the full run (~15 min on 2 cores)
+    python bench/serve_load.py --quick --out /tmp/sl      # seconds-ish sizes, for the test
+    python bench/serve_load.py --render bench/results/serve_load.json   # the markdown table again
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
-import random
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import openai
-import torch
-import uvicorn
+import torch  # noqa: E402
 
-import peftkit as pk
-from peftkit.serve import create_app
+import peftkit as pk  # noqa: E402
+from report import write_report  # noqa: E402
+from serve_adapters import chat_ids, link_subset, lora_names, solo_references, write_lora_adapters, write_mixed_adapters  # noqa: E402
+from serve_baselines import decode_bound, run_hf_baseline  # noqa: E402
+from serve_clients import ServerProcess, make_plan, metric_total, run_load, serve_supports  # noqa: E402
+from serve_report import markdown, plot, summarize, verdicts  # noqa: E402
 
-BASE_NAME = "smollm2-135m"
-ADAPTERS = {  # random non-zero LoRA factors (init_lora_weights=False), B scaled so the text stays readable
-    "sql": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-    "poet": dict(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-    "math": dict(r=4, lora_alpha=8, target_modules=["up_proj", "down_proj"]),
-    "chat": dict(r=8, lora_alpha=8, target_modules="all-linear"),
-}
-B_SCALE = 0.3
 PROMPTS = [
     "Write one sentence about the sea.",
     "What is the capital of France?",
@@ -57,182 +59,169 @@ PROMPTS = [
     "Translate 'good morning' into Spanish.",
     "Why is the sky blue?",
 ]
+LOADS_METRIC, EVICTIONS_METRIC = "peftkit_adapter_loads_total", "peftkit_adapter_evictions_total"
+SIZES = {  # the full run is sized for ~15 minutes on 2 shared cores; --quick for the test
+    "full": dict(counts=[1, 8, 64, 512], clients=16, requests=2, max_tokens=32, max_batch=16, max_adapters=32, bound_steps=8),
+    "quick": dict(counts=[1, 8], clients=4, requests=2, max_tokens=8, max_batch=4, max_adapters=4, bound_steps=3),
+}
 
 
-def make_adapters(model, folder: Path) -> None:
-    """Save the random adapters as HF PEFT folders, then hand the base model back unchanged."""
-    torch.manual_seed(0)
-    names = list(ADAPTERS)
-    pm = pk.get_peft_model(model, pk.LoraConfig(init_lora_weights=False, **ADAPTERS[names[0]]), names[0])
-    for name in names[1:]:
-        pm.add_adapter(name, pk.LoraConfig(init_lora_weights=False, **ADAPTERS[name]))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if ".lora_B." in n:
-                p.mul_(B_SCALE)
-    pm.save_pretrained(folder)
-    pm.unload()
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (adapter counts 1 and 8, 4 clients, 8 tokens)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for serve_load.json/.md/.png")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="base model, as `peftkit serve --model` takes it (default: %(default)s; the test passes a tiny "
+                             "random Llama folder)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each server, the baseline and the bound")
+    parser.add_argument("--window-ms", type=float, default=50.0, help="the HF baseline's arrival window (default 50)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-mixed", action="store_true", help="skip the variant mixing every method")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="print the markdown table of a result file and exit")
+    for key in SIZES["full"]:
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, nargs="+" if key == "counts" else None,
+                            help=f"override (full run: {SIZES['full'][key]}, quick: {SIZES['quick'][key]})")
+    return parser.parse_args(argv)
 
 
-def solo_outputs(model, tok, folder: Path, jobs: set[tuple[str, str]], max_tokens: int) -> dict[tuple[str, str], str]:
-    """Each (model, prompt) generated alone with its adapter: the reference the server must reproduce."""
-    names = list(ADAPTERS)
-    pm = pk.PeftModel.from_pretrained(model, folder / names[0], names[0])
-    for name in names[1:]:
-        pm.load_adapter(folder / name, name)
-    pm.eval()
-    eos = sorted({model.generation_config.eos_token_id, tok.eos_token_id})
-    out = {}
-    for name, prompt in sorted(jobs):
-        ids = torch.tensor([chat_ids(tok, prompt)])
-        if name != BASE_NAME:
-            pm.set_adapter(name)
-        with (pm.disable_adapter() if name == BASE_NAME else nullcontext()), torch.inference_mode():
-            gen = pm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                              eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        out[(name, prompt)] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-    pm.unload()
-    return out
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def chat_ids(tok, prompt: str) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    return tok(text, add_special_tokens=False).input_ids
+def serve_run(server: ServerProcess, plan, expected, size, on_demand: bool, loaded: set[str]) -> dict:
+    """One load against a running server: records, wall time, loads/evictions (from /metrics, or the pre-loads)."""
+    errors: list[str] = []
+    preloads = 0
+    if not on_demand:  # this build cannot load on demand: POST what the load uses first (not timed)
+        wanted = [n for n in dict.fromkeys(name for client in plan for name, _ in client) if n not in loaded]
+        preloads, errors = server.preload(wanted)
+        loaded.update(wanted)
+    before = server.metrics()
+    reset = server.reset_peak_rss()
+    records, wall = run_load(server.url, plan, size["max_tokens"], timeout=1800)
+    after = server.metrics()
+    deltas = {}
+    for key, name in (("adapter_loads", LOADS_METRIC), ("evictions", EVICTIONS_METRIC)):
+        a, b = metric_total(after, name), metric_total(before, name)
+        deltas[key] = None if a is None else a - (b or 0.0)
+    if not on_demand:
+        deltas = {"adapter_loads": preloads, "evictions": 0}
+    return summarize(records, wall, expected) | deltas | {
+        "peak_rss_mib": server.peak_rss_mib(), "peak_rss_since": "run start" if reset else "server start",
+        "preload_errors": errors}
 
 
-@contextmanager
-def serving(app):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # loopback only
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("server failed to start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
-
-
-def run_load(url: str, plan: list[list[tuple[str, str]]], max_tokens: int, timeout: float) -> tuple[list[dict], float]:
-    """Each client sends its requests one after another (closed loop); returns per-request records and wall time."""
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=timeout)
-
-    def one_client(requests: list[tuple[str, str]]) -> list[dict]:
-        records = []
-        for model, prompt in requests:
-            start = time.perf_counter()
-            first, text, usage, error = None, "", None, None
-            try:
-                stream = client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                    temperature=0, stream=True, stream_options={"include_usage": True},
-                )
-                for chunk in stream:
-                    if chunk.usage is not None:
-                        usage = chunk.usage.completion_tokens
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        first = first or time.perf_counter()
-                        text += chunk.choices[0].delta.content
-            except openai.APIError as err:
-                error = repr(err)
-            end = time.perf_counter()
-            records.append({"model": model, "prompt": prompt, "text": text, "tokens": usage, "error": error,
-                            "latency": end - start, "ttft": (first or end) - start})
-        return records
-
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(plan)) as pool:
-        results = list(pool.map(one_client, plan))
-    return [r for client_records in results for r in client_records], time.perf_counter() - start
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summarize(label: str, records: list[dict], wall: float, expected: dict, sent: int, stats: dict) -> dict:
-    answered = [r for r in records if r["error"] is None and r["tokens"] is not None]
-    crossed = [r for r in answered if r["text"] != expected[(r["model"], r["prompt"])]]
-    tokens = sum(r["tokens"] for r in answered)
-    return {
-        "config": label, "sent": sent, "answered": len(answered), "matches_solo": len(answered) - len(crossed),
-        "p50_latency_s": statistics.median(r["latency"] for r in answered),
-        "p99_latency_s": percentile([r["latency"] for r in answered], 0.99),
-        "p50_ttft_s": statistics.median(r["ttft"] for r in answered),
-        "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-        "mean_rows_per_step": stats["tokens"] / max(1, stats["decode_steps"] + stats["prefills"]),
-        "mixed_steps": stats["mixed_steps"], "decode_steps": stats["decode_steps"],
-        "mismatches": [{k: r[k] for k in ("model", "prompt", "text")} | {"solo": expected[(r["model"], r["prompt"])]}
-                       for r in crossed],
-        "errors": [r["error"] for r in records if r["error"] is not None],
-    }
+def hf_run(tmp: Path, adapters_dir: Path, plan, expected, size, args, label: str) -> dict:
+    spec = {"model": args.model, "adapters_dir": str(adapters_dir), "plan": plan, "max_tokens": size["max_tokens"],
+            "max_batch": size["max_batch"], "window_ms": args.window_ms, "threads": args.threads}
+    (tmp / f"hf-{label}.json").write_text(json.dumps(spec))
+    out = run_hf_baseline(tmp / f"hf-{label}.json", tmp / f"hf-{label}.out.json")
+    return summarize(out["records"], out["wall_s"], expected) | {
+        "adapter_loads": out["adapter_loads"], "evictions": 0, "peak_rss_mib": out["peak_rss_mib"],
+        "peak_rss_since": "run start", "mean_batch": out["mean_batch"]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 when other jobs share the cores")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())))
+        return 0
+    size = dict(SIZES["quick" if args.quick else "full"])
+    size.update({k: getattr(args, k) for k in size if getattr(args, k) is not None})
+    torch.set_num_threads(args.threads)
+    on_demand = serve_supports("--max-adapters")
+    log(f"sizes {size}; on-demand loading in this build: {on_demand}")
+    started = time.perf_counter()
+    model, tok = pk.load_model(args.model)
+    runs, bounds, failures = [], [], []
+    with tempfile.TemporaryDirectory(prefix="peftkit-serve-load-") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "key").write_text("bench-admin-token\n")
+        every = tmp / "all"
+        names = write_lora_adapters(model, every, max(size["counts"]), seed=args.seed)
+        mixed_dir = tmp / "mixed"
+        mixed = [] if args.no_mixed else write_mixed_adapters(model, mixed_dir)
+        largest_mib = max(f.stat().st_size for f in tmp.glob("*/*/adapter_model.safetensors")) / 2**20
+        log(f"wrote {len(names)} LoRA adapters and {len(mixed)} mixed-method adapters in {time.perf_counter() - started:.0f} s")
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = pk.load_model(BASE_NAME)
-    models = [BASE_NAME, *ADAPTERS]
-    rng = random.Random(0)
-    plan = [[(models[(c + i) % len(models)], rng.choice(PROMPTS)) for i in range(args.requests)] for c in range(args.clients)]
-    sent = args.clients * args.requests
-    with tempfile.TemporaryDirectory(prefix="peftkit-serve-bench-") as tmp:
-        folder = Path(tmp)
-        make_adapters(model, folder)
-        jobs = {job for client in plan for job in client}
+        loads = []  # (count, popularity, folder, plan)
+        for count in size["counts"]:
+            folder = tmp / f"set-{count}"
+            link_subset(every, lora_names(count), folder)
+            for popularity in (["zipf", "uniform"] if count > 1 else ["single"]):
+                plan = make_plan(lora_names(count), popularity, size["clients"], size["requests"], PROMPTS, args.seed + count)
+                loads.append((count, popularity, folder, plan))
+        if mixed:
+            loads.append((len(mixed), "mixed methods", mixed_dir, make_plan(mixed, "uniform", size["clients"], size["requests"], PROMPTS, args.seed)))
+        folders = {n: every / n for n in names} | {n: mixed_dir / n for n in mixed}
+        pairs = {job for *_, plan in loads for client in plan for job in client}
         t0 = time.perf_counter()
-        expected = solo_outputs(model, tok, folder, jobs, args.max_tokens)
-        solo_s = time.perf_counter() - t0
-        # a crossed answer is only visible when the other models answer that prompt differently
-        unique = sum(1 for client in plan for m, p in client
-                     if all(expected[(m, p)] != expected[(o, q)] for o, q in jobs if q == p and o != m))
-        print(f"solo references: {len(jobs)} (model, prompt) pairs in {solo_s:.1f} s; {unique}/{sent} requests "
-              "have an answer no other model gives to their prompt", file=sys.stderr)
-        rows = []
-        for label, batch in (("continuous batching, max batch 16", 16), ("one at a time, max batch 1", 1)):
-            app = create_app(model, tok, base_name=BASE_NAME, adapters={n: str(folder / n) for n in ADAPTERS},
-                             max_batch_size=batch, max_queue=sent)
-            with serving(app) as url:
-                records, wall = run_load(url, plan, args.max_tokens, args.timeout)
-                stats = dict(app.state.server.scheduler.stats)
-            model = app.state.server.registry.model if app.state.server.registry.peft is None else app.state.server.registry.peft.unload()
-            rows.append(summarize(label, records, wall, expected, sent, stats))
-            print(f"{label}: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        expected = solo_references(model, tok, folders, pairs, size["max_tokens"], args.model)
+        log(f"solo references: {len(pairs)} (adapter, prompt) pairs in {time.perf_counter() - t0:.0f} s")
+        prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
+        typical = round(statistics.mean(map(len, prompt_ids)) + size["max_tokens"] / 2)
 
-    print(f"\n{args.clients} clients x {args.requests} requests, {len(models)} models ({BASE_NAME} + {len(ADAPTERS)} "
-          f"LoRA adapters), greedy, max_tokens {args.max_tokens}, streaming, torch threads {torch.get_num_threads()}\n")
-    print("| config | answered | equal to solo | p50 latency (s) | p99 latency (s) | p50 TTFT (s) | tokens | wall (s) | tokens/s | rows/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['answered']}/{r['sent']} | {r['matches_solo']}/{r['answered']} | {r['p50_latency_s']:.2f} | "
-              f"{r['p99_latency_s']:.2f} | {r['p50_ttft_s']:.2f} | {r['tokens']} | {r['wall_s']:.1f} | "
-              f"{r['tokens_per_s']:.1f} | {r['mean_rows_per_step']:.1f} |")
-    print(f"\nspeed-up from batching: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x tokens/s")
-    for r in rows:
-        for m in r["mismatches"]:
-            print(f"MISMATCH ({r['config']}): {json.dumps(m)}")
-        for e in r["errors"]:
-            print(f"ERROR ({r['config']}): {e}")
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
-    ok = all(r["answered"] == r["sent"] and r["matches_solo"] == r["answered"] for r in rows)
-    return 0 if ok else 1
+        current_folder, servers, loaded = None, {}, {}
+        for count, popularity, folder, plan in loads:
+            if folder != current_folder:  # a pair of fresh servers for each adapter directory
+                for server in servers.values():
+                    server.stop()
+                current_folder = folder
+                servers = {batch: ServerProcess(args.model, folder, tmp / f"server-{count}-{batch}.log", max_batch=batch,
+                                                max_queue=size["clients"], threads=args.threads,
+                                                max_adapters=size["max_adapters"] if on_demand else None,
+                                                api_key_file=tmp / "key")
+                           for batch in (size["max_batch"], 1)}
+                for server in servers.values():
+                    server.wait_ready()
+                loaded = {batch: set() for batch in servers}
+            where = f"{count} adapters, {popularity}"
+            first_rows = [name for client in plan for name, _ in client[:1]][: size["max_batch"]]
+            try:
+                bound, model = decode_bound(model, tok, folder, first_rows, prompt_ids, typical, size["bound_steps"], args.model)
+            except Exception as err:  # e.g. a method this build cannot batch: say so, carry on
+                bound = {"error": f"{type(err).__name__}: {err}"}
+                failures.append(f"{where}: decode bound: {bound['error']}")
+            bounds.append({"adapters": count, "popularity": popularity} | bound)
+            log(f"{where}: bound " + (bound["error"] if "error" in bound else
+                                      f"{bound['tokens_per_s']:.1f} tokens/s ({bound['step_ms']:.0f} ms per {len(first_rows)}-row step)"))
+            configs = [("batched", servers[size["max_batch"]]), ("one at a time", servers[1])]
+            for label, server in configs:
+                batch = size["max_batch"] if label == "batched" else 1
+                row = serve_run(server, plan, expected, size, on_demand, loaded[batch])
+                runs.append({"adapters": count, "popularity": popularity, "config": label} | row)
+                failures += [f"{where}, {label}: the server refused to load {e}" for e in row["preload_errors"]]
+                log(f"{where}, {label}: {row['tokens_per_s']:.1f} tokens/s, {row['answered']}/{row['sent']} answered, "
+                    f"{row['crossed']} crossed, peak RSS {row['peak_rss_mib']:.0f} MiB")
+            if popularity == "mixed methods":
+                runs.append({"adapters": count, "popularity": popularity, "config": "HF PEFT",
+                             "skipped": "HF PEFT's adapter_names= mixes LoRA rows only and has no Houlsby/Pfeiffer adapters"})
+                continue
+            row = hf_run(tmp, folder, plan, expected, size, args, f"{count}-{popularity}")
+            runs.append({"adapters": count, "popularity": popularity, "config": "HF PEFT"} | row)
+            log(f"{where}, HF PEFT: {row['tokens_per_s']:.1f} tokens/s, {row['equal_to_solo']}/{row['answered']} equal to solo, "
+                f"peak RSS {row['peak_rss_mib']:.0f} MiB")
+        for server in servers.values():
+            server.stop()
+
+    report = {"sizes": size, "largest_adapter_mib": largest_mib, "threads": args.threads, "window_ms": args.window_ms, "seed": args.seed,
+              "on_demand": on_demand, "cpu": cpu_name(), "load_average": os.getloadavg(), "runs": runs, "bounds": bounds,
+              "wall_s": time.perf_counter() - started, "failures": failures}
+    report["goals"] = verdicts(report)
+    failures += [f"{r['adapters']} adapters, {r['popularity']}, {r['config']}: {r['lost']} lost, {r['crossed']} crossed; "
+                 f"{'; '.join(sorted(set(r['errors']))[:3])}" for r in runs
+                 if "lost" in r and r["config"] != "HF PEFT" and (r["lost"] or r["crossed"])]
+    write_report(args.out, "serve_load", report, markdown(report), lambda path: plot(report, path))
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
+    return "unknown"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""The load side of the serving benchmark: a `peftkit serve` child process, who asks for what (the plan), and
+the clients (the official `openai` client, streaming, greedy) in a closed loop.
+
+Closed loop, not open: each of N clients sends its next request when its previous one has finished, so exactly N
+requests are in flight and, with N = the server's batch size, the batch can stay full. That makes the measured
+tokens/s comparable with the full-batch decode step (the bound). An open loop with Poisson arrivals needs a rate
+chosen against the very capacity being measured: below it the batch is not full and tokens/s is just the offered
+rate, above it the queue grows for as long as the run lasts; on a shared 2-core machine the capacity drifts from
+run to run. The cost: a closed loop never queues more than N requests, so its latencies are those of a system at
+exactly that load (no queueing beyond it, "coordinated omission").
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+
+
+def make_plan(names: list[str], popularity: str, clients: int, requests: int, prompts: list[str], seed: int) -> list[list[tuple[str, str]]]:
+    """Each client's requests, (adapter, prompt) in order. ``zipf``: the k-th adapter (from 1) is drawn with
+    probability proportional to 1/k (s = 1); ``uniform``: all equally."""
+    rng = random.Random(seed)
+    weights = [1.0 / (k + 1) for k in range(len(names))] if popularity == "zipf" else [1.0] * len(names)
+    draws = rng.choices(names, weights, k=clients * requests)
+    jobs = [(name, rng.choice(prompts)) for name in draws]
+    return [jobs[c * requests:(c + 1) * requests] for c in range(clients)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident set size of process ``pid`` (VmHWM in /proc/PID/status), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/{pid}/status has no VmHWM")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (writing 5 to /proc/PID/clear_refs, Linux >= 4.0); False if refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def serve_supports(flag: str) -> bool:
+    """Whether this build's `peftkit serve` has ``flag`` (the on-demand flags land in a later merge)."""
+    out = subprocess.run([sys.executable, "-m", "peftkit.serve", "--help"], capture_output=True, text=True, timeout=120)
+    return flag in out.stdout
+
+
+class ServerProcess:
+    """``python -m peftkit.serve`` (what `peftkit serve` runs) on 127.0.0.1 and a free port, as a child process, so
+    its peak RSS is its own and none of the clients' memory counts."""
+
+    def __init__(self, model: str, adapters_dir: Path, log: Path, *, max_batch: int, max_queue: int, threads: int,
+                 max_adapters: int | None, api_key_file: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.adapters_dir, self.api_key = adapters_dir, api_key_file.read_text().strip()
+        command = [sys.executable, "-m", "peftkit.serve", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
+                   "--adapters-dir", str(adapters_dir), "--api-key-file", str(api_key_file), "--max-batch-size", str(max_batch),
+                   "--max-queue", str(max_queue), "--threads", str(threads), "--log-level", "warning"]
+        if max_adapters is not None:
+            command += ["--max-adapters", str(max_adapters)]
+        self.log = log
+        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.process.returncode}): {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib(self.process.pid)
+
+    def reset_peak_rss(self) -> bool:
+        return reset_peak_rss(self.process.pid)
+
+    def metrics(self) -> str | None:
+        """The Prometheus text of /metrics, or None where this build has no such endpoint."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as response:
+                return response.read().decode()
+        except urllib.error.HTTPError:
+            return None
+
+    def preload(self, names: list[str]) -> tuple[int, list[str]]:
+        """POST /v1/adapters each of ``names`` (the path before on-demand loading); (loaded, error messages)."""
+        errors = []
+        for name in names:
+            body = json.dumps({"name": name, "path": name}).encode()
+            request = urllib.request.Request(f"{self.url}/v1/adapters", body, method="POST",
+                                             headers={"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(request, timeout=600).close()
+            except urllib.error.HTTPError as err:
+                errors.append(f"{name}: {json.loads(err.read()).get('error', {}).get('message', err.reason)}")
+        return len(names) - len(errors), errors
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def metric_total(text: str | None, name: str) -> float | None:
+    """Sum of every sample of metric ``name`` (all label sets) in Prometheus text; None without /metrics or the name."""
+    if text is None:
+        return None
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")]
+    return sum(values) if values else None
+
+
+def run_load(url: str, plan: list[list[tuple[str, str]]], max_tokens: int, timeout: float) -> tuple[list[dict], float]:
+    """Every client sends its requests one after another (closed loop); per-request records and the wall time."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+    def one_client(requests: list[tuple[str, str]]) -> list[dict]:
+        records = []
+        for model, prompt in requests:
+            start = time.perf_counter()
+            first, text, usage, error = None, "", None, None
+            try:
+                stream = client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                    temperature=0, stream=True, stream_options={"include_usage": True},
+                )
+                for chunk in stream:
+                    if chunk.usage is not None:
+                        usage = chunk.usage.completion_tokens
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or time.perf_counter()
+                        text += chunk.choices[0].delta.content
+            except openai.APIError as err:
+                error = getattr(err, "message", None) or repr(err)
+            end = time.perf_counter()
+            records.append({"model": model, "prompt": prompt, "text": text, "tokens": usage, "error": error,
+                            "latency": end - start, "ttft": (first or end) - start})
+        return records
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(plan)) as pool:
+        results = list(pool.map(one_client, plan))
+    return [r for client_records in results for r in client_records], time.perf_counter() - start

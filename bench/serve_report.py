@@ -1,0 +1,156 @@
+"""The serving benchmark's figures: per-run summary, the goals of issue 18 judged from them, the markdown table and
+the chart (tokens/s and peak RSS against the number of adapters)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from report import panels, save_figure
+
+BOUND_GOAL, ZIPF_GOAL = 0.8, 0.8  # issue 18: >= 80% of the decode bound; 512 adapters (Zipf) >= 0.8x one adapter
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 1]) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(records: list[dict], wall: float, expected: dict) -> dict:
+    """Lost = sent without a full answer; crossed = answered, but not what its adapter generates alone.
+    ``distinguishable``: requests whose solo answer no other adapter of this load gives to the same prompt (a crossed
+    answer is only visible for those)."""
+    answered = [r for r in records if r["error"] is None and r["tokens"] is not None]
+    crossed = [r for r in answered if r["text"] != expected[(r["model"], r["prompt"])]]
+    pairs = {(r["model"], r["prompt"]) for r in records}
+    distinguishable = sum(1 for r in records if all(expected[(r["model"], r["prompt"])] != expected[(m, p)]
+                                                    for m, p in pairs if p == r["prompt"] and m != r["model"]))
+    tokens = sum(r["tokens"] for r in answered)
+    latency, ttft = [r["latency"] for r in answered] or [float("nan")], [r["ttft"] for r in answered] or [float("nan")]
+    return {
+        "sent": len(records), "answered": len(answered), "lost": len(records) - len(answered), "crossed": len(crossed),
+        "equal_to_solo": len(answered) - len(crossed), "distinguishable": distinguishable, "tokens": tokens,
+        "wall_s": wall, "tokens_per_s": tokens / wall,
+        "p50_latency_s": statistics.median(latency), "p99_latency_s": percentile(latency, 0.99),
+        "p50_ttft_s": statistics.median(ttft), "p99_ttft_s": percentile(ttft, 0.99),
+        "mismatches": [{"model": r["model"], "prompt": r["prompt"], "text": r["text"],
+                        "solo": expected[(r["model"], r["prompt"])]} for r in crossed][:5],
+        "errors": [r["error"] for r in records if r["error"] is not None],
+    }
+
+
+def _bound(report: dict, adapters: int, popularity: str) -> float | None:
+    return next((b.get("tokens_per_s") for b in report["bounds"] if (b["adapters"], b["popularity"]) == (adapters, popularity)), None)
+
+
+def _run(report: dict, adapters: int, popularity: str, config: str) -> dict | None:
+    return next((r for r in report["runs"] if (r["adapters"], r["popularity"], r["config"]) == (adapters, popularity, config)
+                 and "tokens_per_s" in r), None)
+
+
+def verdicts(report: dict) -> dict:
+    """Each goal with the figures it is judged on; ``met`` is None where the run lacks what it needs."""
+    lora = [r for r in report["runs"] if r["popularity"] != "mixed methods" and "tokens_per_s" in r]
+    batched = [r for r in lora if r["config"] == "batched"]
+    fractions = {f"{r['adapters']} {r['popularity']}": r["tokens_per_s"] / b
+                 for r in batched if (b := _bound(report, r["adapters"], r["popularity"]))}
+    for r in report["runs"]:
+        if "tokens_per_s" in r and (b := _bound(report, r["adapters"], r["popularity"])):
+            r["fraction_of_bound"] = r["tokens_per_s"] / b
+    counts = sorted({r["adapters"] for r in batched})
+    single, many = _run(report, counts[0], "single", "batched"), _run(report, counts[-1], "zipf", "batched")
+    peaks = {r["adapters"]: r["peak_rss_mib"] for r in batched}
+    growth = max(peaks.values()) - min(peaks.values()) if peaks else None
+    budget = report["sizes"]["max_adapters"] * report.get("largest_adapter_mib", float("nan"))
+    server_runs = [r for r in report["runs"] if r["config"] != "HF PEFT" and "lost" in r]
+    return {
+        "throughput_vs_bound": {"fractions": fractions, "goal": BOUND_GOAL,
+                                "met": min(fractions.values()) >= BOUND_GOAL if fractions else None},
+        "zipf_many_vs_one": {"adapters": counts[-1], "ratio": many["tokens_per_s"] / single["tokens_per_s"] if single and many else None,
+                             "goal": ZIPF_GOAL,
+                             "met": many["tokens_per_s"] / single["tokens_per_s"] >= ZIPF_GOAL if single and many else None},
+        "peak_rss_bounded": {"batched_peak_mib_by_adapters": peaks, "growth_mib": growth,
+                             "budget_mib": budget, "on_demand": report["on_demand"],
+                             "met": (growth <= budget) if growth is not None and report["on_demand"] else None},
+        "nothing_lost_or_crossed": {"lost": sum(r["lost"] for r in server_runs), "crossed": sum(r["crossed"] for r in server_runs),
+                                    "requests": sum(r["sent"] for r in server_runs),
+                                    "met": not any(r["lost"] or r["crossed"] for r in server_runs) and bool(server_runs)},
+    }
+
+
+def _f(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    size = report["sizes"]
+    lines = [f"{size['clients']} clients x {size['requests']} requests, max_tokens {size['max_tokens']}, batch {size['max_batch']}, "
+             f"--max-adapters {size['max_adapters']} (on-demand loading: {'yes' if report['on_demand'] else 'no, pre-loaded'}), "
+             f"{report['threads']} torch threads, {report['cpu']}, load average at the end {_f(report['load_average'][0], 1)}; "
+             f"whole run {report['wall_s'] / 60:.1f} min", "",
+             "| adapters | popularity | config | answered | equal to solo | tokens/s | of bound | p50 / p99 latency (s) | "
+             "p50 / p99 TTFT (s) | adapter loads | evictions | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        head = f"| {r['adapters']} | {r['popularity']} | {r['config']} |"
+        if "tokens_per_s" not in r:
+            lines.append(f"{head} skipped: {r.get('skipped', '')} |||||||||")
+            continue
+        fraction = r.get("fraction_of_bound")
+        lines.append(f"{head} {r['answered']}/{r['sent']} | {r['equal_to_solo']}/{r['answered']} | {r['tokens_per_s']:.1f} | "
+                     f"{'-' if fraction is None else f'{fraction:.0%}'} | {_f(r['p50_latency_s'])} / {_f(r['p99_latency_s'])} | "
+                     f"{_f(r['p50_ttft_s'])} / {_f(r['p99_ttft_s'])} | {_f(r.get('adapter_loads'), 0)} | "
+                     f"{_f(r.get('evictions'), 0)} | {r['peak_rss_mib']:.0f} |")
+    lines += ["", "Bound (the server's decode step, B rows with the load's first adapters, timed in this run):", "",
+              "| adapters | popularity | rows | distinct adapters | context | step (ms) | tokens/s |", "|---|---|---|---|---|---|---|"]
+    for b in report["bounds"]:
+        if "error" in b:
+            lines.append(f"| {b['adapters']} | {b['popularity']} | failed: {b['error']} |||||")
+        else:
+            lines.append(f"| {b['adapters']} | {b['popularity']} | {b['rows']} | {b['distinct_adapters']} | {b['context']} | "
+                         f"{b['step_ms']:.0f} | {b['tokens_per_s']:.1f} |")
+    g = report["goals"]
+    fr = g["throughput_vs_bound"]["fractions"]
+    lines += ["", "Goals:", "",
+              f"- throughput >= {BOUND_GOAL:.0%} of the bound: {_met(g['throughput_vs_bound'])} "
+              f"({', '.join(f'{k}: {v:.0%}' for k, v in fr.items())})",
+              f"- {g['zipf_many_vs_one']['adapters']} adapters (Zipf) >= {ZIPF_GOAL}x one adapter: {_met(g['zipf_many_vs_one'])} "
+              f"({_f(g['zipf_many_vs_one']['ratio'])}x)",
+              f"- peak RSS bounded by the budget: {_met(g['peak_rss_bounded'])} (batched server, growth from the fewest to the most "
+              f"adapters {_f(g['peak_rss_bounded']['growth_mib'], 0)} MiB; budget {_f(g['peak_rss_bounded']['budget_mib'], 0)} MiB = "
+              f"--max-adapters x the largest adapter)",
+              f"- nothing lost or crossed: {_met(g['nothing_lost_or_crossed'])} ({g['nothing_lost_or_crossed']['lost']} lost, "
+              f"{g['nothing_lost_or_crossed']['crossed']} crossed of {g['nothing_lost_or_crossed']['requests']} server requests)"]
+    lines += [f"- FAILED: {f}" for f in report["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def _met(goal: dict) -> str:
+    return {True: "**met**", False: "**not met**", None: "not judged"}[goal["met"]]
+
+
+def plot(report: dict, path: Path) -> None:
+    """Tokens/s (left) and peak RSS (right) against adapters on disk; the one-adapter point starts both lines."""
+    fig, (speed, memory) = panels(2)
+    styles = {"batched": "o-", "one at a time": "s--", "HF PEFT": "^:"}
+    for config, style in styles.items():
+        for popularity in ("zipf", "uniform"):
+            points = sorted((r["adapters"], r["tokens_per_s"], r["peak_rss_mib"]) for r in report["runs"]
+                            if r["config"] == config and r["popularity"] in (popularity, "single") and "tokens_per_s" in r)
+            if points:
+                xs, ys, rss = zip(*points)
+                speed.plot(xs, ys, style, label=f"{config}, {popularity}")
+                memory.plot(xs, rss, style, label=f"{config}, {popularity}")
+    for popularity in ("zipf", "uniform"):
+        points = sorted((b["adapters"], b["tokens_per_s"]) for b in report["bounds"]
+                        if b["popularity"] in (popularity, "single") and "tokens_per_s" in b)
+        if points:
+            speed.plot(*zip(*points), "k-" if popularity == "zipf" else "k--", alpha=0.5, label=f"decode bound, {popularity}")
+    for ax, title in ((speed, "generated tokens/s"), (memory, "peak RSS of the serving process (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("adapters on disk")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    speed.legend(fontsize=7)
+    save_figure(fig, path)
