@@ -4,7 +4,9 @@ The bound (:func:`decode_bound`): B rows, with the adapters of the load's first 
 decoded through the server's own path (``AdapterRegistry.prefill``/``forward`` on a ``KVBatch``, argmax and the
 host transfer of the tokens included), untimed until the context reaches the load's typical length (prompt +
 half of max_tokens), then ``steps`` steps timed one by one. Bound tokens/s = B / median step time: what the server
-would reach if every step were a full decode step (no prefill, no HTTP, no idle rows).
+would reach if every step were a full decode step (no prefill, no HTTP, no idle rows). The prefill of the B
+prompts (one forward, as the server prefills a group of newcomers) is timed too: with T tokens generated per request,
+B * T / (prefill + T * step) is the bound once every request's prompt has to be read as well.
 
 The HF PEFT baseline (``python bench/serve_baselines.py SPEC OUT``, a child process so its peak RSS is its own):
 transformers ``generate`` on a ``peft.PeftModel`` with ``adapter_names=`` (one adapter per row, LoRA only), fed the
@@ -43,7 +45,9 @@ def decode_bound(model, tok, adapters_dir: Path, rows: list[str], prompts: list[
     times = []
     with torch.inference_mode():
         cache = registry.new_cache()
+        start = time.perf_counter()
         logits, cache_mask = registry.prefill(ids, mask, cache, names)
+        prefill_s = time.perf_counter() - start
         batch = KVBatch(cache, cache_mask, cache_mask.sum(dim=1))
         warm = max(1, typical_context - steps // 2 - int(batch.lengths.float().mean()))
         for step in range(warm + steps):
@@ -59,7 +63,8 @@ def decode_bound(model, tok, adapters_dir: Path, rows: list[str], prompts: list[
         registry.detach(name)
     step_s = statistics.median(times)
     figures = {"rows": len(rows), "distinct_adapters": len(set(names)), "context": context, "steps": steps,
-               "step_ms": step_s * 1e3, "tokens_per_s": len(rows) / step_s}
+               "step_ms": step_s * 1e3, "tokens_per_s": len(rows) / step_s,
+               "prefill_ms": prefill_s * 1e3, "prompt_tokens": int(mask.sum())}
     return figures, registry.model
 
 

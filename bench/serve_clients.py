@@ -26,13 +26,16 @@ from pathlib import Path
 import openai
 
 
-def make_plan(names: list[str], popularity: str, clients: int, requests: int, prompts: list[str], seed: int) -> list[list[tuple[str, str]]]:
+def make_plan(names: list[str], popularity: str, clients: int, requests: int, prompts: list[str], seed: int,
+              prompts_per_adapter: int) -> list[list[tuple[str, str]]]:
     """Each client's requests, (adapter, prompt) in order. ``zipf``: the k-th adapter (from 1) is drawn with
-    probability proportional to 1/k (s = 1); ``uniform``: all equally."""
+    probability proportional to 1/k (s = 1); ``uniform``: all equally. The i-th adapter is asked one of
+    ``prompts_per_adapter`` prompts starting at prompts[i % len(prompts)], so the solo references (one generation
+    per distinct pair) stay few while neighbouring adapters get different prompts."""
     rng = random.Random(seed)
     weights = [1.0 / (k + 1) for k in range(len(names))] if popularity == "zipf" else [1.0] * len(names)
-    draws = rng.choices(names, weights, k=clients * requests)
-    jobs = [(name, rng.choice(prompts)) for name in draws]
+    draws = rng.choices(range(len(names)), weights, k=clients * requests)
+    jobs = [(names[i], prompts[(i + rng.randrange(prompts_per_adapter)) % len(prompts)]) for i in draws]
     return [jobs[c * requests:(c + 1) * requests] for c in range(clients)]
 
 
@@ -133,12 +136,18 @@ class ServerProcess:
 
 
 def metric_total(text: str | None, name: str) -> float | None:
-    """Sum of every sample of metric ``name`` (all label sets) in Prometheus text; None without /metrics or the name."""
+    """Sum of every sample of metric ``name`` (all label sets) in Prometheus text: 0 for a declared metric with no
+    samples yet (a labelled counter nothing incremented), None without /metrics or without that metric."""
     if text is None:
         return None
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+    lines = text.splitlines()
+    values = [float(line.rsplit(" ", 1)[1]) for line in lines
               if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")]
-    return sum(values) if values else None
+    family = name.removesuffix("_total")
+    declared = any(line.startswith(f"# TYPE {family} ") for line in lines)
+    if values:
+        return sum(values)
+    return 0.0 if declared else None
 
 
 def run_load(url: str, plan: list[list[tuple[str, str]]], max_tokens: int, timeout: float) -> tuple[list[dict], float]:

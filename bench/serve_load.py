@@ -61,8 +61,10 @@ PROMPTS = [
 ]
 LOADS_METRIC, EVICTIONS_METRIC = "peftkit_adapter_loads_total", "peftkit_adapter_evictions_total"
 SIZES = {  # the full run is sized for ~15 minutes on 2 shared cores; --quick for the test
-    "full": dict(counts=[1, 8, 64, 512], clients=16, requests=2, max_tokens=32, max_batch=16, max_adapters=32, bound_steps=8),
-    "quick": dict(counts=[1, 8], clients=4, requests=2, max_tokens=8, max_batch=4, max_adapters=4, bound_steps=3),
+    "full": dict(counts=[1, 8, 64, 512], clients=16, requests=2, max_tokens=32, max_batch=16, max_adapters=16, bound_steps=8,
+                 prompts_per_adapter=1),
+    "quick": dict(counts=[1, 8], clients=4, requests=2, max_tokens=8, max_batch=4, max_adapters=4, bound_steps=3,
+                  prompts_per_adapter=2),
 }
 
 
@@ -149,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             folder = tmp / f"set-{count}"
             link_subset(every, lora_names(count), folder)
             for popularity in (["zipf", "uniform"] if count > 1 else ["single"]):
-                plan = make_plan(lora_names(count), popularity, size["clients"], size["requests"], PROMPTS, args.seed + count)
+                plan = make_plan(lora_names(count), popularity, size["clients"], size["requests"], PROMPTS, args.seed + count,
+                                 size["prompts_per_adapter"])
                 loads.append((count, popularity, folder, plan))
         if mixed:
-            loads.append((len(mixed), "mixed methods", mixed_dir, make_plan(mixed, "uniform", size["clients"], size["requests"], PROMPTS, args.seed)))
+            loads.append((len(mixed), "mixed methods", mixed_dir, make_plan(mixed, "uniform", size["clients"], size["requests"], PROMPTS, args.seed,
+                                                                                   len(PROMPTS))))
         folders = {n: every / n for n in names} | {n: mixed_dir / n for n in mixed}
         pairs = {job for *_, plan in loads for client in plan for job in client}
         t0 = time.perf_counter()

@@ -40,8 +40,15 @@ def summarize(records: list[dict], wall: float, expected: dict) -> dict:
     }
 
 
-def _bound(report: dict, adapters: int, popularity: str) -> float | None:
-    return next((b.get("tokens_per_s") for b in report["bounds"] if (b["adapters"], b["popularity"]) == (adapters, popularity)), None)
+def _bound(report: dict, adapters: int, popularity: str, key: str = "tokens_per_s") -> float | None:
+    return next((b.get(key) for b in report["bounds"] if (b["adapters"], b["popularity"]) == (adapters, popularity)), None)
+
+
+def with_prefill(bound: dict, tokens_per_request: float) -> float:
+    """Tokens/s of full batches that also prefill their prompts: B rows generate T tokens each in one prefill of
+    the B prompts plus T decode steps."""
+    t = tokens_per_request
+    return bound["rows"] * t / (bound["prefill_ms"] / 1e3 + t * bound["step_ms"] / 1e3)
 
 
 def _run(report: dict, adapters: int, popularity: str, config: str) -> dict | None:
@@ -56,8 +63,10 @@ def verdicts(report: dict) -> dict:
     fractions = {f"{r['adapters']} {r['popularity']}": r["tokens_per_s"] / b
                  for r in batched if (b := _bound(report, r["adapters"], r["popularity"]))}
     for r in report["runs"]:
-        if "tokens_per_s" in r and (b := _bound(report, r["adapters"], r["popularity"])):
-            r["fraction_of_bound"] = r["tokens_per_s"] / b
+        bound = next((b for b in report["bounds"] if (b["adapters"], b["popularity"]) == (r["adapters"], r["popularity"])), {})
+        if "tokens_per_s" in r and "tokens_per_s" in bound and r["answered"]:
+            r["fraction_of_bound"] = r["tokens_per_s"] / bound["tokens_per_s"]
+            r["fraction_of_bound_with_prefill"] = r["tokens_per_s"] / with_prefill(bound, r["tokens"] / r["answered"])
     counts = sorted({r["adapters"] for r in batched})
     single, many = _run(report, counts[0], "single", "batched"), _run(report, counts[-1], "zipf", "batched")
     peaks = {r["adapters"]: r["peak_rss_mib"] for r in batched}
@@ -89,27 +98,28 @@ def markdown(report: dict) -> str:
              f"--max-adapters {size['max_adapters']} (on-demand loading: {'yes' if report['on_demand'] else 'no, pre-loaded'}), "
              f"{report['threads']} torch threads, {report['cpu']}, load average at the end {_f(report['load_average'][0], 1)}; "
              f"whole run {report['wall_s'] / 60:.1f} min", "",
-             "| adapters | popularity | config | answered | equal to solo | tokens/s | of bound | p50 / p99 latency (s) | "
-             "p50 / p99 TTFT (s) | adapter loads | evictions | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| adapters | popularity | config | answered | equal to solo | tokens/s | of bound | of bound with prefill | "
+             "p50 / p99 latency (s) | p50 / p99 TTFT (s) | adapter loads | evictions | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         head = f"| {r['adapters']} | {r['popularity']} | {r['config']} |"
         if "tokens_per_s" not in r:
-            lines.append(f"{head} skipped: {r.get('skipped', '')} |||||||||")
+            lines.append(f"{head} skipped: {r.get('skipped', '')} ||||||||||")
             continue
-        fraction = r.get("fraction_of_bound")
+        fractions = " | ".join("-" if r.get(k) is None else f"{r[k]:.0%}" for k in ("fraction_of_bound", "fraction_of_bound_with_prefill"))
         lines.append(f"{head} {r['answered']}/{r['sent']} | {r['equal_to_solo']}/{r['answered']} | {r['tokens_per_s']:.1f} | "
-                     f"{'-' if fraction is None else f'{fraction:.0%}'} | {_f(r['p50_latency_s'])} / {_f(r['p99_latency_s'])} | "
+                     f"{fractions} | {_f(r['p50_latency_s'])} / {_f(r['p99_latency_s'])} | "
                      f"{_f(r['p50_ttft_s'])} / {_f(r['p99_ttft_s'])} | {_f(r.get('adapter_loads'), 0)} | "
                      f"{_f(r.get('evictions'), 0)} | {r['peak_rss_mib']:.0f} |")
     lines += ["", "Bound (the server's decode step, B rows with the load's first adapters, timed in this run):", "",
-              "| adapters | popularity | rows | distinct adapters | context | step (ms) | tokens/s |", "|---|---|---|---|---|---|---|"]
+              "| adapters | popularity | rows | distinct adapters | context | step (ms) | tokens/s | prefill of the rows' prompts (ms) |",
+              "|---|---|---|---|---|---|---|---|"]
     for b in report["bounds"]:
         if "error" in b:
-            lines.append(f"| {b['adapters']} | {b['popularity']} | failed: {b['error']} |||||")
+            lines.append(f"| {b['adapters']} | {b['popularity']} | failed: {b['error']} ||||||")
         else:
             lines.append(f"| {b['adapters']} | {b['popularity']} | {b['rows']} | {b['distinct_adapters']} | {b['context']} | "
-                         f"{b['step_ms']:.0f} | {b['tokens_per_s']:.1f} |")
+                         f"{b['step_ms']:.0f} | {b['tokens_per_s']:.1f} | {b['prefill_ms']:.0f} ({b['prompt_tokens']} tokens) |")
     g = report["goals"]
     fr = g["throughput_vs_bound"]["fractions"]
     lines += ["", "Goals:", "",

@@ -218,7 +218,7 @@ def test_serve_load_quick(tmp_path: Path) -> None:
     loaded_before: dict[int, set[str]] = {}  # per adapter count: what its (fresh) pair of servers loaded so far
     for count, popularity in loads:
         plan = make_plan([f"lora-{i:03d}" for i in range(count)], "uniform" if count == 1 else popularity, 4, 2,
-                         serve_load.PROMPTS, report["seed"] + count)
+                         serve_load.PROMPTS, report["seed"] + count, size["prompts_per_adapter"])
         used = {name for client in plan for name, _ in client}
         bound = bounds[(count, popularity)]
         assert bound["rows"] == size["max_batch"] and bound["tokens_per_s"] == pytest.approx(4 / (bound["step_ms"] / 1e3))
@@ -227,6 +227,9 @@ def test_serve_load_quick(tmp_path: Path) -> None:
             assert (r["sent"], r["answered"], r["lost"], r["crossed"], r["equal_to_solo"]) == (8, 8, 0, 0, 8), r
             assert 8 <= r["tokens"] <= 8 * size["max_tokens"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
             assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / bound["tokens_per_s"])
+            t = r["tokens"] / 8  # per request: 4 rows each prefill once, then decode t steps
+            with_prefill = 4 * t / (bound["prefill_ms"] / 1e3 + t * bound["step_ms"] / 1e3)
+            assert r["fraction_of_bound_with_prefill"] == pytest.approx(r["tokens_per_s"] / with_prefill) > r["fraction_of_bound"]
             assert 0 < r["p50_ttft_s"] <= r["p99_ttft_s"] and r["p50_ttft_s"] <= r["p50_latency_s"] <= r["p99_latency_s"]
             assert r["peak_rss_mib"] > 100
             if config == "HF PEFT":  # a fresh process per load, adapters loaded as first used
