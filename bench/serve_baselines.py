@@ -105,6 +105,9 @@ def _hf_worker(spec: dict) -> dict:
             self.at = self.at or time.perf_counter()
             return scores
 
+    from serve_clients import reset_peak_rss
+
+    reset = reset_peak_rss(os.getpid())  # as for the servers: the peak from here on, not the model load's
     peft_model, loaded, load_s = None, [], 0.0
     next_index = [0] * len(plan)
     start = time.perf_counter()
@@ -149,7 +152,8 @@ def _hf_worker(spec: dict) -> dict:
     status = Path("/proc/self/status").read_text().splitlines()
     hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
     return {"records": records, "wall_s": wall, "adapter_loads": len(loaded), "adapter_load_s": load_s,
-            "batches": len(batches), "mean_batch": sum(batches) / len(batches), "peak_rss_mib": hwm}
+            "batches": len(batches), "mean_batch": sum(batches) / len(batches), "peak_rss_mib": hwm,
+            "peak_rss_since": "run start" if reset else "process start"}
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def hf_run(tmp: Path, adapters_dir: Path, plan, expected, size, args, label: str
     out = run_hf_baseline(tmp / f"hf-{label}.json", tmp / f"hf-{label}.out.json")
     return summarize(out["records"], out["wall_s"], expected) | {
         "adapter_loads": out["adapter_loads"], "evictions": 0, "peak_rss_mib": out["peak_rss_mib"],
-        "peak_rss_since": "run start", "mean_batch": out["mean_batch"]}
+        "peak_rss_since": out["peak_rss_since"], "mean_batch": out["mean_batch"]}
 
 
 def main(argv: list[str] | None = None) -> int:
