@@ -102,9 +102,10 @@ def eos_ids(model, tok) -> list[int]:
 
 
 def solo_references(model, tok, folders: dict[str, Path], pairs: set[tuple[str, str]], max_tokens: int,
-                    base_name: str) -> dict[tuple[str, str], str]:
-    """What each (adapter, prompt) pair generates alone: batch 1, greedy, ``PeftModel.generate``, each adapter
-    loaded by itself. Only the pairs the load uses are computed, adapter by adapter (one load each)."""
+                    base_name: str, precision) -> dict[tuple[str, str], str]:
+    """What each (adapter, prompt) pair generates alone: batch 1, greedy, ``PeftModel.generate`` under
+    ``precision`` (a :class:`peftkit.device.Precision`, as the server's), each adapter loaded by itself. Only the
+    pairs the load uses are computed, adapter by adapter (one load each)."""
     by_adapter: dict[str, list[str]] = {}
     for name, prompt in sorted(pairs):
         by_adapter.setdefault(name, []).append(prompt)
@@ -112,7 +113,7 @@ def solo_references(model, tok, folders: dict[str, Path], pairs: set[tuple[str, 
     out = {}
     for done, (name, prompts) in enumerate(by_adapter.items()):
         pm = None if name == base_name else pk.PeftModel.from_pretrained(model, folders[name], name).eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), precision.autocast(torch.device("cpu")):
             for prompt in prompts:
                 ids = torch.tensor([chat_ids(tok, prompt)])
                 gen = (pm or model).generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,

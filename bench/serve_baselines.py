@@ -9,7 +9,8 @@ prompts (one forward, as the server prefills a group of newcomers) is timed too:
 B * T / (prefill + T * step) is the bound once every request's prompt has to be read as well.
 
 The HF PEFT baseline (``python bench/serve_baselines.py SPEC OUT``, a child process so its peak RSS is its own):
-transformers ``generate`` on a ``peft.PeftModel`` with ``adapter_names=`` (one adapter per row, LoRA only), fed the
+transformers ``generate`` on a ``peft.PeftModel`` with ``adapter_names=`` (one adapter per row, LoRA only; under the
+same autocast as the server), fed the
 same closed-loop plan as the server. Batches form per arrival window: when the first waiting request arrived W ms
 ago, up to B waiting requests go as one static batch that runs until its longest row ends; adapters are loaded into
 the one PeftModel the first time a batch needs them and never evicted (HF PEFT has no budget), so its memory grows
@@ -30,13 +31,13 @@ import torch
 
 
 def decode_bound(model, tok, adapters_dir: Path, rows: list[str], prompts: list[list[int]], typical_context: int,
-                 steps: int, base_name: str) -> tuple[dict, torch.nn.Module]:
+                 steps: int, base_name: str, precision) -> tuple[dict, torch.nn.Module]:
     """Time ``steps`` decode steps of len(rows) rows through the server's registry; (figures, the plain model back)."""
     from peftkit.serve.batch import KVBatch, left_pad
     from peftkit.serve.registry import AdapterRegistry, read_adapter
     from peftkit.tuners.base import BASE
 
-    registry = AdapterRegistry(model, tok, base_name)
+    registry = AdapterRegistry(model, tok, base_name, precision)
     names = [BASE if r == base_name else r for r in rows]
     for name in dict.fromkeys(n for n in names if n != BASE):
         config, tensors = read_adapter(adapters_dir / name)
@@ -86,11 +87,13 @@ def _hf_worker(spec: dict) -> dict:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     import peftkit as pk
+    from peftkit.device import resolve_precision
     from serve_adapters import chat_ids, eos_ids
 
     torch.set_num_threads(spec["threads"])
     model, tok = pk.load_model(spec["model"])
     model.eval()
+    precision = resolve_precision(spec["dtype"], torch.device("cpu"))
     tok.padding_side = "left"
     eos = eos_ids(model, tok)
     folder = Path(spec["adapters_dir"])
@@ -134,7 +137,7 @@ def _hf_worker(spec: dict) -> dict:
         ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         first = FirstStep()
-        with torch.inference_mode():
+        with torch.inference_mode(), precision.autocast(torch.device("cpu")):
             gen = peft_model.generate(input_ids=ids, attention_mask=mask, adapter_names=[n for n, _ in jobs],
                                       max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
                                       pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([first]))

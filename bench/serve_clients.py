@@ -73,13 +73,13 @@ class ServerProcess:
     its peak RSS is its own and none of the clients' memory counts."""
 
     def __init__(self, model: str, adapters_dir: Path, log: Path, *, max_batch: int, max_queue: int, threads: int,
-                 max_adapters: int | None, api_key_file: Path) -> None:
+                 max_adapters: int | None, api_key_file: Path, dtype: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.adapters_dir, self.api_key = adapters_dir, api_key_file.read_text().strip()
         command = [sys.executable, "-m", "peftkit.serve", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
                    "--adapters-dir", str(adapters_dir), "--api-key-file", str(api_key_file), "--max-batch-size", str(max_batch),
-                   "--max-queue", str(max_queue), "--threads", str(threads), "--log-level", "warning"]
+                   "--max-queue", str(max_queue), "--threads", str(threads), "--dtype", dtype, "--log-level", "warning"]
         if max_adapters is not None:
             command += ["--max-adapters", str(max_adapters)]
         self.log = log

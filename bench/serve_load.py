@@ -16,12 +16,13 @@ With `--adapters-dir` on-demand loading (when this build has `--max-adapters`) t
 requests name them, under `--max-adapters`; otherwise the adapters a load uses are POSTed to /v1/adapters first.
 
 Checked: nothing lost (every request answered) and nothing crossed (each answer equals its adapter generating the
-same prompt alone, batch 1, greedy). Reported per configuration: tokens/s, its fraction of the bound, p50/p99
-latency and time to first token, adapter loads, evictions, peak RSS of the serving process (VmHWM, reset after
-start). Writes serve_load.json, .md and .png into --out.
+same prompt alone, batch 1, greedy, in the same precision: --dtype, float32 by default). Reported per
+configuration: tokens/s, its fraction of the bound, p50/p99 latency and time to first token, adapter loads,
+evictions, peak RSS of the serving process (VmHWM, reset when the load starts). Writes serve_load.json, .md and
+.png into --out.
 
-    python bench/serve_load.py --out bench/results        # the full run (~15 min on 2 cores)
-    python bench/serve_load.py --quick --out /tmp/sl      # seconds-ish sizes, for the test
+    python bench/serve_load.py --out bench/results        # the full run (~15 min on 2 quiet cores)
+    python bench/serve_load.py --quick --out /tmp/sl      # small sizes (a few minutes on the real model)
     python bench/serve_load.py --render bench/results/serve_load.json   # the markdown table again
 """
 
@@ -44,6 +45,7 @@ import torch  # noqa: E402
 
 import peftkit as pk  # noqa: E402
 from report import write_report  # noqa: E402
+from peftkit.device import resolve_precision  # noqa: E402
 from serve_adapters import chat_ids, link_subset, lora_names, solo_references, write_lora_adapters, write_mixed_adapters  # noqa: E402
 from serve_baselines import decode_bound, run_hf_baseline  # noqa: E402
 from serve_clients import ServerProcess, make_plan, metric_total, run_load, serve_supports  # noqa: E402
@@ -76,6 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="base model, as `peftkit serve --model` takes it (default: %(default)s; the test passes a tiny "
                              "random Llama folder)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each server, the baseline and the bound")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute precision of the servers, the bound, the baseline and the solo references alike "
+                             "(default: float32, so answers can be compared token for token; `peftkit serve` itself "
+                             "picks bfloat16 autocast on CPUs with avx512_bf16, where near-ties may flip)")
     parser.add_argument("--window-ms", type=float, default=50.0, help="the HF baseline's arrival window (default 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-mixed", action="store_true", help="skip the variant mixing every method")
@@ -102,11 +108,10 @@ def serve_run(server: ServerProcess, plan, expected, size, on_demand: bool, load
     reset = server.reset_peak_rss()
     records, wall = run_load(server.url, plan, size["max_tokens"], timeout=1800)
     after = server.metrics()
-    deltas = {}
-    for key, name in (("adapter_loads", LOADS_METRIC), ("evictions", EVICTIONS_METRIC)):
-        a, b = metric_total(after, name), metric_total(before, name)
-        deltas[key] = None if a is None else a - (b or 0.0)
-    if not on_demand:
+    if on_demand:  # the server's own counts during this load
+        deltas = {key: None if after is None else metric_total(after, name) - metric_total(before, name)
+                  for key, name in (("adapter_loads", LOADS_METRIC), ("evictions", EVICTIONS_METRIC))}
+    else:
         deltas = {"adapter_loads": preloads, "evictions": 0}
     return summarize(records, wall, expected) | deltas | {
         "peak_rss_mib": server.peak_rss_mib(), "peak_rss_since": "run start" if reset else "server start",
@@ -115,7 +120,7 @@ def serve_run(server: ServerProcess, plan, expected, size, on_demand: bool, load
 
 def hf_run(tmp: Path, adapters_dir: Path, plan, expected, size, args, label: str) -> dict:
     spec = {"model": args.model, "adapters_dir": str(adapters_dir), "plan": plan, "max_tokens": size["max_tokens"],
-            "max_batch": size["max_batch"], "window_ms": args.window_ms, "threads": args.threads}
+            "max_batch": size["max_batch"], "window_ms": args.window_ms, "threads": args.threads, "dtype": args.dtype}
     (tmp / f"hf-{label}.json").write_text(json.dumps(spec))
     out = run_hf_baseline(tmp / f"hf-{label}.json", tmp / f"hf-{label}.out.json")
     return summarize(out["records"], out["wall_s"], expected) | {
@@ -131,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     size = dict(SIZES["quick" if args.quick else "full"])
     size.update({k: getattr(args, k) for k in size if getattr(args, k) is not None})
     torch.set_num_threads(args.threads)
+    precision = resolve_precision(args.dtype, torch.device("cpu"))
     on_demand = serve_supports("--max-adapters")
     log(f"sizes {size}; on-demand loading in this build: {on_demand}")
     started = time.perf_counter()
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         folders = {n: every / n for n in names} | {n: mixed_dir / n for n in mixed}
         pairs = {job for *_, plan in loads for client in plan for job in client}
         t0 = time.perf_counter()
-        expected = solo_references(model, tok, folders, pairs, size["max_tokens"], args.model)
+        expected = solo_references(model, tok, folders, pairs, size["max_tokens"], args.model, precision)
         log(f"solo references: {len(pairs)} (adapter, prompt) pairs in {time.perf_counter() - t0:.0f} s")
         prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
         typical = round(statistics.mean(map(len, prompt_ids)) + size["max_tokens"] / 2)
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 current_folder = folder
                 servers = {batch: ServerProcess(args.model, folder, tmp / f"server-{count}-{batch}.log", max_batch=batch,
                                                 max_queue=size["clients"], threads=args.threads,
-                                                max_adapters=size["max_adapters"] if on_demand else None,
+                                                max_adapters=size["max_adapters"] if on_demand else None, dtype=args.dtype,
                                                 api_key_file=tmp / "key")
                            for batch in (size["max_batch"], 1)}
                 for server in servers.values():
@@ -182,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{count} adapters, {popularity}"
             first_rows = [name for client in plan for name, _ in client[:1]][: size["max_batch"]]
             try:
-                bound, model = decode_bound(model, tok, folder, first_rows, prompt_ids, typical, size["bound_steps"], args.model)
+                bound, model = decode_bound(model, tok, folder, first_rows, prompt_ids, typical, size["bound_steps"], args.model,
+                                            precision)
             except Exception as err:  # e.g. a method this build cannot batch: say so, carry on
                 bound = {"error": f"{type(err).__name__}: {err}"}
                 failures.append(f"{where}: decode bound: {bound['error']}")
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.stop()
 
-    report = {"sizes": size, "largest_adapter_mib": largest_mib, "threads": args.threads, "window_ms": args.window_ms, "seed": args.seed,
+    report = {"dtype": args.dtype, "sizes": size, "largest_adapter_mib": largest_mib, "threads": args.threads,
+              "window_ms": args.window_ms, "seed": args.seed,
               "on_demand": on_demand, "cpu": cpu_name(), "load_average": os.getloadavg(), "runs": runs, "bounds": bounds,
               "wall_s": time.perf_counter() - started, "failures": failures}
     report["goals"] = verdicts(report)

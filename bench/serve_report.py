@@ -96,7 +96,7 @@ def markdown(report: dict) -> str:
     size = report["sizes"]
     lines = [f"{size['clients']} clients x {size['requests']} requests, max_tokens {size['max_tokens']}, batch {size['max_batch']}, "
              f"--max-adapters {size['max_adapters']} (on-demand loading: {'yes' if report['on_demand'] else 'no, pre-loaded'}), "
-             f"{report['threads']} torch threads, {report['cpu']}, load average at the end {_f(report['load_average'][0], 1)}; "
+             f"{report['dtype']}, {report['threads']} torch threads, {report['cpu']}, load average at the end {_f(report['load_average'][0], 1)}; "
              f"whole run {report['wall_s'] / 60:.1f} min", "",
              "| adapters | popularity | config | answered | equal to solo | tokens/s | of bound | of bound with prefill | "
              "p50 / p99 latency (s) | p50 / p99 TTFT (s) | adapter loads | evictions | peak RSS (MiB) |",
