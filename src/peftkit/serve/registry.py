@@ -44,6 +44,8 @@ class AdapterInfo:
     name: str
     path: str
     created: int  # unix time it was loaded
+    bytes: int = 0  # what its tensors take on the model's device (parameters added by attaching it)
+    pinned: bool = True  # named at start or posted by an admin: never evicted to make room (serve/residency.py)
 
 
 def resolve_adapter_path(root: str | os.PathLike, requested: str) -> Path:
@@ -130,19 +132,32 @@ class AdapterRegistry:
         with self._lock:
             self._pending.discard(name)
 
+    def restore(self, info: AdapterInfo) -> None:
+        """Undo a :meth:`reserve` for removal that did not happen: requests find ``info.name`` again."""
+        with self._lock:
+            self._adapters[info.name] = info
+            self._pending.discard(info.name)
+
+    def info(self, name: str) -> AdapterInfo | None:
+        with self._lock:
+            return self._adapters.get(name)
+
     # ---------------------------------------------------------------------------------------------------------
     # The model (scheduler thread)
 
-    def attach(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str) -> AdapterInfo:
+    def attach(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str,
+               pinned: bool = True) -> AdapterInfo:
         """Add adapter ``name`` to the model with ``tensors`` (checked key by key and shape by shape); a refused
-        one leaves the model exactly as it was."""
+        one leaves the model exactly as it was. ``pinned``: never evicted for room (see serve/residency.py)."""
         source = str(Path(path) / checkpoint.WEIGHTS_NAME)
+        before = self.parameter_bytes()
         if self.peft is None:  # the first adapter wraps the plain model
             self.peft = PeftModel.from_tensors(self.model, name, config, tensors, source)
         else:
             self.peft.add_adapter_from_tensors(name, config, tensors, source)
         self.peft.eval()  # new adapter modules start in training mode (dropout on)
-        info = AdapterInfo(name=name, path=str(path), created=int(time.time()))
+        info = AdapterInfo(name=name, path=str(path), created=int(time.time()),
+                           bytes=self.parameter_bytes() - before, pinned=pinned)
         with self._lock:
             self._adapters[name] = info
         return info
@@ -155,6 +170,21 @@ class AdapterRegistry:
             self.peft = None
         else:
             self.peft.delete_adapter(name)
+
+    def parameter_bytes(self) -> int:
+        """Bytes of every parameter the served model holds now (the base and each attached adapter)."""
+        model = self.peft if self.peft is not None else self.model
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def estimate_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
+        """What attaching ``tensors`` will add, known before attaching: their elements at the model's floating-point
+        parameter dtype (adapter parameters are made in it). :meth:`attach` then measures the real figure."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        return sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=dtype).element_size()
+
+    def attached(self) -> int:
+        """How many adapters the model holds right now (scheduler thread)."""
+        return 0 if self.peft is None else len(self.peft.peft_config)
 
     def has_adapter(self, name: str) -> bool:
         return name == BASE or (self.peft is not None and name in self.peft.peft_config)
