@@ -34,7 +34,7 @@ from ..tuners.base import BASE
 from .metrics import ServeMetrics
 from .protocol import APIError
 from .registry import AdapterConflict, AdapterInfo, AdapterPathError, AdapterRegistry, read_adapter, resolve_adapter_path
-from .residency import MIB, NoRoom, Residency
+from .residency import NoRoom, Residency
 
 # a folder name that is also a usable model id: no separators, no leading dot
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -72,7 +72,7 @@ class AdapterLoader:
         if flight is None:
             flight = asyncio.create_task(self._load(model, folder, pinned=False), name=f"load adapter {model}")
             self._flights[model] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(model, None))
+            flight.add_done_callback(lambda done: self._landed(model, done))
         await asyncio.shield(flight)  # the load goes on for the others if this client goes away
         return model
 
@@ -89,6 +89,10 @@ class AdapterLoader:
                            "(letters, digits, '_', '-', '.'; no path separators)", param="model", code="invalid_model")
         if not folder.is_dir():
             raise self.not_found(model)
+        if not (folder / checkpoint.CONFIG_NAME).is_file():
+            raise APIError(404, f"The model {model!r} does not exist: the folder {model!r} in the adapters directory "
+                           f"has no {checkpoint.CONFIG_NAME}, so it is not an adapter", param="model",
+                           code="model_not_found")
         return folder
 
     def not_found(self, model: str) -> APIError:
@@ -104,6 +108,11 @@ class AdapterLoader:
         return sorted(p.name for p in self.adapters_dir.iterdir()
                       if _FOLDER_NAME.match(p.name) and (p / checkpoint.CONFIG_NAME).is_file()
                       and p.resolve().parent == self.adapters_dir)
+
+    def _landed(self, name: str, flight: asyncio.Task) -> None:
+        self._flights.pop(name, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every client may have gone, and its waiters have their copy
 
     def _release(self, name: str) -> None:
         self.residency.release(name)
@@ -193,8 +202,3 @@ class AdapterLoader:
             message = f"cannot load adapter {name!r}: {err}; waited {self.wait_s:g} s, none became idle. Retry later"
             return APIError(503, message, type_="server_error", code="adapter_budget_full", headers={"Retry-After": "1"})
         return APIError(503, f"cannot load adapter {name!r}: {err}", type_="server_error", code="adapter_budget_exceeded")
-
-
-def budget_bytes(mib: float | None) -> int | None:
-    """``--adapter-memory`` in bytes."""
-    return None if mib is None else int(mib * MIB)

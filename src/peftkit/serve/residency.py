@@ -45,6 +45,11 @@ class Budget:
         return " and ".join(parts) or "no budget"
 
 
+def budget_bytes(mib: float | None) -> int | None:
+    """``--adapter-memory`` (MiB) in bytes."""
+    return None if mib is None else int(mib * MIB)
+
+
 class NoRoom(Exception):
     """The budget is full of adapters that cannot be evicted now. ``lasting``: it never will be (pinned adapters
     alone, or this adapter alone, exceed the budget), so waiting is pointless."""
@@ -82,6 +87,8 @@ class Residency:
             self._holds[name] -= 1
             if self._holds[name] <= 0:
                 del self._holds[name]
+                if self.registry.lookup(name) is None:  # unknown or gone: keep no trace of the name
+                    self._last_used.pop(name, None)
 
     def held(self, name: str) -> int:
         with self._lock:
