@@ -180,3 +180,167 @@ def test_eviction_spares_adapters_with_rows_in_flight(adapters_dir, tok, solo, b
         assert evictions == {"x4": 0, "x5": 1, "x6": 1, "x7": 1}
         assert metric(m, "peftkit_adapters_resident_peak") == 2
         assert sorted(a.name for a in state.registry.models()) == ["x4", "x5"]
+
+
+def test_requests_for_an_adapter_being_evicted_are_reloaded_never_crossed(adapters_dir, tok, solo):
+    """One adapter at a time: concurrent requests alternate between x8 and x9, so each load evicts the other one
+    as soon as it is idle, and requests keep arriving for the adapter being evicted. Each either waits and gets it
+    reloaded or is served before it goes; every answer equals its adapter's own."""
+    jobs = [(f"x{8 + i % 2}", f"Turn {i}") for i in range(12)]
+    with start(adapters_dir, tok, budget=Budget(max_adapters=1)) as (url, state):
+        client = openai_client(url)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(lambda job: complete(client, *job), jobs))
+        assert texts == [solo(name, prompt, 6) for name, prompt in jobs]
+        m = scrape(url)
+        loads = sum(metric(m, "peftkit_adapter_loads_total", adapter=n) for n in ("x8", "x9"))
+        evictions = sum(metric(m, "peftkit_adapter_evictions_total", adapter=n) for n in ("x8", "x9"))
+        assert loads >= 2 and evictions == loads - 1  # every load after the first evicted the other adapter
+        assert metric(m, "peftkit_adapters_resident_peak") == 1 and len(state.registry.models()) == 1
+
+
+@pytest.mark.slow
+def test_32_clients_over_40_adapters_under_a_budget_of_8(adapters_dir, tok, solo):
+    """32 concurrent clients, 2 requests each over 40 adapters (Zipf-skewed, s = 1), at most 8 resident: every
+    answer equals its adapter generating alone, none is lost, and the resident count never exceeds 8 (the
+    server's own peak, plus /metrics sampled throughout)."""
+    rng = random.Random(0)
+    weights = [1 / (k + 1) for k in range(N_ADAPTERS)]
+    jobs = [(f"x{rng.choices(range(N_ADAPTERS), weights)[0]}", f"Client {c} asks {r}") for c in range(32) for r in range(2)]
+    with start(adapters_dir, tok, budget=Budget(max_adapters=8), max_batch_size=16, adapter_wait_s=120) as (url, state):
+        client = openai_client(url)
+        samples, done = [], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                samples.append(metric(scrape(url), "peftkit_adapters_resident"))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+
+        def client_run(c: int) -> list[str]:
+            return [complete(client, *jobs[2 * c + r]) for r in range(2)]
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            texts = [t for pair in pool.map(client_run, range(32)) for t in pair]
+        done.set()
+        sampler.join(30)
+        assert len(texts) == len(jobs) == 64
+        wrong = [(job, text) for job, text in zip(jobs, texts) if text != solo(job[0], job[1], 6)]
+        assert not wrong, wrong
+        m = scrape(url)
+        distinct = {name for name, _ in jobs}
+        assert sum(metric(m, "peftkit_requests_total", adapter=n) for n in distinct) == 64
+        assert sum(metric(m, "peftkit_requests_finished_total", adapter=n, finish_reason="length")
+                   for n in distinct) == 64
+        assert metric(m, "peftkit_adapters_resident_peak") == 8 and max(samples) <= 8 and len(samples) > 5
+        loads = sum(metric(m, "peftkit_adapter_loads_total", adapter=n) for n in distinct)
+        evictions = sum(metric(m, "peftkit_adapter_evictions_total", adapter=n) for n in distinct)
+        assert loads >= len(distinct) and evictions == loads - len(state.registry.models())
+        # the budget was full of busy adapters at times: those loads waited for one to become idle, and were served
+        assert sum(metric(m, "peftkit_adapter_room_waits_total", adapter=n) for n in distinct) > 0
+        print(f"32x40: {loads:.0f} loads, {evictions:.0f} evictions, "
+              f"{sum(metric(m, 'peftkit_adapter_room_waits_total', adapter=n) for n in distinct):.0f} loads waited")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad names and folders: an OpenAI-shaped 4xx naming the problem, and nothing else disturbed
+
+
+@pytest.fixture(scope="module")
+def bad_dir(adapters_dir, tmp_path_factory) -> Path:
+    """good (= x10), and broken copies of it: no config, truncated weights, a rank that does not match its tensors,
+    another base's shapes; plus a symlink leading out of the directory."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bad")
+    shutil.copytree(adapters_dir / "x10", root / "good")
+    for name in ("no-config", "truncated", "wrong-rank", "other-base"):
+        shutil.copytree(adapters_dir / "x10", root / name)
+    (root / "no-config" / "adapter_config.json").unlink()
+    weights = root / "truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:60])
+    config = root / "wrong-rank" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"r": 3', '"r": 5'))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    narrower = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=128,
+                                            num_attention_heads=4, num_key_value_heads=2))  # another base's shapes
+    other = pk.get_peft_model(narrower, pk.LoraConfig(r=3, target_modules="all-linear", init_lora_weights=False))
+    other.save_pretrained(root / "other-base")
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(adapters_dir / "x10", outside / "x")
+    (root / "sneaky").symlink_to(outside / "x", target_is_directory=True)
+    return root
+
+
+@pytest.mark.parametrize("model, status, code, fragment", [
+    ("nope", 404, "model_not_found", "The model 'nope' does not exist. Available models: ['tiny', 'good'] or a folder"),
+    ("no-config", 404, "model_not_found", "the folder 'no-config' in the adapters directory has no adapter_config.json"),
+    ("../outside", 400, "invalid_model", "is outside the adapters directory"),
+    ("/etc", 400, "invalid_model", "is outside the adapters directory"),
+    ("sneaky", 400, "invalid_model", "is outside the adapters directory"),
+    ("good/../good", 400, "invalid_model", "not a folder name directly inside the adapters directory"),
+    ("truncated", 422, "adapter_load_failed", "adapter_model.safetensors is not a readable safetensors file"),
+    ("wrong-rank", 422, "adapter_load_failed", "shape"),
+    ("other-base", 422, "adapter_load_failed", "shape"),
+])
+def test_bad_folders_get_an_openai_error_naming_the_problem(bad_dir, tok, solo, model, status, code, fragment):
+    with start(bad_dir, tok, budget=Budget(max_adapters=1)) as (url, state):
+        client = openai_client(url)
+        before = complete(client, "good", "Still fine", 4)  # resident and idle: a load would have to evict it
+        r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == status, r.text
+        assert set(r.json()) == {"error"} and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        error = r.json()["error"]
+        assert error["code"] == code and error["param"] == "model" and error["type"] == "invalid_request_error"
+        assert fragment in error["message"] and str(bad_dir) not in error["message"]
+        assert [a.name for a in state.registry.models()] == ["good"]  # not evicted for a refused folder
+        assert complete(client, "good", "Still fine", 4) == before == solo("x10", "Still fine", 4)
+        assert metric(scrape(url), "peftkit_adapter_evictions_total", adapter="good") == 0
+
+
+def test_a_full_budget_of_busy_adapters_waits_then_answers_503(adapters_dir, tok, solo):
+    with start(adapters_dir, tok, budget=Budget(max_adapters=1), adapter_wait_s=0.5) as (url, state):
+        client = openai_client(url)
+        with paced(state.registry.model, 0.05):
+            stream = client.completions.create(model="x11", prompt="Busy", max_tokens=40, temperature=0, stream=True)
+            chunks = iter(stream)
+            first = next(chunks).choices[0].text
+            t0 = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as err:
+                complete(client, "x12", "Wait")
+            assert 0.5 <= time.monotonic() - t0 < 1.9
+            assert err.value.status_code == 503 and err.value.response.headers["retry-after"] == "1"
+            assert err.value.body["code"] == "adapter_budget_full"
+            assert "all 1 resident adapters are in use" in err.value.body["message"]
+            assert first + "".join(c.choices[0].text for c in chunks) == solo("x11", "Busy", 40)
+        assert complete(client, "x12", "Wait") == solo("x12", "Wait", 6)  # idle now: x11 is evicted for it
+
+
+def test_pinned_adapters_fill_the_budget(adapters_dir, tok):
+    with pytest.raises(ValueError, match=r"the 2 --adapter adapter\(s\) .* exceed --max-adapters 1"):
+        create_app(make_base(), tok, base_name="tiny", budget=Budget(max_adapters=1),
+                   adapters={"p": str(adapters_dir / "x0"), "q": str(adapters_dir / "x1")})
+    with start(adapters_dir, tok, budget=Budget(max_adapters=1), adapters={"p": str(adapters_dir / "x0")}) as (url, _):
+        t0 = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json={"model": "x1", "prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_budget_exceeded"
+        assert "the 1 pinned adapter(s)" in r.json()["error"]["message"] and time.monotonic() - t0 < 5  # no wait
+
+
+def test_models_list_loaded_and_loadable_with_their_parent(bad_dir, tok):
+    with start(bad_dir, tok, adapters={"pinned": str(bad_dir / "good")}) as (url, _):
+        client = openai_client(url)
+        complete(client, "good", "x", 1)
+        cards = [(m.id, m.parent, m.status, getattr(m, "pinned", None)) for m in client.models.list().data]
+        assert cards == [("tiny", None, "loaded", None), ("pinned", "tiny", "loaded", True),
+                         ("good", "tiny", "loaded", False), ("other-base", "tiny", "on_disk", None),
+                         ("truncated", "tiny", "on_disk", None), ("wrong-rank", "tiny", "on_disk", None)]
+        assert client.models.retrieve("wrong-rank").status == "on_disk"
+        assert client.models.retrieve("good").pinned is False and client.models.retrieve("tiny").parent is None
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("no-config")
+        with pytest.raises(openai.BadRequestError):
+            client.models.retrieve("sneaky")

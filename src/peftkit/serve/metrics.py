@@ -58,6 +58,8 @@ class ServeMetrics:
                                      registry=r)
         self.load_time = Histogram("peftkit_adapter_load_seconds", "Time to read an adapter folder and attach it "
                                    "(waiting for room included)", a, registry=r, buckets=_LOAD_BUCKETS)
+        self.room_waits = Counter("peftkit_adapter_room_waits", "Loads that waited for a busy adapter to become idle "
+                                  "(the budget was full of adapters in use)", a, registry=r)
         self.evictions = Counter("peftkit_adapter_evictions", "Idle adapters evicted to make room", a, registry=r)
         r.register(_Resident(registry, residency, load))
 

@@ -149,6 +149,7 @@ class AdapterLoader:
             except (OSError, ValueError, TypeError) as err:
                 raise self._refused(name, err, requested) from None
             new_bytes = self.registry.estimate_bytes(tensors)
+            waited = False
             while True:
                 freed = self._freed  # taken before trying, so a release in between is not missed
                 command = self.scheduler.call(lambda: self.residency.attach_evicting(
@@ -160,6 +161,9 @@ class AdapterLoader:
                     left = deadline - time.monotonic()
                     if err.lasting or left <= 0:
                         raise self._no_room(name, err, waited=not err.lasting) from None
+                    if not waited:
+                        self.metrics.room_waits.labels(name).inc()
+                        waited = True
                     try:  # woken when a request lets go of an adapter; re-checked at least once a second
                         await asyncio.wait_for(freed.wait(), timeout=min(left, 1.0))
                     except TimeoutError:
