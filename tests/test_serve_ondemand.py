@@ -344,3 +344,61 @@ def test_models_list_loaded_and_loadable_with_their_parent(bad_dir, tok):
             client.models.retrieve("no-config")
         with pytest.raises(openai.BadRequestError):
             client.models.retrieve("sneaky")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_serve_help_teaches_the_budget_flags(capsys):
+    from peftkit.serve import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for fragment in ("--adapters-dir DIR", "--max-adapters N", "--adapter-memory MiB", "--adapter-wait SECONDS",
+                     "peftkit serve --adapters-dir adapters/ --max-adapters 8", "GET /metrics"):
+        assert fragment in text, fragment
+    for bad in (["--adapter-memory", "0"], ["--adapter-memory", "nan"], ["--max-adapters", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(bad)
+        assert exit_.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_command_loads_on_demand_under_its_budget(tmp_path, adapters_dir, tok, solo):
+    """``python -m peftkit.serve --adapters-dir DIR --max-adapters 1`` in a subprocess: the flags reach the app."""
+    import socket
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    make_base().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "peftkit.serve", "--model", str(folder), "--adapters-dir", str(adapters_dir),
+           "--max-adapters", "1", "--adapter-memory", "1", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        client = openai_client(url)
+        for name in ("x13", "x14", "x13"):
+            assert complete(client, name, "From the command line") == solo(name, "From the command line", 6)
+        m = scrape(url)
+        assert metric(m, "peftkit_adapters_max") == 1 and metric(m, "peftkit_adapter_memory_limit_bytes") == 2**20
+        assert metric(m, "peftkit_adapter_evictions_total", adapter="x13") == 1
+        assert metric(m, "peftkit_adapter_evictions_total", adapter="x14") == 1
+    finally:
+        proc.terminate()
+        proc.wait(30)

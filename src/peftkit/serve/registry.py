@@ -112,9 +112,6 @@ class AdapterRegistry:
         with self._lock:
             return model if model in self._adapters else None
 
-    def model_ids(self) -> list[str]:
-        return [self.base_name] + [a.name for a in self.models()]
-
     def reserve(self, name: str, loading: bool) -> None:
         """Claim ``name`` for a load (it must be new) or a removal (it must be loaded); :meth:`release` ends it."""
         with self._lock:
