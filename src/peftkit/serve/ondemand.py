@@ -148,7 +148,7 @@ class AdapterLoader:
                 config, tensors = await asyncio.to_thread(read_adapter, folder)
             except (OSError, ValueError, TypeError) as err:
                 raise self._refused(name, err, requested) from None
-            new_bytes = self.registry.estimate_bytes(tensors)
+            new_bytes = self.registry.tensor_bytes(tensors)
             waited = False
             while True:
                 freed = self._freed  # taken before trying, so a release in between is not missed

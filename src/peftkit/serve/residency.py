@@ -121,8 +121,6 @@ class Residency:
         for victim in hidden:
             self.registry.detach(victim.name)
             self.registry.release(victim.name)
-        # the real size may differ from the estimate (e.g. tensors stored in another dtype): trim to the budget
-        hidden += self._trim_after(info.name)
         self.peak = max(self.peak, self.registry.attached())
         return info, hidden
 
@@ -150,25 +148,6 @@ class Residency:
             raise NoRoom(f"all {len(resident)} resident adapters are in use by requests ({self.budget.describe()}); "
                          "the request waits for one to become idle", lasting=False)
         return victims
-
-    def _trim_after(self, new_name: str) -> list[AdapterInfo]:
-        """Evict idle adapters (not ``new_name``) while the measured bytes exceed the memory budget."""
-        trimmed = []
-        with self._lock:
-            resident = self.registry.models()
-            total = sum(a.bytes for a in resident)
-            for info in sorted((a for a in resident if not a.pinned and a.name != new_name),
-                               key=lambda a: self._last_used.get(a.name, 0)):
-                if self.budget.max_bytes is None or total <= self.budget.max_bytes:
-                    break
-                if self._holds[info.name] or self.busy(info.name) or not self._hide(info.name):
-                    continue
-                trimmed.append(info)
-                total -= info.bytes
-        for info in trimmed:
-            self.registry.detach(info.name)
-            self.registry.release(info.name)
-        return trimmed
 
     def _hide(self, name: str) -> bool:
         """Take ``name`` out of the names requests find (the caller detaches it); False if a removal is under way."""
