@@ -38,6 +38,7 @@ from .residency import NoRoom, Residency
 
 # a folder name that is also a usable model id: no separators, no leading dot
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_LISTED = 20  # loaded models named in a 404 at most (a server may hold hundreds)
 _RETRY_CONFLICT_S = 0.02  # a name being removed (evicted, deleted) right now: try again after this
 
 
@@ -98,7 +99,8 @@ class AdapterLoader:
     def not_found(self, model: str) -> APIError:
         where = " or a folder of --adapters-dir (see GET /v1/models)" if self.adapters_dir is not None else ""
         loaded = [self.registry.base_name] + sorted(a.name for a in self.registry.models())
-        return APIError(404, f"The model {model!r} does not exist. Available models: {loaded}{where}",
+        shown = f"{loaded}" if len(loaded) <= _LISTED else f"{loaded[:_LISTED]} and {len(loaded) - _LISTED} more"
+        return APIError(404, f"The model {model!r} does not exist. Available models: {shown}{where}",
                         param="model", code="model_not_found")
 
     def loadable(self) -> list[str]:
