@@ -13,7 +13,6 @@ exactly that load (no queueing beyond it, "coordinated omission").
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import random
 import socket
 import subprocess
@@ -62,26 +61,18 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
-def serve_supports(flag: str) -> bool:
-    """Whether this build's `peftkit serve` has ``flag`` (the on-demand flags land in a later merge)."""
-    out = subprocess.run([sys.executable, "-m", "peftkit.serve", "--help"], capture_output=True, text=True, timeout=120)
-    return flag in out.stdout
-
-
 class ServerProcess:
     """``python -m peftkit.serve`` (what `peftkit serve` runs) on 127.0.0.1 and a free port, as a child process, so
     its peak RSS is its own and none of the clients' memory counts."""
 
     def __init__(self, model: str, adapters_dir: Path, log: Path, *, max_batch: int, max_queue: int, threads: int,
-                 max_adapters: int | None, api_key_file: Path, dtype: str) -> None:
+                 max_adapters: int, dtype: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.adapters_dir, self.api_key = adapters_dir, api_key_file.read_text().strip()
         command = [sys.executable, "-m", "peftkit.serve", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--adapters-dir", str(adapters_dir), "--api-key-file", str(api_key_file), "--max-batch-size", str(max_batch),
-                   "--max-queue", str(max_queue), "--threads", str(threads), "--dtype", dtype, "--log-level", "warning"]
-        if max_adapters is not None:
-            command += ["--max-adapters", str(max_adapters)]
+                   "--adapters-dir", str(adapters_dir), "--max-adapters", str(max_adapters), "--max-batch-size",
+                   str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads), "--dtype", dtype,
+                   "--log-level", "warning"]
         self.log = log
         self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
@@ -112,19 +103,6 @@ class ServerProcess:
                 return response.read().decode()
         except urllib.error.HTTPError:
             return None
-
-    def preload(self, names: list[str]) -> tuple[int, list[str]]:
-        """POST /v1/adapters each of ``names`` (the path before on-demand loading); (loaded, error messages)."""
-        errors = []
-        for name in names:
-            body = json.dumps({"name": name, "path": name}).encode()
-            request = urllib.request.Request(f"{self.url}/v1/adapters", body, method="POST",
-                                             headers={"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"})
-            try:
-                urllib.request.urlopen(request, timeout=600).close()
-            except urllib.error.HTTPError as err:
-                errors.append(f"{name}: {json.loads(err.read()).get('error', {}).get('message', err.reason)}")
-        return len(names) - len(errors), errors
 
     def stop(self) -> None:
         self.process.terminate()

@@ -12,8 +12,8 @@ server, HF PEFT baseline; then the next popularity):
   - the same server serving one request at a time (`--max-batch-size 1`);
   - an HF-PEFT-style baseline: transformers `generate` with `adapter_names=`, batches per arrival window;
   - the bound: the server's own B-row decode step timed in this run (serve_baselines.py says how).
-With `--adapters-dir` on-demand loading (when this build has `--max-adapters`) the servers load adapters as
-requests name them, under `--max-adapters`; otherwise the adapters a load uses are POSTed to /v1/adapters first.
+The servers load adapters on demand from `--adapters-dir` as requests name them, under `--max-adapters` (least
+recently used idle adapters are evicted).
 
 Checked: nothing lost (every request answered) and nothing crossed (each answer equals its adapter generating the
 same prompt alone, batch 1, greedy, in the same precision: --dtype, float32 by default). Reported per
@@ -48,7 +48,7 @@ from report import write_report  # noqa: E402
 from peftkit.device import resolve_precision  # noqa: E402
 from serve_adapters import chat_ids, link_subset, lora_names, solo_references, write_lora_adapters, write_mixed_adapters  # noqa: E402
 from serve_baselines import decode_bound, run_hf_baseline  # noqa: E402
-from serve_clients import ServerProcess, make_plan, metric_total, run_load, serve_supports  # noqa: E402
+from serve_clients import ServerProcess, make_plan, metric_total, run_load  # noqa: E402
 from serve_report import markdown, plot, summarize, verdicts  # noqa: E402
 
 PROMPTS = [
@@ -96,26 +96,17 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def serve_run(server: ServerProcess, plan, expected, size, on_demand: bool, loaded: set[str]) -> dict:
-    """One load against a running server: records, wall time, loads/evictions (from /metrics, or the pre-loads)."""
-    errors: list[str] = []
-    preloads = 0
-    if not on_demand:  # this build cannot load on demand: POST what the load uses first (not timed)
-        wanted = [n for n in dict.fromkeys(name for client in plan for name, _ in client) if n not in loaded]
-        preloads, errors = server.preload(wanted)
-        loaded.update(wanted)
+def serve_run(server: ServerProcess, plan, expected, size) -> dict:
+    """One load against a running server: the records' summary, the server's adapter loads and evictions during it
+    (from /metrics) and its peak RSS during it."""
     before = server.metrics()
     reset = server.reset_peak_rss()
     records, wall = run_load(server.url, plan, size["max_tokens"], timeout=1800)
     after = server.metrics()
-    if on_demand:  # the server's own counts during this load
-        deltas = {key: None if after is None else metric_total(after, name) - metric_total(before, name)
-                  for key, name in (("adapter_loads", LOADS_METRIC), ("evictions", EVICTIONS_METRIC))}
-    else:
-        deltas = {"adapter_loads": preloads, "evictions": 0}
-    return summarize(records, wall, expected) | deltas | {
-        "peak_rss_mib": server.peak_rss_mib(), "peak_rss_since": "run start" if reset else "server start",
-        "preload_errors": errors}
+    counts = {key: None if after is None else metric_total(after, name) - metric_total(before, name)
+              for key, name in (("adapter_loads", LOADS_METRIC), ("evictions", EVICTIONS_METRIC))}
+    return summarize(records, wall, expected) | counts | {
+        "peak_rss_mib": server.peak_rss_mib(), "peak_rss_since": "run start" if reset else "server start"}
 
 
 def hf_run(tmp: Path, adapters_dir: Path, plan, expected, size, args, label: str) -> dict:
@@ -136,89 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     size = dict(SIZES["quick" if args.quick else "full"])
     size.update({k: getattr(args, k) for k in size if getattr(args, k) is not None})
     torch.set_num_threads(args.threads)
-    precision = resolve_precision(args.dtype, torch.device("cpu"))
-    on_demand = serve_supports("--max-adapters")
-    log(f"sizes {size}; on-demand loading in this build: {on_demand}")
+    log(f"sizes {size}")
     started = time.perf_counter()
     model, tok = pk.load_model(args.model)
-    runs, bounds, failures = [], [], []
     with tempfile.TemporaryDirectory(prefix="peftkit-serve-load-") as tmp_name:
         tmp = Path(tmp_name)
-        (tmp / "key").write_text("bench-admin-token\n")
-        every = tmp / "all"
-        names = write_lora_adapters(model, every, max(size["counts"]), seed=args.seed)
-        mixed_dir = tmp / "mixed"
-        mixed = [] if args.no_mixed else write_mixed_adapters(model, mixed_dir)
+        loads, folders = write_loads(model, tmp, size, args)
         largest_mib = max(f.stat().st_size for f in tmp.glob("*/*/adapter_model.safetensors")) / 2**20
-        log(f"wrote {len(names)} LoRA adapters and {len(mixed)} mixed-method adapters in {time.perf_counter() - started:.0f} s")
-
-        loads = []  # (count, popularity, folder, plan)
-        for count in size["counts"]:
-            folder = tmp / f"set-{count}"
-            link_subset(every, lora_names(count), folder)
-            for popularity in (["zipf", "uniform"] if count > 1 else ["single"]):
-                plan = make_plan(lora_names(count), popularity, size["clients"], size["requests"], PROMPTS, args.seed + count,
-                                 size["prompts_per_adapter"])
-                loads.append((count, popularity, folder, plan))
-        if mixed:
-            loads.append((len(mixed), "mixed methods", mixed_dir, make_plan(mixed, "uniform", size["clients"], size["requests"], PROMPTS, args.seed,
-                                                                                   len(PROMPTS))))
-        folders = {n: every / n for n in names} | {n: mixed_dir / n for n in mixed}
+        log(f"wrote {len(folders)} adapter folders in {time.perf_counter() - started:.0f} s")
+        precision = resolve_precision(args.dtype, torch.device("cpu"))
         pairs = {job for *_, plan in loads for client in plan for job in client}
         t0 = time.perf_counter()
         expected = solo_references(model, tok, folders, pairs, size["max_tokens"], args.model, precision)
         log(f"solo references: {len(pairs)} (adapter, prompt) pairs in {time.perf_counter() - t0:.0f} s")
-        prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
-        typical = round(statistics.mean(map(len, prompt_ids)) + size["max_tokens"] / 2)
-
-        current_folder, servers, loaded = None, {}, {}
-        for count, popularity, folder, plan in loads:
-            if folder != current_folder:  # a pair of fresh servers for each adapter directory
-                for server in servers.values():
-                    server.stop()
-                current_folder = folder
-                servers = {batch: ServerProcess(args.model, folder, tmp / f"server-{count}-{batch}.log", max_batch=batch,
-                                                max_queue=size["clients"], threads=args.threads,
-                                                max_adapters=size["max_adapters"] if on_demand else None, dtype=args.dtype,
-                                                api_key_file=tmp / "key")
-                           for batch in (size["max_batch"], 1)}
-                for server in servers.values():
-                    server.wait_ready()
-                loaded = {batch: set() for batch in servers}
-            where = f"{count} adapters, {popularity}"
-            first_rows = [name for client in plan for name, _ in client[:1]][: size["max_batch"]]
-            try:
-                bound, model = decode_bound(model, tok, folder, first_rows, prompt_ids, typical, size["bound_steps"], args.model,
-                                            precision)
-            except Exception as err:  # e.g. a method this build cannot batch: say so, carry on
-                bound = {"error": f"{type(err).__name__}: {err}"}
-                failures.append(f"{where}: decode bound: {bound['error']}")
-            bounds.append({"adapters": count, "popularity": popularity} | bound)
-            log(f"{where}: bound " + (bound["error"] if "error" in bound else
-                                      f"{bound['tokens_per_s']:.1f} tokens/s ({bound['step_ms']:.0f} ms per {len(first_rows)}-row step)"))
-            configs = [("batched", servers[size["max_batch"]]), ("one at a time", servers[1])]
-            for label, server in configs:
-                batch = size["max_batch"] if label == "batched" else 1
-                row = serve_run(server, plan, expected, size, on_demand, loaded[batch])
-                runs.append({"adapters": count, "popularity": popularity, "config": label} | row)
-                failures += [f"{where}, {label}: the server refused to load {e}" for e in row["preload_errors"]]
-                log(f"{where}, {label}: {row['tokens_per_s']:.1f} tokens/s, {row['answered']}/{row['sent']} answered, "
-                    f"{row['crossed']} crossed, peak RSS {row['peak_rss_mib']:.0f} MiB")
-            if popularity == "mixed methods":
-                runs.append({"adapters": count, "popularity": popularity, "config": "HF PEFT",
-                             "skipped": "HF PEFT's adapter_names= mixes LoRA rows only and has no Houlsby/Pfeiffer adapters"})
-                continue
-            row = hf_run(tmp, folder, plan, expected, size, args, f"{count}-{popularity}")
-            runs.append({"adapters": count, "popularity": popularity, "config": "HF PEFT"} | row)
-            log(f"{where}, HF PEFT: {row['tokens_per_s']:.1f} tokens/s, {row['equal_to_solo']}/{row['answered']} equal to solo, "
-                f"peak RSS {row['peak_rss_mib']:.0f} MiB")
-        for server in servers.values():
-            server.stop()
+        runs, bounds, failures = measure(model, tok, tmp, loads, expected, size, precision, args)
 
     report = {"dtype": args.dtype, "sizes": size, "largest_adapter_mib": largest_mib, "threads": args.threads,
-              "window_ms": args.window_ms, "seed": args.seed,
-              "on_demand": on_demand, "cpu": cpu_name(), "load_average": os.getloadavg(), "runs": runs, "bounds": bounds,
-              "wall_s": time.perf_counter() - started, "failures": failures}
+              "window_ms": args.window_ms, "seed": args.seed, "cpu": cpu_name(), "load_average": os.getloadavg(),
+              "runs": runs, "bounds": bounds, "wall_s": time.perf_counter() - started, "failures": failures}
     report["goals"] = verdicts(report)
     failures += [f"{r['adapters']} adapters, {r['popularity']}, {r['config']}: {r['lost']} lost, {r['crossed']} crossed; "
                  f"{'; '.join(sorted(set(r['errors']))[:3])}" for r in runs
@@ -227,6 +153,74 @@ def main(argv: list[str] | None = None) -> int:
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def write_loads(model, tmp: Path, size: dict, args: argparse.Namespace) -> tuple[list, dict[str, Path]]:
+    """The adapter folders (one directory per adapter count, hard links into one set) and each load's plan:
+    [(adapter count, popularity, directory, plan)], and every adapter's folder by name."""
+    every, mixed_dir = tmp / "all", tmp / "mixed"
+    names = write_lora_adapters(model, every, max(size["counts"]), seed=args.seed)
+    mixed = [] if args.no_mixed else write_mixed_adapters(model, mixed_dir)
+    loads = []
+    for count in size["counts"]:
+        folder = tmp / f"set-{count}"
+        link_subset(every, lora_names(count), folder)
+        for popularity in (["zipf", "uniform"] if count > 1 else ["single"]):
+            plan = make_plan(lora_names(count), popularity, size["clients"], size["requests"], PROMPTS,
+                             args.seed + count, size["prompts_per_adapter"])
+            loads.append((count, popularity, folder, plan))
+    if mixed:
+        plan = make_plan(mixed, "uniform", size["clients"], size["requests"], PROMPTS, args.seed, len(PROMPTS))
+        loads.append((len(mixed), "mixed methods", mixed_dir, plan))
+    return loads, {n: every / n for n in names} | {n: mixed_dir / n for n in mixed}
+
+
+def measure(model, tok, tmp: Path, loads: list, expected: dict, size: dict, precision, args) -> tuple[list, list, list]:
+    """Every load in turn: the bound, the batched server, the one-at-a-time server, the HF PEFT baseline."""
+    prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
+    typical = round(statistics.mean(map(len, prompt_ids)) + size["max_tokens"] / 2)
+    runs, bounds, failures = [], [], []
+    current, servers = None, {}
+    try:
+        for count, popularity, folder, plan in loads:
+            if folder != current:  # a fresh pair of servers for each adapter directory
+                for server in servers.values():
+                    server.stop()
+                current, servers = folder, {}
+                for batch in (size["max_batch"], 1):
+                    servers[batch] = ServerProcess(
+                        args.model, folder, tmp / f"server-{count}-{batch}.log", max_batch=batch, max_queue=size["clients"],
+                        threads=args.threads, max_adapters=size["max_adapters"], dtype=args.dtype)
+                for server in servers.values():
+                    server.wait_ready()
+            where = f"{count} adapters, {popularity}"
+            rows = [name for client in plan for name, _ in client[:1]][: size["max_batch"]]
+            try:
+                bound, model = decode_bound(model, tok, folder, rows, prompt_ids, typical, size["bound_steps"], args.model,
+                                            precision)
+                log(f"{where}: bound {bound['tokens_per_s']:.1f} tokens/s ({bound['step_ms']:.0f} ms per {len(rows)}-row step)")
+            except Exception as err:  # e.g. a method this build cannot batch: say so, carry on
+                bound = {"error": f"{type(err).__name__}: {err}"}
+                failures.append(f"{where}: decode bound: {bound['error']}")
+                log(f"{where}: bound failed: {bound['error']}")
+            bounds.append({"adapters": count, "popularity": popularity} | bound)
+            for label, batch in (("batched", size["max_batch"]), ("one at a time", 1)):
+                row = serve_run(servers[batch], plan, expected, size)
+                runs.append({"adapters": count, "popularity": popularity, "config": label} | row)
+                log(f"{where}, {label}: {row['tokens_per_s']:.1f} tokens/s, {row['answered']}/{row['sent']} answered, "
+                    f"{row['crossed']} crossed, {row['adapter_loads']} loads, peak RSS {row['peak_rss_mib']:.0f} MiB")
+            if popularity == "mixed methods":
+                runs.append({"adapters": count, "popularity": popularity, "config": "HF PEFT",
+                             "skipped": "HF PEFT's adapter_names= mixes LoRA rows only and has no Houlsby/Pfeiffer adapters"})
+                continue
+            row = hf_run(tmp, folder, plan, expected, size, args, f"{count}-{popularity}")
+            runs.append({"adapters": count, "popularity": popularity, "config": "HF PEFT"} | row)
+            log(f"{where}, HF PEFT: {row['tokens_per_s']:.1f} tokens/s, {row['equal_to_solo']}/{row['answered']} equal "
+                f"to solo, peak RSS {row['peak_rss_mib']:.0f} MiB")
+    finally:
+        for server in servers.values():
+            server.stop()
+    return runs, bounds, failures
 
 
 def cpu_name() -> str:
