@@ -4,7 +4,8 @@ The bound (:func:`decode_bound`): B rows, with the adapters of the load's first 
 decoded through the server's own path (``AdapterRegistry.prefill``/``forward`` on a ``KVBatch``, argmax and the
 host transfer of the tokens included), untimed until the context reaches the load's typical length (prompt +
 half of max_tokens), then ``steps`` steps timed one by one. Bound tokens/s = B / median step time: what the server
-would reach if every step were a full decode step (no prefill, no HTTP, no idle rows). The prefill of the B
+would reach if every step were a full decode step (no prefill, no HTTP, no idle rows). It is measured before and
+after each load's runs and the medians are taken over both (:func:`combine_bounds`). The prefill of the B
 prompts (one forward, as the server prefills a group of newcomers) is timed too: with T tokens generated per request,
 B * T / (prefill + T * step) is the bound once every request's prompt has to be read as well.
 
@@ -62,11 +63,20 @@ def decode_bound(model, tok, adapters_dir: Path, rows: list[str], prompts: list[
     context = int(batch.lengths.float().mean()) - steps // 2
     for name in dict.fromkeys(n for n in names if n != BASE):
         registry.detach(name)
-    step_s = statistics.median(times)
-    figures = {"rows": len(rows), "distinct_adapters": len(set(names)), "context": context, "steps": steps,
-               "step_ms": step_s * 1e3, "tokens_per_s": len(rows) / step_s,
-               "prefill_ms": prefill_s * 1e3, "prompt_tokens": int(mask.sum())}
+    figures = {"rows": len(rows), "distinct_adapters": len(set(names)), "context": context,
+               "step_times_ms": [t * 1e3 for t in times], "prefill_times_ms": [prefill_s * 1e3], "prompt_tokens": int(mask.sum())}
     return figures, registry.model
+
+
+def combine_bounds(first: dict, second: dict) -> dict:
+    """One bound from two measurements of the same rows (before and after a load's runs, so drift of a shared
+    machine shows and is averaged): medians over all their steps and prefills."""
+    steps = first["step_times_ms"] + second["step_times_ms"]
+    prefills = first["prefill_times_ms"] + second["prefill_times_ms"]
+    step_ms = statistics.median(steps)
+    return first | {"step_times_ms": steps, "prefill_times_ms": prefills, "steps": len(steps), "step_ms": step_ms,
+                    "tokens_per_s": first["rows"] / (step_ms / 1e3), "prefill_ms": statistics.median(prefills),
+                    "step_ms_before_after": [statistics.median(first["step_times_ms"]), statistics.median(second["step_times_ms"])]}
 
 
 def run_hf_baseline(spec_path: Path, out_path: Path, timeout: float = 1800.0) -> dict:

@@ -7,7 +7,7 @@ streaming, greedy) in a closed loop (why: serve_clients.py) pick adapters by Zip
 with a fixed seed. One more variant mixes every method (LoRA, (IA)^3, Houlsby, Pfeiffer, prompt, prefix tuning).
 
 Compared, per adapter count and popularity, in interleaved order (decode bound, batched server, one-at-a-time
-server, HF PEFT baseline; then the next popularity):
+server, HF PEFT baseline, decode bound again; then the next popularity):
   - the server with continuous batching (`peftkit serve --max-batch-size B`), a child process on 127.0.0.1;
   - the same server serving one request at a time (`--max-batch-size 1`);
   - an HF-PEFT-style baseline: transformers `generate` with `adapter_names=`, batches per arrival window;
@@ -47,7 +47,7 @@ import peftkit as pk  # noqa: E402
 from report import write_report  # noqa: E402
 from peftkit.device import resolve_precision  # noqa: E402
 from serve_adapters import chat_ids, link_subset, lora_names, solo_references, write_lora_adapters, write_mixed_adapters  # noqa: E402
-from serve_baselines import decode_bound, run_hf_baseline  # noqa: E402
+from serve_baselines import combine_bounds, decode_bound, run_hf_baseline  # noqa: E402
 from serve_clients import ServerProcess, make_plan, metric_total, run_load  # noqa: E402
 from serve_report import markdown, plot, summarize, verdicts  # noqa: E402
 
@@ -195,15 +195,18 @@ def measure(model, tok, tmp: Path, loads: list, expected: dict, size: dict, prec
                     server.wait_ready()
             where = f"{count} adapters, {popularity}"
             rows = [name for client in plan for name, _ in client[:1]][: size["max_batch"]]
-            try:
-                bound, model = decode_bound(model, tok, folder, rows, prompt_ids, typical, size["bound_steps"], args.model,
-                                            precision)
-                log(f"{where}: bound {bound['tokens_per_s']:.1f} tokens/s ({bound['step_ms']:.0f} ms per {len(rows)}-row step)")
-            except Exception as err:  # e.g. a method this build cannot batch: say so, carry on
-                bound = {"error": f"{type(err).__name__}: {err}"}
-                failures.append(f"{where}: decode bound: {bound['error']}")
-                log(f"{where}: bound failed: {bound['error']}")
-            bounds.append({"adapters": count, "popularity": popularity} | bound)
+
+            def bound_once() -> dict:
+                nonlocal model
+                try:
+                    figures, model = decode_bound(model, tok, folder, rows, prompt_ids, typical, size["bound_steps"],
+                                                  args.model, precision)
+                    return figures
+                except Exception as err:  # e.g. a method this build cannot batch: say so, carry on
+                    return {"error": f"{type(err).__name__}: {err}"}
+
+            before = bound_once()
+            log(f"{where}: bound measured ({before.get('error', 'ok')})")
             for label, batch in (("batched", size["max_batch"]), ("one at a time", 1)):
                 row = serve_run(servers[batch], plan, expected, size)
                 runs.append({"adapters": count, "popularity": popularity, "config": label} | row)
@@ -212,11 +215,20 @@ def measure(model, tok, tmp: Path, loads: list, expected: dict, size: dict, prec
             if popularity == "mixed methods":
                 runs.append({"adapters": count, "popularity": popularity, "config": "HF PEFT",
                              "skipped": "HF PEFT's adapter_names= mixes LoRA rows only and has no Houlsby/Pfeiffer adapters"})
-                continue
-            row = hf_run(tmp, folder, plan, expected, size, args, f"{count}-{popularity}")
-            runs.append({"adapters": count, "popularity": popularity, "config": "HF PEFT"} | row)
-            log(f"{where}, HF PEFT: {row['tokens_per_s']:.1f} tokens/s, {row['equal_to_solo']}/{row['answered']} equal "
-                f"to solo, peak RSS {row['peak_rss_mib']:.0f} MiB")
+            else:
+                row = hf_run(tmp, folder, plan, expected, size, args, f"{count}-{popularity}")
+                runs.append({"adapters": count, "popularity": popularity, "config": "HF PEFT"} | row)
+                log(f"{where}, HF PEFT: {row['tokens_per_s']:.1f} tokens/s, {row['equal_to_solo']}/{row['answered']} "
+                    f"equal to solo, peak RSS {row['peak_rss_mib']:.0f} MiB")
+            after = bound_once()
+            bound = before if "error" in before else after if "error" in after else combine_bounds(before, after)
+            if "error" in bound:
+                failures.append(f"{where}: decode bound: {bound['error']}")
+            else:
+                log(f"{where}: bound {bound['tokens_per_s']:.1f} tokens/s (median {bound['step_ms']:.0f} ms per "
+                    f"{len(rows)}-row step; {bound['step_ms_before_after'][0]:.0f} ms before the runs, "
+                    f"{bound['step_ms_before_after'][1]:.0f} ms after)")
+            bounds.append({"adapters": count, "popularity": popularity} | bound)
     finally:
         for server in servers.values():
             server.stop()

@@ -110,15 +110,17 @@ def markdown(report: dict) -> str:
                      f"{fractions} | {_f(r['p50_latency_s'])} / {_f(r['p99_latency_s'])} | "
                      f"{_f(r['p50_ttft_s'])} / {_f(r['p99_ttft_s'])} | {_f(r.get('adapter_loads'), 0)} | "
                      f"{_f(r.get('evictions'), 0)} | {r['peak_rss_mib']:.0f} |")
-    lines += ["", "Bound (the server's decode step, B rows with the load's first adapters, timed in this run):", "",
-              "| adapters | popularity | rows | distinct adapters | context | step (ms) | tokens/s | prefill of the rows' prompts (ms) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Bound (the server's decode step, B rows with the load's first adapters, timed before and after the "
+              "load's runs in this run; step = median over both):", "",
+              "| adapters | popularity | rows | distinct adapters | context | step (ms) | before / after (ms) | tokens/s | "
+              "prefill of the rows' prompts (ms) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for b in report["bounds"]:
         if "error" in b:
-            lines.append(f"| {b['adapters']} | {b['popularity']} | failed: {b['error']} ||||||")
+            lines.append(f"| {b['adapters']} | {b['popularity']} | failed: {b['error']} |||||||")
         else:
             lines.append(f"| {b['adapters']} | {b['popularity']} | {b['rows']} | {b['distinct_adapters']} | {b['context']} | "
-                         f"{b['step_ms']:.0f} | {b['tokens_per_s']:.1f} | {b['prefill_ms']:.0f} ({b['prompt_tokens']} tokens) |")
+                         f"{b['step_ms']:.0f} | {b['step_ms_before_after'][0]:.0f} / {b['step_ms_before_after'][1]:.0f} | {b['tokens_per_s']:.1f} | {b['prefill_ms']:.0f} ({b['prompt_tokens']} tokens) |")
     g = report["goals"]
     fr = g["throughput_vs_bound"]["fractions"]
     lines += ["", "Goals:", "",

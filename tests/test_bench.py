@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +226,9 @@ def test_serve_load_quick(tmp_path: Path) -> None:
         used = {name for client in plan_for(count, popularity) for name, _ in client}
         bound = bounds[(count, popularity)]
         assert bound["rows"] == size["max_batch"] and bound["tokens_per_s"] == pytest.approx(4 / (bound["step_ms"] / 1e3))
+        # measured before and after the load's runs: the medians are over both
+        assert len(bound["step_times_ms"]) == bound["steps"] == 2 * size["bound_steps"] and len(bound["prefill_times_ms"]) == 2
+        assert bound["step_ms"] == pytest.approx(statistics.median(bound["step_times_ms"]))
         for config in configs:
             r = runs[(count, popularity, config)]
             assert (r["sent"], r["answered"], r["lost"], r["crossed"], r["equal_to_solo"]) == (8, 8, 0, 0, 8), r
