@@ -25,11 +25,16 @@ def _job(length: int, done: int = 0) -> PrefillJob:
 
 
 def test_plan_counts_padding_and_serves_in_arrival_order():
-    # 3 short newcomers of 10, 30, 20 tokens and a budget of 64: a group costs rows x longest, so {10, 30} (60) fit
-    # and 20 more would make 3 x 30 = 90; the third starts alone with the 4 tokens left
-    a, b, c = _job(10), _job(30), _job(20)
-    plan = plan_step([a, b, c], 64)
-    assert plan.group == [a, b] and plan.chunks == [(c, 4)] and plan.cost == 64
+    # 4 short newcomers of 10, 30, 20, 5 tokens and a budget of 64: a group costs rows x longest, so {10, 30} (60)
+    # fit and 20 more would make 3 x 30 = 90; the third waits for the next step (it fits a budget whole), and so does
+    # the fourth, behind it
+    a, b, c, d = _job(10), _job(30), _job(20), _job(5)
+    plan = plan_step([a, b, c, d], 64)
+    assert plan.group == [a, b] and plan.chunks == [] and plan.cost == 60
+    # one longer than the budget starts in chunks with what is left
+    e = _job(100)
+    plan = plan_step([a, b, e, d], 64)
+    assert plan.group == [a, b] and plan.chunks == [(e, 4)] and plan.cost == 64
     # a long prompt takes the whole budget in chunks; whoever came after it waits
     long, short = _job(200), _job(5)
     assert plan_step([long, short], 64).chunks == [(long, 64)] and plan_step([long, short], 64).group == []

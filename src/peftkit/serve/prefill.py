@@ -11,10 +11,12 @@ Per step, newcomers are served first come, first served:
 - a newcomer whose whole context still fits in what is left of the budget joins this step's *group*: the group's
   contexts are left-padded and prefilled in one forward (``host.prefill`` on a fresh cache), the cost counted as
   rows x longest context, padding included;
-- any other newcomer is prefilled *alone in chunks*: its first chunk through ``host.prefill`` on a fresh cache of its
-  own (which adds the virtual columns of prompt or prefix tuning), each later chunk through ``host.forward`` on that
-  cache with the mask and positions tracked here (:meth:`KVBatch.chunk_inputs`), so no virtual columns are added
-  twice. One row alone needs no padding, so its cache never has holes.
+- a newcomer whose context could fit in a budget but not in what is left of this one waits for the next step (and
+  so does everyone behind it): splitting a short prompt would only add forwards;
+- a newcomer longer than the whole budget is prefilled *alone in chunks*: its first chunk through ``host.prefill`` on
+  a fresh cache of its own (which adds the virtual columns of prompt or prefix tuning), each later chunk through
+  ``host.forward`` on that cache with the mask and positions tracked here (:meth:`KVBatch.step_inputs`), so no
+  virtual columns are added twice. One row alone needs no padding, so its cache never has holes.
 
 When a newcomer's last chunk has run, its logits give its first token and its cache joins the decode batch.
 
@@ -77,6 +79,8 @@ def plan_step(jobs: list[PrefillJob], budget: int) -> PrefillPlan:
         if job.batch is None and group_cost([*group, job]) - group_cost(group) <= left:
             group.append(job)
             continue
+        if job.batch is None and job.remaining <= budget:
+            break  # fits whole in the next step's budget
         n = min(job.remaining, left)
         chunks.append((job, n))
         spent += n

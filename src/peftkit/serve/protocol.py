@@ -74,9 +74,14 @@ class _GenerationRequest(_Strict):
             value = getattr(self, name, None)
             if value is not None and value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported by this server; it serves {meaning}")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true")
         return self
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):  # ``stream`` is declared first, so validated already
+            raise ValueError("stream_options is only allowed with stream=true")
+        return value
 
 
 class CompletionRequest(_GenerationRequest):
@@ -138,9 +143,14 @@ class ChatCompletionRequest(_GenerationRequest):
     def _one_limit(self) -> "ChatCompletionRequest":
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
         return self
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info) -> int | None:
+        if value is not None and not info.data.get("logprobs"):  # ``logprobs`` is declared first
+            raise ValueError("top_logprobs needs logprobs=true")
+        return value
 
     @property
     def logprob_count(self) -> int | None:
