@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_serve import adapters_dir, chat_ids, client, make_base, prompt_ids, ref, server, solo, tok  # noqa: F401
 
-from peftkit.serve.sampling import SamplingParams, apply_penalties, choice_seed
+from peftkit.serve.sampling import SamplingParams, apply_penalties, choice_seed, token_logprobs
 from peftkit.tuners.base import BASE
 
 
@@ -53,6 +53,16 @@ def test_penalties_follow_openais_formula():
     apply_penalties(logits, [0, 2], counts, params)
     # row 0: token 1 -= 2 * 0.25 + 0.5, token 3 -= 1 * 0.25 + 0.5; row 1 untouched; row 2 (second params)
     assert logits.tolist() == [[1.0, 1.0, 3.0, 3.25], [0.5, 0.5, 0.5, 0.5], [9.0 - 6.0 + 1.0, 8.0, 7.0, 6.0 - 2.0 + 1.0]]
+
+
+def test_token_logprobs_are_of_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 1.0]])
+    got = token_logprobs(logits, [0.5, 0.0], [2, 1], 2)  # T = 0.5; greedy counts as T = 1
+    first, second = torch.log_softmax(logits[0] / 0.5, dim=0), torch.log_softmax(logits[1], dim=0)
+    assert got[0].token == 2 and got[0].logprob == pytest.approx(float(first[2]))
+    assert [t for t, _ in got[0].top] == [0, 1] and [lp for _, lp in got[0].top] == pytest.approx(first[:2].tolist())
+    assert got[1].logprob == pytest.approx(float(second[1])) and got[1].top[0] == (1, pytest.approx(float(second[1])))
+    assert token_logprobs(logits, [1.0, 1.0], [0, 0], 0)[0].top == []
 
 
 def test_choice_seeds_are_distinct_and_stable():

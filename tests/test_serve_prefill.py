@@ -149,3 +149,18 @@ def test_a_failed_decode_step_prefills_the_rows_again_in_chunks(adapters_dir, to
     assert sched.stats["recoveries"] == 1
     for seq, (adapter, text, n) in zip(seqs, jobs):
         assert tuple(seq.output_ids) == solo(adapter, tuple(tok(text).input_ids), n)
+
+
+def test_a_request_cancelled_while_prefilling_frees_its_place(adapters_dir, tok, solo):
+    sched, _ = _scheduler(adapters_dir, tok, max_batch_size=1, prefill_chunk=8)
+    long, long_events = _seq(tok, "a", list(range(100, 140)), 5)
+    after, _ = _seq(tok, "b", tok("Next").input_ids, 4)
+    sched.submit(long, after)
+    sched.step()
+    sched.step()
+    assert sched.load == {"running": 1, "prefilling": 1, "waiting": 1}
+    sched.cancel(long)
+    while sched.load["running"] or sched.load["waiting"]:
+        sched.step()
+    assert long.output_ids == [] and long_events == []
+    assert tuple(after.output_ids) == solo("b", tuple(tok("Next").input_ids), 4)
