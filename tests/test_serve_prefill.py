@@ -24,24 +24,27 @@ def _job(length: int, done: int = 0) -> PrefillJob:
     return job
 
 
-def test_plan_counts_padding_and_serves_in_arrival_order():
+def test_plan_counts_padding_short_prompts_first_long_ones_always_progress():
     # 4 short newcomers of 10, 30, 20, 5 tokens and a budget of 64: a group costs rows x longest, so {10, 30} (60)
     # fit and 20 more would make 3 x 30 = 90; the third waits for the next step (it fits a budget whole), and so does
     # the fourth, behind it
     a, b, c, d = _job(10), _job(30), _job(20), _job(5)
     plan = plan_step([a, b, c, d], 64)
     assert plan.group == [a, b] and plan.chunks == [] and plan.cost == 60
-    # one longer than the budget starts in chunks with what is left
-    e = _job(100)
-    plan = plan_step([a, b, e, d], 64)
-    assert plan.group == [a, b] and plan.chunks == [(e, 4)] and plan.cost == 64
-    # a long prompt takes the whole budget in chunks; whoever came after it waits
-    long, short = _job(200), _job(5)
-    assert plan_step([long, short], 64).chunks == [(long, 64)] and plan_step([long, short], 64).group == []
-    # a started job continues with its remaining tokens, then the rest of the budget goes on
+    # one longer than the budget is prefilled in chunks; while it is, the group gets half the budget (32), so {10}
+    long = _job(100)
+    plan = plan_step([long, a, b, d], 64)
+    assert plan.group == [a] and plan.chunks == [(long, 54)] and plan.cost == 64
+    # short ones do not wait for a long one's chunks, and two long ones go in arrival order
+    long2 = _job(300)
+    plan = plan_step([long, long2, _job(5)], 64)
+    assert len(plan.group) == 1 and plan.chunks == [(long, 59)]
+    # a started job continues with its remaining tokens; the group is not held back beyond what it needs
     started, fresh = _job(200, done=180), _job(30)
     plan = plan_step([started, fresh], 64)
     assert plan.chunks == [(started, 20)] and plan.group == [fresh] and plan.cost == 50
+    # a budget of 1 still moves a long prompt
+    assert plan_step([_job(5), _job(1)], 1).chunks[0][1] == 1
 
 
 def _record_forwards(registry) -> list[tuple[int, int]]:

@@ -6,17 +6,21 @@ budget (``--prefill-chunk``) on prefill, then runs the decode step for the runni
 most one chunk's forward between its tokens whatever the newcomers' lengths, and a newcomer's first token comes
 after ceil(prompt / budget) steps.
 
-Per step, newcomers are served first come, first served:
+Per step, within the budget:
 
-- a newcomer whose whole context still fits in what is left of the budget joins this step's *group*: the group's
-  contexts are left-padded and prefilled in one forward (``host.prefill`` on a fresh cache), the cost counted as
-  rows x longest context, padding included;
-- a newcomer whose context could fit in a budget but not in what is left of this one waits for the next step (and
-  so does everyone behind it): splitting a short prompt would only add forwards;
-- a newcomer longer than the whole budget is prefilled *alone in chunks*: its first chunk through ``host.prefill`` on
-  a fresh cache of its own (which adds the virtual columns of prompt or prefix tuning), each later chunk through
-  ``host.forward`` on that cache with the mask and positions tracked here (:meth:`KVBatch.step_inputs`), so no
-  virtual columns are added twice. One row alone needs no padding, so its cache never has holes.
+- newcomers whose whole context fits in a budget are *short*: in arrival order they join this step's *group*,
+  whose contexts are left-padded and prefilled in one forward (``host.prefill`` on a fresh cache), the cost counted
+  as rows x longest context, padding included. The first that does not fit waits for the next step, and so does
+  everyone behind it (splitting a short prompt would only add forwards);
+- the others are *long*: each is prefilled alone in chunks, in arrival order, with what the group leaves: its first
+  chunk through ``host.prefill`` on a fresh cache of its own (which adds the virtual columns of prompt or prefix
+  tuning), each later chunk through ``host.forward`` on that cache with the mask and positions tracked here
+  (:meth:`KVBatch.step_inputs`), so no virtual columns are added twice. One row alone needs no padding, so its
+  cache never has holes.
+
+Short newcomers go first so that one long prompt does not hold every later first token back for all its chunks,
+but the group may use only half the budget while a long prompt is under way, so long prompts always progress:
+a long prompt of L tokens is in after at most ceil(L / (budget / 2)) steps, a short one after a few.
 
 When a newcomer's last chunk has run, its logits give its first token and its cache joins the decode batch.
 
@@ -68,20 +72,20 @@ def group_cost(jobs: list[PrefillJob]) -> int:
 
 
 def plan_step(jobs: list[PrefillJob], budget: int) -> PrefillPlan:
-    """Choose this step's prefill work, first come first served, within ``budget`` tokens (padding counted)."""
+    """Choose this step's prefill work within ``budget`` tokens (padding counted); see the module's docstring."""
+    long = [j for j in jobs if j.batch is not None or j.remaining > budget]
+    short = [j for j in jobs if j.batch is None and j.remaining <= budget]
+    reserve = min((budget + 1) // 2, sum(j.remaining for j in long))  # what the long prompts are sure to get
     group: list[PrefillJob] = []
+    for job in short:
+        if group_cost([*group, job]) > budget - reserve:
+            break
+        group.append(job)
+    left = budget - group_cost(group)
     chunks: list[tuple[PrefillJob, int]] = []
-    spent = 0  # by chunks
-    for job in jobs:
-        left = budget - spent - group_cost(group)
+    for job in long:
         if left <= 0:
             break
-        if job.batch is None and group_cost([*group, job]) - group_cost(group) <= left:
-            group.append(job)
-            continue
-        if job.batch is None and job.remaining <= budget:
-            break  # fits whole in the next step's budget
-        n = min(job.remaining, left)
-        chunks.append((job, n))
-        spent += n
+        chunks.append((job, min(job.remaining, left)))
+        left -= chunks[-1][1]
     return PrefillPlan(group, chunks)
