@@ -85,6 +85,10 @@ class Sequence:
         self._unsent_logprobs = 0  # how many of the last ``logprobs`` no event has carried yet
         self.stream = TextStream(tokenizer, params.stop)
         self.cancelled = threading.Event()
+        # time.monotonic() when it was made, taken by a prefill, and got its first token (metrics: serve/metrics.py)
+        self.created_at = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
 
     @property
     def context(self) -> list[int]:
@@ -93,6 +97,8 @@ class Sequence:
 
     def push(self, token_id: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> bool:
         """Record a sampled token (and its logprobs) and tell the handler; True when the request is finished."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self.output_ids.append(token_id)
         if logprob is not None:
             self.logprobs.append(logprob)
@@ -315,6 +321,7 @@ class Scheduler:
                     continue
                 if seq.generator is None:  # kept when a row is prefilled again: the request's draws continue
                     seq.generator = seq.params.make_generator(self.host.device)
+                    seq.admitted_at = time.monotonic()
                 self._prefilling.append(PrefillJob(seq))
 
     def _prefill_step(self) -> None:
