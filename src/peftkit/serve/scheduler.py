@@ -6,9 +6,9 @@ Each loop iteration of the scheduler thread:
    steps and never under a forward pass;
 2. drops rows whose clients went away;
 3. admits waiting requests into the prefilling set while running + prefilling rows stay within ``max_batch_size``;
-4. runs at most ``prefill_chunk`` tokens of their prompts (chunked prefill, :mod:`peftkit.serve.prefill`); a
-   request whose prompt is all in now samples its first token and its row joins the running
-   :class:`~peftkit.serve.batch.KVBatch`;
+4. runs at most ``prefill_chunk`` tokens of their prompts (chunked prefill, :mod:`peftkit.serve.prefill`: short
+   prompts together in one forward, long ones alone in chunks); a request whose prompt is all in now samples its
+   first token and its row joins the running :class:`~peftkit.serve.batch.KVBatch`;
 5. runs one decode step for all running rows, each with its own adapter (``adapter_names``, the mixed-adapter
    path), samples one token per row and retires rows that finished.
 
