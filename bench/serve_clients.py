@@ -29,12 +29,14 @@ def make_plan(names: list[str], popularity: str, clients: int, requests: int, pr
               prompts_per_adapter: int) -> list[list[tuple[str, str]]]:
     """Each client's requests, (adapter, prompt) in order. ``zipf``: the k-th adapter (from 1) is drawn with
     probability proportional to 1/k (s = 1); ``uniform``: all equally. The i-th adapter is asked one of
-    ``prompts_per_adapter`` prompts starting at prompts[i % len(prompts)], so the solo references (one generation
-    per distinct pair) stay few while neighbouring adapters get different prompts."""
+    ``prompts_per_adapter`` prompts starting at prompts[i % len(prompts)] (more when there are fewer adapters than
+    prompts, so every prompt is used), so the solo references (one generation per distinct pair) stay few while
+    neighbouring adapters get different prompts."""
     rng = random.Random(seed)
     weights = [1.0 / (k + 1) for k in range(len(names))] if popularity == "zipf" else [1.0] * len(names)
     draws = rng.choices(range(len(names)), weights, k=clients * requests)
-    jobs = [(names[i], prompts[(i + rng.randrange(prompts_per_adapter)) % len(prompts)]) for i in draws]
+    per_adapter = max(prompts_per_adapter, len(prompts) // len(names))
+    jobs = [(names[i], prompts[(i + rng.randrange(per_adapter)) % len(prompts)]) for i in draws]
     return [jobs[c * requests:(c + 1) * requests] for c in range(clients)]
 
 

@@ -170,7 +170,7 @@ def write_loads(model, tmp: Path, size: dict, args: argparse.Namespace) -> tuple
                              args.seed + count, size["prompts_per_adapter"])
             loads.append((count, popularity, folder, plan))
     if mixed:
-        plan = make_plan(mixed, "uniform", size["clients"], size["requests"], PROMPTS, args.seed, len(PROMPTS))
+        plan = make_plan(mixed, "uniform", size["clients"], size["requests"], PROMPTS, args.seed, size["prompts_per_adapter"])
         loads.append((len(mixed), "mixed methods", mixed_dir, plan))
     return loads, {n: every / n for n in names} | {n: mixed_dir / n for n in mixed}
 
