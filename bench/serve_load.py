@@ -121,8 +121,9 @@ def hf_run(tmp: Path, adapters_dir: Path, plan, expected, size, args, label: str
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.render:
-        print(markdown(json.loads(args.render.read_text())))
+    if args.render:  # the goals are judged again from the figures
+        report = json.loads(args.render.read_text())
+        print(markdown(report | {"goals": verdicts(report)}))
         return 0
     size = dict(SIZES["quick" if args.quick else "full"])
     size.update({k: getattr(args, k) for k in size if getattr(args, k) is not None})

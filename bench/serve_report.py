@@ -70,7 +70,7 @@ def verdicts(report: dict) -> dict:
     counts = sorted({r["adapters"] for r in batched})
     single, many = _run(report, counts[0], "single", "batched"), _run(report, counts[-1], "zipf", "batched")
     peaks = {r["adapters"]: r["peak_rss_mib"] for r in batched}
-    growth = max(peaks.values()) - min(peaks.values()) if peaks else None
+    growth = max(peaks.values()) - min(peaks.values()) if len(peaks) > 1 else None  # needs two adapter counts
     budget = report["sizes"]["max_adapters"] * report.get("largest_adapter_mib", float("nan"))
     server_runs = [r for r in report["runs"] if r["config"] != "HF PEFT" and "lost" in r]
     return {
