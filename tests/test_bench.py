@@ -262,3 +262,40 @@ def test_serve_load_quick(tmp_path: Path) -> None:
     else:  # this build cannot batch every method yet: the run says which and why, and fails
         assert done.returncode == 1 and any("mixed methods" in f and "PREFIX_TUNING" in f for f in report["failures"])
         assert all(f.startswith("6 adapters, mixed methods") for f in report["failures"])
+
+
+def test_serve_load_goals_from_hand_figures(tmp_path: Path) -> None:
+    """The goals and the rendered table are judged from the figures alone (hand-made runs, no model)."""
+    import serve_load
+
+    def run(adapters: int, popularity: str, config: str, tokens_per_s: float, rss: float, lost: int = 0, crossed: int = 0) -> dict:
+        return {"adapters": adapters, "popularity": popularity, "config": config, "sent": 32, "answered": 32 - lost,
+                "lost": lost, "crossed": crossed, "equal_to_solo": 32 - lost - crossed, "tokens": 1024 - 32 * lost,
+                "tokens_per_s": tokens_per_s, "p50_latency_s": 1.0, "p99_latency_s": 2.0, "p50_ttft_s": 0.1, "p99_ttft_s": 0.2,
+                "adapter_loads": 1, "evictions": 0, "peak_rss_mib": rss}
+
+    def bound(adapters: int, popularity: str, step_ms: float) -> dict:
+        return {"adapters": adapters, "popularity": popularity, "rows": 16, "distinct_adapters": 16, "context": 53,
+                "steps": 16, "step_ms": step_ms, "step_ms_before_after": [step_ms, step_ms], "tokens_per_s": 16 / (step_ms / 1e3),
+                "prefill_ms": 800.0, "prompt_tokens": 600}
+
+    report = {"dtype": "float32", "sizes": serve_load.SIZES["full"], "largest_adapter_mib": 10.0, "threads": 2, "window_ms": 50,
+              "seed": 0, "cpu": "x", "load_average": [1.0], "wall_s": 60.0, "failures": [],
+              "runs": [run(1, "single", "batched", 40.0, 1000), run(512, "zipf", "batched", 36.0, 1100),
+                       run(512, "zipf", "one at a time", 10.0, 1000, crossed=1)],
+              "bounds": [bound(1, "single", 200.0), bound(512, "zipf", 400.0)]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    goals = serve_load.verdicts(report)
+    # 40 / (16 / 0.2 s) = 50%; 36 / 40 = 90% of the 512-adapter bound
+    assert goals["throughput_vs_bound"]["fractions"] == {"1 single": 0.5, "512 zipf": 0.9} and not goals["throughput_vs_bound"]["met"]
+    assert goals["zipf_many_vs_one"]["ratio"] == pytest.approx(0.9) and goals["zipf_many_vs_one"]["met"]
+    # 100 MiB of growth within --max-adapters 16 x 10 MiB
+    assert goals["peak_rss_bounded"]["growth_mib"] == 100 and goals["peak_rss_bounded"]["budget_mib"] == 160 and goals["peak_rss_bounded"]["met"]
+    assert goals["nothing_lost_or_crossed"] == {"lost": 0, "crossed": 1, "requests": 96, "met": False}
+    # with prefill: 16 rows x 32 tokens in 0.8 s + 32 steps of 0.2 s = 71.1 tokens/s; 40 / 71.1 = 56%
+    assert report["runs"][0]["fraction_of_bound_with_prefill"] == pytest.approx(40 / (16 * 32 / (0.8 + 32 * 0.2)))
+    done = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--render", str(path)], check=True, capture_output=True, text=True)
+    assert "| 512 | zipf | batched | 32/32 | 32/32 | 36.0 | 90% | 96% |" in done.stdout  # 36 / (512 / (0.8 + 32 x 0.4))
+    assert "- throughput >= 80% of the bound: **not met** (1 single: 50%, 512 zipf: 90%)" in done.stdout
+    assert "- nothing lost or crossed: **not met** (0 lost, 1 crossed of 96 server requests)" in done.stdout
