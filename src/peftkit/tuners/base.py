@@ -241,7 +241,6 @@ class Tuner:
     config_cls: ClassVar[type[PeftConfig]] = PeftConfig
     layer_cls: ClassVar[type[AdapterLayer]] = AdapterLayer
     mergeable: ClassVar[bool] = True  # can merge_adapter fold it into the base weights?
-    mixable: ClassVar[bool] = True  # can rows of one batch use different adapters of this method?
     # Key prefix of the model's own modules (modules_to_save) in this method's files. HF PEFT's prompt-learning
     # models have no tuner wrapper between PeftModel and the transformers model, so theirs is "base_model.".
     file_prefix: ClassVar[str] = FILE_PREFIX
