@@ -162,8 +162,10 @@ def forward(peft_model: nn.Module, adapter_names: list[str], args: tuple, kwargs
     on a fresh cache; logits trimmed to the input's columns."""
     model = peft_model.base_model
     fronts = Fronts.plan(peft_model, adapter_names)
-    if fronts is None or cache_is_filled(kwargs):  # nothing virtual, or already in the cache
+    if fronts is None:
         return model(*args, **kwargs)
+    if cache_is_filled(kwargs):  # the fronts are in the cache already (passed under the name this version reads)
+        return model(*args, **with_cache(kwargs, model, find_cache(kwargs)))
     if args:
         input_batch({}, _WHAT)  # raises: the inputs are rewritten, so they must come by keyword
     length = input_batch(kwargs, _WHAT)[1]
