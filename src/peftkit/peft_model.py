@@ -209,6 +209,13 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} is {tuner.peft_type}, which adds computation the base weights cannot absorb; "
                     "it cannot be merged (serve it unmerged)"
                 )
+        shared = {id(m) for _, layer in self.adapter_layers() if isinstance(layer.base_layer, AdapterLayer) for m in (layer, layer.base_layer)}
+        for path, layer in self.adapter_layers():
+            if id(layer) in shared and set(names) & set(layer.adapter_names):
+                raise TypeError(
+                    f"{path} holds adapters of several methods; merging {sorted(set(names) & set(layer.adapter_names))} "
+                    "into the weights they share is not supported: serve them unmerged"
+                )
         quantized = has_quantized_layers(self.base_model)
         with merge_report(self.base_model, names) if quantized else nullcontext():  # warns with the error
             for _, layer in self.adapter_layers():
@@ -241,7 +248,7 @@ class PeftModel(nn.Module):
         return self._unwrap(keep=[])
 
     def _unwrap(self, keep: list[str]) -> nn.Module:
-        for name, layer in list(self.adapter_layers()):
+        for name, layer in reversed(list(self.adapter_layers())):  # innermost first, as in _take_out
             replacement = layer.base_layer
             if isinstance(layer, ModulesToSaveWrapper):
                 kept = [n for n in keep if n in layer.modules_to_save]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..hf_compat import find_cache, with_cache
-from .base import BASE, tuner_for
+from .base import tuner_for
 from .prefix import PrefixTuningTuner, cache_dtype, prefix_keys_values
 from .prompt import PromptTuningTuner, cache_is_filled, extend_front, input_batch
 
@@ -51,11 +51,10 @@ class Fronts:
         """The fronts ``adapter_names`` asks for, or None when no row is prompt or prefix tuning."""
         prompt, prefix = [], []
         for name in adapter_names:
-            config = peft_model.peft_config.get(name) if name != BASE else None
+            config = peft_model.peft_config.get(name)  # None for the base
             tuner = tuner_for(config) if config is not None else None
-            count = config.num_virtual_tokens if isinstance(tuner, (PromptTuningTuner, PrefixTuningTuner)) else 0
-            prompt.append(count if isinstance(tuner, PromptTuningTuner) else 0)
-            prefix.append(count if isinstance(tuner, PrefixTuningTuner) else 0)
+            prompt.append(config.num_virtual_tokens if isinstance(tuner, PromptTuningTuner) else 0)
+            prefix.append(config.num_virtual_tokens if isinstance(tuner, PrefixTuningTuner) else 0)
         if not any(prompt) and not any(prefix):
             return None
         return cls(tuple(adapter_names), tuple(prompt), tuple(prefix))
@@ -167,7 +166,7 @@ def forward(peft_model: nn.Module, adapter_names: list[str], args: tuple, kwargs
     if cache_is_filled(kwargs):  # the fronts are in the cache already (passed under the name this version reads)
         return model(*args, **with_cache(kwargs, model, find_cache(kwargs)))
     if args:
-        input_batch({}, _WHAT)  # raises: the inputs are rewritten, so they must come by keyword
+        raise TypeError(f"{_WHAT} rewrites the inputs: pass input_ids=... (or inputs_embeds=...) by keyword")
     length = input_batch(kwargs, _WHAT)[1]
     if kwargs.get("labels") is not None:
         raise ValueError(
