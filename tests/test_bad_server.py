@@ -107,7 +107,7 @@ def test_post_adapters_refuses_a_bad_adapter_with_400_naming_it(server, client, 
     assert r.status_code == 400 and error["type"] == "invalid_request_error" and error["param"] == "path"
     assert error["message"].startswith(f"cannot load adapter 'bad-{name}' from '{name}': ")
     assert BROKEN[name][1] in error["message"] and str(server[1].adapters_dir) not in error["message"]
-    assert [m.id for m in client.models.list().data] == ["tiny", "good"]
+    assert [m.id for m in client.models.list().data if m.status == "loaded"] == ["tiny", "good"]
     assert client.completions.create(model="good", prompt="Still here", max_tokens=3, temperature=0).choices[0].text
 
 

@@ -1,5 +1,6 @@
-"""The HTTP API: OpenAI-compatible completions and chat for the base model and every loaded adapter, plus
-bearer-protected adapter management.
+"""The HTTP API: OpenAI-compatible completions and chat for the base model and every adapter (loaded, or loaded
+on demand from ``--adapters-dir``: serve/ondemand.py), plus bearer-protected adapter management. The model list
+and ``/metrics`` are in serve/catalog.py.
 
 Handlers run on the event loop and only validate, tokenize and wait; the model lives on the scheduler thread
 (:mod:`peftkit.serve.scheduler`), which reports each request's text through a thread-safe callback. Errors use
@@ -26,8 +27,10 @@ from torch import nn
 
 from ..device import Precision
 from ..data.chat import render_chat
-from ..tuners.base import BASE
+from .catalog import adapter_card
+from .catalog import router as catalog_router
 from .protocol import (
+    APIError,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -35,6 +38,8 @@ from .protocol import (
     describe_validation_errors,
     error_body,
 )
+from .metrics import ServeMetrics
+from .ondemand import AdapterLoader
 from .registry import (
     AdapterConflict,
     AdapterPathError,
@@ -43,6 +48,7 @@ from .registry import (
     read_adapter,
     resolve_adapter_path,
 )
+from .residency import Budget, Residency
 from .responses import ChatReply, CompletionReply, Reply
 from .sampling import SamplingParams
 from .scheduler import Event, QueueFull, Scheduler, Sequence
@@ -52,41 +58,29 @@ logger = logging.getLogger("peftkit.serve")
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming handler checks that its client is still there
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers=self.headers)
-
-
 class Server:
-    """What the routes share: the adapter registry, the scheduler and the settings."""
+    """What the routes share: the adapter registry, the scheduler, the on-demand loader, the metrics and the
+    settings."""
 
-    def __init__(self, registry: AdapterRegistry, tokenizer: Any, scheduler: Scheduler,
-                 adapters_dir: str | Path | None, api_key: str | None) -> None:
+    def __init__(self, registry: AdapterRegistry, tokenizer: Any, scheduler: Scheduler, loader: AdapterLoader,
+                 metrics: ServeMetrics, api_key: str | None) -> None:
         self.registry = registry
         self.tokenizer = tokenizer  # used on the event loop only
         # fast tokenizers are not safe to share between threads: the scheduler decodes with its own copy
         self.stream_tokenizer = copy.deepcopy(tokenizer)
         self.scheduler = scheduler
-        self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
+        self.loader = loader
+        self.metrics = metrics
+        self.adapters_dir = loader.adapters_dir
         self.api_key = api_key
 
     # ---------------------------------------------------------------------------------------------------------
     # Validation (every check raises an APIError that says what to change)
 
-    def adapter_for(self, model: str) -> str:
-        adapter = self.registry.lookup(model)
-        if adapter is None:
-            raise APIError(404, f"The model {model!r} does not exist. Available models: {self.registry.model_ids()}",
-                           param="model", code="model_not_found")
-        return adapter
+    async def adapter_for(self, model: str) -> str:
+        """The adapter a request's ``model`` selects, loaded (on demand from --adapters-dir) and kept resident until
+        the request's handler ends; 404 model_not_found for an unknown name."""
+        return await self.loader.resolve(model)
 
     def check_prompt_ids(self, ids: list[int], param: str) -> None:
         context = self.registry.context_length
@@ -151,6 +145,7 @@ class Server:
     def submit(self, adapter: str, prompt_ids: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> Sequence:
         seq = Sequence(adapter, prompt_ids, params, self.stream_tokenizer, on_event)
+        seq.on_event = self.metrics.watch(seq)
         try:
             self.scheduler.submit(seq)
         except QueueFull as err:
@@ -228,11 +223,6 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _card(model_id: str, created: int, parent: str | None) -> dict:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "peftkit", "parent": parent,
-            "root": parent or model_id}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Routes
 
@@ -258,26 +248,9 @@ async def health(server: ServerDep) -> dict:
             **server.scheduler.load}
 
 
-@router.get("/v1/models")
-async def models(server: ServerDep) -> dict:
-    registry = server.registry
-    cards = [_card(registry.base_name, registry.created, None)]
-    cards += [_card(a.name, a.created, registry.base_name) for a in registry.models()]
-    return {"object": "list", "data": cards}
-
-
-@router.get("/v1/models/{model_id}")
-async def model_card(model_id: str, server: ServerDep) -> dict:
-    adapter, registry = server.adapter_for(model_id), server.registry
-    if adapter == BASE:
-        return _card(registry.base_name, registry.created, None)
-    info = next(a for a in registry.models() if a.name == adapter)
-    return _card(info.name, info.created, registry.base_name)
-
-
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request, server: ServerDep) -> Response | dict:
-    adapter = server.adapter_for(body.model)
+    adapter = await server.adapter_for(body.model)
     if isinstance(body.prompt, str):
         prompt_ids = server.tokenizer(body.prompt).input_ids
     else:
@@ -288,7 +261,7 @@ async def completions(body: CompletionRequest, request: Request, server: ServerD
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, server: ServerDep) -> Response | dict:
-    adapter = server.adapter_for(body.model)
+    adapter = await server.adapter_for(body.model)
     prompt_ids = server.chat_prompt_ids(body.messages)
     server.check_prompt_ids(prompt_ids, "messages")
     return await server.respond(request, body, adapter, prompt_ids, body.limit, ChatReply(body.model))
@@ -297,22 +270,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, server
 # authorization is a dependency so that it is checked before the body is validated
 @router.post("/v1/adapters", dependencies=[Depends(_authorize)])
 async def load_adapter(body: LoadAdapterRequest, server: ServerDep) -> dict:
-    path, registry = server.adapter_path(body.path), server.registry
-    try:
-        registry.reserve(body.name, loading=True)
-    except AdapterConflict as err:
-        raise APIError(409, str(err), param="name", code="adapter_exists") from None
-    try:
-        # disk reads off the event loop and off the scheduler: serving goes on meanwhile
-        config, tensors = await asyncio.to_thread(read_adapter, path)
-        attach = server.scheduler.call(lambda: registry.attach(body.name, config, tensors, str(path)))
-        info = await asyncio.wrap_future(attach)
-    except (OSError, ValueError, TypeError) as err:
-        shown = str(err).replace(str(server.adapters_dir), "<adapters-dir>")
-        raise APIError(400, f"cannot load adapter {body.name!r} from {body.path!r}: {shown}", param="path") from None
-    finally:
-        registry.release(body.name)
-    return _card(info.name, info.created, registry.base_name)
+    """Load a pinned adapter (never evicted; it counts against the budget, making room like any load)."""
+    path = server.adapter_path(body.path)
+    info = await server.loader.load(body.name, path, body.path)
+    return adapter_card(info, server.registry.base_name)
 
 
 @router.delete("/v1/adapters/{name}", dependencies=[Depends(_authorize)])
@@ -337,7 +298,7 @@ async def delete_adapter(name: str, server: ServerDep) -> dict:
 
 
 async def _api_error(request: Request, err: APIError) -> JSONResponse:
-    return err.response()
+    return JSONResponse(err.body(), err.status, headers=err.headers)
 
 
 async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -373,10 +334,15 @@ def create_app(
     max_batch_size: int = 16,
     max_queue: int = 64,
     precision: Precision | None = None,
+    budget: Budget = Budget(),
+    adapter_wait_s: float = 30.0,
 ) -> FastAPI:
     """The FastAPI app serving ``model`` as ``base_name`` and each of ``adapters`` (name -> folder) by name.
 
-    ``adapters_dir``: where POST /v1/adapters may load from (nothing outside it). ``api_key``: the bearer token for
+    ``adapters_dir``: the folders a request's ``model`` loads on demand, and where POST /v1/adapters may load from
+    (nothing outside it). ``budget``: resident adapters at most (count and/or bytes); least recently used idle ones
+    are evicted for room, ``adapters`` and admin-posted ones are pinned. ``adapter_wait_s``: how long a load waits
+    for an adapter to become idle when the budget is full of busy ones (then 503). ``api_key``: the bearer token for
     adapter management (None disables it). The scheduler thread starts and stops with the app's lifespan.
     Everything runs on ``model``'s device, under ``precision``'s autocast (None: float32).
     """
@@ -384,10 +350,24 @@ def create_app(
     for name, path in (adapters or {}).items():
         _attach_at_start(registry, name, path)
     scheduler = Scheduler(registry, max_batch_size=max_batch_size, max_queue=max_queue)
+    residency = Residency(registry, budget, busy=scheduler.in_use)
+    _check_pinned_fit(registry, residency)
+    metrics = ServeMetrics(registry, residency, lambda: scheduler.load)
+    folder = Path(adapters_dir).resolve() if adapters_dir is not None else None
+    loader = AdapterLoader(registry, scheduler, residency, metrics, folder, wait_s=adapter_wait_s)
     app = FastAPI(title="peftkit serve", version="1", lifespan=_lifespan, exception_handlers=_ERROR_HANDLERS)
-    app.state.server = Server(registry, tokenizer, scheduler, adapters_dir, api_key)
+    app.state.server = Server(registry, tokenizer, scheduler, loader, metrics, api_key)
     app.include_router(router)
+    app.include_router(catalog_router)
     return app
+
+
+def _check_pinned_fit(registry: AdapterRegistry, residency: Residency) -> None:
+    """The adapters named at start must fit the budget by themselves (they are never evicted)."""
+    pinned = registry.models()
+    if pinned and not residency.fits(len(pinned), sum(a.bytes for a in pinned)):
+        raise ValueError(f"the {len(pinned)} --adapter adapter(s) ({sum(a.bytes for a in pinned) / 2**20:.2f} MiB) "
+                         f"exceed {residency.budget.describe()}; they are never evicted: raise the budget")
 
 
 def _attach_at_start(registry: AdapterRegistry, name: str, path: str) -> None:

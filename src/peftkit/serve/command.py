@@ -13,8 +13,23 @@ from pathlib import Path
 DESCRIPTION = """Serve one base model with many adapters through an OpenAI-compatible API.
 
 Requests name the base model or an adapter in their "model" field; requests for different adapters share one
-decode batch. Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, and (with
---api-key-file) POST /v1/adapters {"name", "path"} and DELETE /v1/adapters/NAME with 'Authorization: Bearer TOKEN'.
+decode batch. Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /metrics
+(Prometheus, per adapter), and (with --api-key-file) POST /v1/adapters {"name", "path"} and DELETE
+/v1/adapters/NAME with 'Authorization: Bearer TOKEN'.
+
+With --adapters-dir DIR, a request whose "model" is the name of a folder in DIR loads that adapter on first use
+(once, however many requests ask at the same time) while the others keep decoding. --max-adapters and
+--adapter-memory bound what stays resident: the least recently used idle adapters are evicted to make room (never
+one with requests in flight; --adapter ones and admin-posted ones are pinned). When every resident adapter is busy,
+a load waits up to --adapter-wait seconds for one to become idle, then answers 503.
+"""
+
+EPILOG = """examples:
+  peftkit serve --model smollm2-135m --adapter sql=runs/sql/adapter
+  peftkit serve --adapters-dir adapters/ --max-adapters 8            # adapters/<name>/ loads as model "<name>"
+  peftkit serve --adapters-dir adapters/ --adapter-memory 512 --max-adapters 64
+  curl -s localhost:8000/v1/models                                  # base, loaded and loadable adapters
+  curl -s localhost:8000/metrics | grep peftkit_adapter_evictions     # Prometheus text
 """
 
 
@@ -32,7 +47,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--api-key-file", type=Path, metavar="FILE",
                         help="file holding the bearer token for POST/DELETE /v1/adapters (without it they answer 403)")
     parser.add_argument("--adapters-dir", type=Path, metavar="DIR",
-                        help="POST /v1/adapters loads folders from inside DIR only")
+                        help="adapter folders served on demand: a request for model NAME loads DIR/NAME on first use; "
+                             "POST /v1/adapters loads folders from inside DIR only")
+    parser.add_argument("--max-adapters", type=_positive, metavar="N",
+                        help="adapters resident at most (default: no limit); least recently used idle ones are evicted")
+    parser.add_argument("--adapter-memory", type=_positive_float, metavar="MiB",
+                        help="MiB of resident adapter tensors at most (default: no limit); evicts as --max-adapters does")
+    parser.add_argument("--adapter-wait", type=_positive_float, default=30.0, metavar="SECONDS",
+                        help="how long a load waits for a busy adapter to become idle when the budget is full, before "
+                             "answering 503 (default: %(default)s)")
     parser.add_argument("--max-batch-size", type=_positive, default=16, metavar="N",
                         help="requests decoded together at most (default: %(default)s; 1 = one at a time)")
     parser.add_argument("--max-queue", type=_non_negative, default=64, metavar="N",
@@ -51,7 +74,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``serve`` verb on a top-level parser's subparsers; it sets ``func=run``."""
     parser = subparsers.add_parser("serve", help="OpenAI-compatible server for a base model and its adapters",
-                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     configure_parser(parser)
     parser.set_defaults(func=run)
     return parser
@@ -65,11 +89,13 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import SettingsError
     from ..models import load_model
     from .app import create_app
+    from .residency import Budget, budget_bytes
 
     adapters = _adapter_names(args.adapter, args.model)
     api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
     if args.adapters_dir is not None and not args.adapters_dir.is_dir():
         raise SettingsError(f"--adapters-dir {args.adapters_dir} is not a directory")
+    budget = Budget(args.max_adapters, budget_bytes(args.adapter_memory))
     _check_can_bind(args.host, args.port)
     if not _is_loopback(args.host):
         print(f"peftkit serve: binding to {args.host}: anyone who can reach it can run completions", file=sys.stderr)
@@ -84,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
                          api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                         precision=precision)
+                         precision=precision, budget=budget, adapter_wait_s=args.adapter_wait)
     except TypeError as err:  # a bad --adapter (the method cannot be served): say which and why
         raise ValueError(str(err)) from None
     names = ", ".join([args.model, *adapters])
@@ -97,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m peftkit.serve``: the same checks and one-line errors as ``peftkit serve``."""
     from ..cli.errors import debug_requested, run_verb
 
-    parser = configure_parser(argparse.ArgumentParser(prog="peftkit serve", description=DESCRIPTION,
+    parser = configure_parser(argparse.ArgumentParser(prog="peftkit serve", description=DESCRIPTION, epilog=EPILOG,
                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     return run_verb("serve", run, parser.parse_args(argv), debug_requested())
 
@@ -182,6 +208,16 @@ def _positive(text: str) -> int:
     value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 

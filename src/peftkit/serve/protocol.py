@@ -149,6 +149,19 @@ class LoadAdapterRequest(_Strict):
     path: str = Field(min_length=1)
 
 
+class APIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status (the app's handler turns it into the response)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error shape, which its clients turn into typed exceptions."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -45,6 +45,8 @@ class AdapterInfo:
     name: str
     path: str
     created: int  # unix time it was loaded
+    bytes: int = 0  # what its tensors take on the model's device (see AdapterRegistry.tensor_bytes)
+    pinned: bool = True  # named at start or posted by an admin: never evicted to make room (serve/residency.py)
 
 
 def resolve_adapter_path(root: str | os.PathLike, requested: str) -> Path:
@@ -105,9 +107,6 @@ class AdapterRegistry:
         with self._lock:
             return model if model in self._adapters else None
 
-    def model_ids(self) -> list[str]:
-        return [self.base_name] + [a.name for a in self.models()]
-
     def reserve(self, name: str, loading: bool) -> None:
         """Claim ``name`` for a load (it must be new) or a removal (it must be loaded); :meth:`release` ends it."""
         with self._lock:
@@ -125,19 +124,31 @@ class AdapterRegistry:
         with self._lock:
             self._pending.discard(name)
 
+    def restore(self, info: AdapterInfo) -> None:
+        """Undo a :meth:`reserve` for removal that did not happen: requests find ``info.name`` again."""
+        with self._lock:
+            self._adapters[info.name] = info
+            self._pending.discard(info.name)
+
+    def info(self, name: str) -> AdapterInfo | None:
+        with self._lock:
+            return self._adapters.get(name)
+
     # ---------------------------------------------------------------------------------------------------------
     # The model (scheduler thread)
 
-    def attach(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str) -> AdapterInfo:
+    def attach(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str,
+               pinned: bool = True) -> AdapterInfo:
         """Add adapter ``name`` to the model with ``tensors`` (checked key by key and shape by shape); a refused
-        one leaves the model exactly as it was."""
+        one leaves the model exactly as it was. ``pinned``: never evicted for room (see serve/residency.py)."""
         source = str(Path(path) / checkpoint.WEIGHTS_NAME)
         if self.peft is None:  # the first adapter wraps the plain model
             self.peft = PeftModel.from_tensors(self.model, name, config, tensors, source)
         else:
             self.peft.add_adapter_from_tensors(name, config, tensors, source)
         self.peft.eval()  # new adapter modules start in training mode (dropout on)
-        info = AdapterInfo(name=name, path=str(path), created=int(time.time()))
+        info = AdapterInfo(name=name, path=str(path), created=int(time.time()),
+                           bytes=self.tensor_bytes(tensors), pinned=pinned)
         with self._lock:
             self._adapters[name] = info
         return info
@@ -150,6 +161,18 @@ class AdapterRegistry:
             self.peft = None
         else:
             self.peft.delete_adapter(name)
+
+    def tensor_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
+        """What attaching ``tensors`` adds to the model, known before attaching: their elements at the model's
+        floating-point parameter dtype, which adapter parameters are made in (attaching checks that every key and
+        shape matches a parameter, so the count is exact). Summing the model's parameters before and after instead
+        would cost two walks of the model on the scheduler thread (13 ms each for SmolLM2-135M)."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        return sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=dtype).element_size()
+
+    def attached(self) -> int:
+        """How many adapters the model holds right now (scheduler thread)."""
+        return 0 if self.peft is None else len(self.peft.peft_config)
 
     def has_adapter(self, name: str) -> bool:
         return name == BASE or (self.peft is not None and name in self.peft.peft_config)

@@ -21,6 +21,7 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -74,6 +75,10 @@ class Sequence:
         self.generator: torch.Generator | None = None  # on the model's device: made when the scheduler first runs it
         self.stream = TextStream(tokenizer, params.stop)
         self.cancelled = threading.Event()
+        # time.monotonic() when it was made, taken by a prefill, and got its first token (metrics: serve/metrics.py)
+        self.created_at = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
 
     @property
     def context(self) -> list[int]:
@@ -82,6 +87,8 @@ class Sequence:
 
     def push(self, token_id: int, eos_ids: frozenset[int]) -> bool:
         """Record a sampled token and tell the handler; True when the request is finished."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self.output_ids.append(token_id)
         delta = ""
         if token_id in eos_ids:
@@ -294,6 +301,7 @@ class Scheduler:
         for seq in group:  # kept when a failed batch is prefilled again: the request's draws continue
             if seq.generator is None:
                 seq.generator = seq.params.make_generator(self.host.device)
+                seq.admitted_at = time.monotonic()
         try:
             ids, mask = left_pad([s.context for s in group], self.host.pad_id, self.host.device)
             cache = self.host.new_cache()
