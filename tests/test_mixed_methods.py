@@ -6,7 +6,7 @@ The reference is each row served alone: its prompt without padding, its adapter 
 (``disable_adapter``), through the method's own solo path (prompt tuning prepends its embeddings, prefix tuning
 starts from its cache). Library: logits within 1e-5 (fp32), decode steps through the mixed cache, and ``generate``
 token for token. Server: the official ``openai`` client, concurrent greedy requests for every method, each equal to
-solo ``generate``.
+solo ``generate``, some adapters loaded on demand.
 """
 
 from __future__ import annotations
@@ -257,8 +257,9 @@ def served(tmp_path_factory):
 def test_server_answers_every_method_at_once_as_each_alone(served, tok):
     root, ref = served
     names = list(CONFIGS)
-    app = create_app(tiny_llama(vocab_size=VOCAB, seed=1), tok, base_name="tiny",
-                     adapters={n: str(root / n) for n in names}, max_batch_size=8, max_queue=32)
+    # three loaded at start, the others on demand from the folder (so layers nest in another order than in `ref`)
+    app = create_app(tiny_llama(vocab_size=VOCAB, seed=1), tok, base_name="tiny", adapters_dir=root,
+                     adapters={n: str(root / n) for n in ("lora4", "ia3", "prompt")}, max_batch_size=8, max_queue=32)
     eos = sorted({ref.generation_config.eos_token_id, tok.eos_token_id} - {None})
     jobs = [(model, f"Request {i} for {model}" + " and more" * (i % 4), 3 + i % 4)
             for i, model in enumerate(["tiny", *names, *names])]
@@ -278,9 +279,11 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
             return client.completions.create(model=model, prompt=text, max_tokens=n, temperature=0).choices[0].text
 
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-            answers = list(pool.map(run, jobs))
+            answers = list(pool.map(run, jobs))  # the first wave loads four adapters on demand
+            answers += list(pool.map(run, jobs))  # the second finds every adapter loaded
         stats = dict(app.state.server.scheduler.stats)
-    for (model, text, n), got in zip(jobs, answers):
+        assert sorted(registry.peft.peft_config) == sorted(names)
+    for (model, text, n), got in zip(jobs + jobs, answers):
         ids = torch.tensor([tok(text).input_ids])
         with alone(ref, BASE if model == "tiny" else model), torch.no_grad():
             out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
