@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_bert_classifier, tiny_llama
 from test_serve import serving
 
 import peftkit as pk
@@ -209,6 +209,34 @@ def test_mixed_batch_errors_name_the_problem(pm):
     merged.eval().merge_adapter(["lora4"])
     with pytest.raises(RuntimeError, match=r"adapters \['lora4'\] are merged; unmerge_adapter\(\) before mixed"):
         merged(input_ids=ids, adapter_names=["prompt", "lora4"])
+
+
+def test_sequence_classifiers_mix_left_padded_on_decoders_and_are_refused_on_encoders():
+    """A decoder's classifier reads the last column (given embeddings): left-padded rows equal each row alone, right
+    padding is refused; an encoder's pooler reads the first column, which the fronts move: refused."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, num_labels=3, pad_token_id=0)
+    pm = pk.get_peft_model(LlamaForSequenceClassification(config), pk.PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"), "prompt")
+    pm.add_adapter("lora", pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS", init_lora_weights=False))
+    pm.add_adapter("prefix", pk.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    pm.eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 128, (n,), generator=g) for n in (3, 2, 4, 1)]
+    names = ["prompt", "lora", "prefix", BASE]
+    ids, mask = left_padded(rows)
+    with torch.no_grad():
+        mixed = pm(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        for b, (name, r) in enumerate(zip(names, rows)):
+            with alone(pm, name):
+                assert (mixed[b] - pm(input_ids=r[None]).logits[0]).abs().max().item() <= 1e-5, name
+        with pytest.raises(ValueError, match="sequence classification in a mixed batch .* needs left-padded input"):
+            pm(input_ids=ids.flip(1), attention_mask=mask.flip(1), adapter_names=names)
+    bert = pk.get_peft_model(tiny_bert_classifier(), pk.PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS")).eval()
+    with pytest.raises(ValueError, match="needs a decoder-only model; bert is an encoder"):
+        bert(input_ids=ids, attention_mask=mask, adapter_names=["default", BASE, "default", BASE])
 
 
 def test_server_prefill_adds_fronts_once_and_right_aligns_the_cache(pm, rows, tmp_path):

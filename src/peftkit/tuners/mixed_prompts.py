@@ -19,7 +19,10 @@ see served alone. The fronts are built only on a fresh cache; later calls (decod
 virtual columns in the cache and pass a mask covering them (:func:`cache_mask`).
 
 The forward returns logits for the input's columns only (batch x L, aligned with ``input_ids`` whatever the rows'
-methods); hidden states and attentions, when asked for, cover the front too.
+methods); hidden states and attentions, when asked for, cover the front too. Decoder-only models only: an encoder's
+pooler reads the first column, which the fronts move (refused); a decoder's sequence classifier, given embeddings,
+reads the last column, so its input must be left-padded (refused otherwise). ``labels`` are refused (each row's
+front would shift the loss differently): compute the loss from the logits.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..families import is_encoder, model_type_of
 from ..hf_compat import find_cache, with_cache
 from .base import tuner_for
 from .prefix import PrefixTuningTuner, cache_dtype, prefix_keys_values
@@ -167,15 +171,25 @@ def forward(peft_model: nn.Module, adapter_names: list[str], args: tuple, kwargs
         return model(*args, **with_cache(kwargs, model, find_cache(kwargs)))
     if args:
         raise TypeError(f"{_WHAT} rewrites the inputs: pass input_ids=... (or inputs_embeds=...) by keyword")
+    if is_encoder(model_type_of(model)):
+        raise ValueError(
+            f"{_WHAT} needs a decoder-only model; {model_type_of(model)} is an encoder, whose first column (what its "
+            "pooler reads) the shared virtual fronts would move. Run these adapters one at a time (set_adapter)"
+        )
     length = input_batch(kwargs, _WHAT)[1]
     if kwargs.get("labels") is not None:
         raise ValueError(
             f"labels are not supported in {_WHAT}: the rows' virtual fronts differ, so one shifted loss over the batch "
             "would mix positions; compute the loss from the returned logits (aligned with input_ids)"
         )
+    mask = kwargs.get("attention_mask")
     out = model(**fronts.model_inputs(peft_model, kwargs))
-    if out.logits is not None and out.logits.shape[1] > length:
-        out.logits = out.logits[:, -length:]
+    logits = getattr(out, "logits", None)
+    if logits is not None and logits.dim() == 3 and logits.shape[1] > length:  # per-token logits
+        out.logits = logits[:, -length:]
+    elif logits is not None and logits.dim() == 2 and mask is not None and not bool(mask[:, -1].all()):
+        # a sequence classifier given embeddings reads the last column, which is padding in a right-padded row
+        raise ValueError(f"sequence classification in {_WHAT} needs left-padded input (each row's last column real)")
     return out
 
 
