@@ -377,7 +377,7 @@ def test_seeded_sampling_is_reproducible_under_batching(client):
         ({"model": "a", "prompt": "x", "temperature": 2.5}, 400, "temperature"),
         ({"model": "a", "prompt": "x", "top_p": 0}, 400, "top_p"),
         ({"model": "a", "prompt": "x", "stop": ["1", "2", "3", "4", "5"]}, 400, "stop"),
-        ({"model": "a", "prompt": "x", "n": 2}, 400, "n=2 is not supported"),
+        ({"model": "a", "prompt": "x", "best_of": 2}, 400, "best_of=2 is not supported"),
         ({"model": "a", "prompt": "x", "tools": []}, 400, "tools: unrecognized request argument"),
         ({"model": "a", "prompt": ["x", "y"]}, 400, "one prompt per request"),
         ({"model": "a", "prompt": [1, 99999999]}, 400, "outside the vocabulary"),

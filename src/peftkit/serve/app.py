@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -49,8 +51,8 @@ from .registry import (
     resolve_adapter_path,
 )
 from .residency import Budget, Residency
-from .responses import ChatReply, CompletionReply, Reply
-from .sampling import SamplingParams
+from .responses import ChatReply, CompletionReply, Reply, TokenText
+from .sampling import SamplingParams, choice_seed
 from .scheduler import Event, QueueFull, Scheduler, Sequence
 
 logger = logging.getLogger("peftkit.serve")
@@ -105,8 +107,12 @@ class Server:
                 "Reduce the prompt or max_tokens.",
                 param="max_tokens", code="context_length_exceeded",
             )
+        if body.n > self.scheduler.max_batch_size + self.scheduler.max_queue:
+            raise APIError(400, f"n={body.n} choices can never run at once on this server (--max-batch-size "
+                           f"{self.scheduler.max_batch_size} + --max-queue {self.scheduler.max_queue}); lower n", param="n")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              seed=body.seed, stop=tuple(body.stop or ()))
+                              seed=body.seed, stop=tuple(body.stop or ()), presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty, logprobs=body.logprob_count)
 
     def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         """The conversation through the tokenizer's chat template, ending where the assistant's reply begins."""
@@ -142,79 +148,97 @@ class Server:
     # ---------------------------------------------------------------------------------------------------------
     # Running one request
 
-    def submit(self, adapter: str, prompt_ids: list[int], params: SamplingParams,
-               on_event: Callable[[Event], None]) -> Sequence:
-        seq = Sequence(adapter, prompt_ids, params, self.stream_tokenizer, on_event)
-        seq.on_event = self.metrics.watch(seq)
+    def submit(self, adapter: str, prompt_ids: list[int], params: SamplingParams, n: int,
+               on_event: Callable[[int, Event], None]) -> list[Sequence]:
+        """Queue the request's ``n`` choices, each a row of its own (choice i seeded by :func:`choice_seed`), all
+        or none; ``on_event(i, event)`` hears choice i."""
+        seqs = [Sequence(adapter, prompt_ids, dataclasses.replace(params, seed=choice_seed(params.seed, i)),
+                         self.stream_tokenizer, functools.partial(on_event, i)) for i in range(n)]
+        for seq in seqs:
+            seq.on_event = self.metrics.watch(seq)
         try:
-            self.scheduler.submit(seq)
+            self.scheduler.submit(*seqs)
         except QueueFull as err:
             raise APIError(429, f"the server is busy: {err}; retry shortly", type_="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
-        return seq
+        return seqs
 
-    async def complete(self, request: Request, adapter: str, prompt_ids: list[int], params: SamplingParams) -> Sequence | None:
-        """Wait for the whole result; None if the client went away (its slot is freed)."""
+    def cancel(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.scheduler.cancel(seq)  # a no-op once finished; frees the row if the client left
+
+    async def complete(self, request: Request, adapter: str, prompt_ids: list[int], params: SamplingParams,
+                       n: int) -> list[Sequence] | None:
+        """Wait for every choice's whole result; None if the client went away (its rows are freed)."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[Event] = loop.create_future()
+        ends: list[asyncio.Future[Event]] = [loop.create_future() for _ in range(n)]
 
-        def on_event(event: Event) -> None:
+        def on_event(index: int, event: Event) -> None:
             if event.kind != "text":
+                done = ends[index]
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(event))
 
-        seq = self.submit(adapter, prompt_ids, params, on_event)
+        seqs = self.submit(adapter, prompt_ids, params, n, on_event)
         try:
-            while True:
-                finished, _ = await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
-                if finished:
-                    break
-                if await request.is_disconnected():
+            pending = set(ends)
+            while pending:
+                finished, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S,
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                if any(f.result().kind == "error" for f in finished):
+                    break  # the request fails as a whole: its other choices are cancelled
+                if not finished and await request.is_disconnected():
                     return None
         finally:
-            self.scheduler.cancel(seq)  # a no-op once finished; frees the row if the client left or we were cancelled
-        event = done.result()
-        if event.kind == "error":
-            kind = "server_error" if event.status >= 500 else "invalid_request_error"
-            raise APIError(event.status, event.error or "generation failed", type_=kind)
-        return seq
+            self.cancel(seqs)
+        for event in (f.result() for f in ends if f.done()):
+            if event.kind == "error":
+                kind = "server_error" if event.status >= 500 else "invalid_request_error"
+                raise APIError(event.status, event.error or "generation failed", type_=kind)
+        return seqs
 
     async def respond(self, request: Request, body: CompletionRequest | ChatCompletionRequest, adapter: str,
                       prompt_ids: list[int], max_tokens: int | None, reply: Reply) -> Response | dict:
         """What both generation endpoints do once the prompt is checked: stream ``reply`` or send it whole."""
         params = self.params(body, len(prompt_ids), max_tokens)
+        if params.logprobs is not None:
+            reply.tokens = TokenText(self.tokenizer)
         if body.stream:
-            return self.stream(adapter, prompt_ids, params, reply, body.include_usage)
-        seq = await self.complete(request, adapter, prompt_ids, params)
-        if seq is None:
+            return self.stream(adapter, prompt_ids, params, body.n, reply, body.include_usage)
+        seqs = await self.complete(request, adapter, prompt_ids, params, body.n)
+        if seqs is None:
             return Response(status_code=499)
-        return reply.whole(seq)
+        return reply.whole(seqs, logprobs=params.logprobs is not None)
 
-    def stream(self, adapter: str, prompt_ids: list[int], params: SamplingParams, reply: Reply,
+    def stream(self, adapter: str, prompt_ids: list[int], params: SamplingParams, n: int, reply: Reply,
                include_usage: bool) -> StreamingResponse:
-        """Server-sent events: the reply's opening chunks, one per piece of text, its closing chunks, then [DONE]."""
+        """Server-sent events: the reply's opening chunks, one chunk per piece of text of any choice, a closing
+        chunk per choice as it finishes, the usage chunk if asked for, then [DONE]."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        seq = self.submit(adapter, prompt_ids, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        seqs = self.submit(adapter, prompt_ids, params, n,
+                           lambda i, e: loop.call_soon_threadsafe(queue.put_nowait, (i, e)))
 
         async def events() -> AsyncIterator[str]:
             try:
-                for chunk in reply.opening():
+                for chunk in reply.opening(n):
                     yield _sse(chunk)
-                while True:
-                    event = await queue.get()
+                running = n
+                while running:
+                    index, event = await queue.get()
                     if event.kind == "error":
                         kind = "server_error" if event.status >= 500 else "invalid_request_error"
                         yield _sse(error_body(event.error or "generation failed", kind))
                         return
-                    if event.text:
-                        yield _sse(reply.chunk(event.text))
+                    if event.text or event.logprobs:
+                        yield _sse(reply.chunk(index, event.text, logprobs=event.logprobs))
                     if event.kind == "finish":
-                        for chunk in reply.closing(seq, include_usage):
-                            yield _sse(chunk)
-                        yield "data: [DONE]\n\n"
-                        return
+                        yield _sse(reply.chunk(index, None, seqs[index].finish_reason))
+                        running -= 1
+                if include_usage:
+                    yield _sse(reply.usage_chunk(seqs))
+                yield "data: [DONE]\n\n"
             finally:  # also runs when the client disconnects (the response task is cancelled)
-                self.scheduler.cancel(seq)
+                self.cancel(seqs)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -336,6 +360,7 @@ def create_app(
     precision: Precision | None = None,
     budget: Budget = Budget(),
     adapter_wait_s: float = 30.0,
+    prefill_chunk: int = 256,
 ) -> FastAPI:
     """The FastAPI app serving ``model`` as ``base_name`` and each of ``adapters`` (name -> folder) by name.
 
@@ -344,12 +369,13 @@ def create_app(
     are evicted for room, ``adapters`` and admin-posted ones are pinned. ``adapter_wait_s``: how long a load waits
     for an adapter to become idle when the budget is full of busy ones (then 503). ``api_key``: the bearer token for
     adapter management (None disables it). The scheduler thread starts and stops with the app's lifespan.
-    Everything runs on ``model``'s device, under ``precision``'s autocast (None: float32).
+    Everything runs on ``model``'s device, under ``precision``'s autocast (None: float32). ``prefill_chunk``: prompt
+    tokens prefilled per scheduler step at most (:mod:`peftkit.serve.prefill`).
     """
     registry = AdapterRegistry(model, tokenizer, base_name, precision)
     for name, path in (adapters or {}).items():
         _attach_at_start(registry, name, path)
-    scheduler = Scheduler(registry, max_batch_size=max_batch_size, max_queue=max_queue)
+    scheduler = Scheduler(registry, max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk)
     residency = Residency(registry, budget, busy=scheduler.in_use)
     _check_pinned_fit(registry, residency)
     metrics = ServeMetrics(registry, residency, lambda: scheduler.load)

@@ -44,15 +44,19 @@ class KVBatch:
     def width(self) -> int:
         return int(self.mask.shape[1])
 
-    def step_inputs(self) -> dict[str, torch.Tensor]:
-        """Mask and positions for feeding one new token per row (the cache grows by one column)."""
-        ones = torch.ones(self.size, 1, dtype=torch.bool, device=self.mask.device)
-        return {"attention_mask": torch.cat([self.mask, ones], dim=1), "position_ids": self.lengths[:, None].clone()}
+    def step_inputs(self, tokens: int = 1) -> dict[str, torch.Tensor]:
+        """Mask and positions for feeding ``tokens`` new tokens per row (the cache grows by that many columns): one
+        per decode step, or a later chunk of a chunked prefill. Row b's new tokens take positions
+        lengths[b] .. lengths[b] + tokens - 1."""
+        ones = torch.ones(self.size, tokens, dtype=torch.bool, device=self.mask.device)
+        steps = torch.arange(tokens, device=self.lengths.device)
+        return {"attention_mask": torch.cat([self.mask, ones], dim=1), "position_ids": self.lengths[:, None] + steps}
 
-    def advance(self) -> None:
-        """Account for the column the last forward appended."""
-        self.mask = torch.cat([self.mask, torch.ones(self.size, 1, dtype=torch.bool, device=self.mask.device)], dim=1)
-        self.lengths = self.lengths + 1
+    def advance(self, tokens: int = 1) -> None:
+        """Account for the columns the last forward appended."""
+        ones = torch.ones(self.size, tokens, dtype=torch.bool, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.lengths = self.lengths + tokens
 
     def select(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order), then trim columns that are padding in every remaining row."""

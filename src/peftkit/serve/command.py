@@ -61,6 +61,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--max-queue", type=_non_negative, default=64, metavar="N",
                         help="requests waiting for a batch slot at most; beyond that the server answers 429 "
                              "(default: %(default)s)")
+    parser.add_argument("--prefill-chunk", type=_positive, default=256, metavar="TOKENS",
+                        help="prompt tokens prefilled per scheduler step at most, between decode steps (default: "
+                             "%(default)s). Running requests wait at most one chunk's forward between tokens; a "
+                             "longer prompt is prefilled over several steps. Smaller: steadier streams, slower first "
+                             "tokens for long prompts")
     parser.add_argument("--threads", type=_positive, metavar="N",
                         help="torch threads for the model (default: torch's choice, one per core). When other "
                              "processes share the cores, fewer threads avoid oversubscription, which can be far slower")
@@ -110,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
                          api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                         precision=precision, budget=budget, adapter_wait_s=args.adapter_wait)
+                         precision=precision, budget=budget, adapter_wait_s=args.adapter_wait,
+                         prefill_chunk=args.prefill_chunk)
     except TypeError as err:  # a bad --adapter (the method cannot be served): say which and why
         raise ValueError(str(err)) from None
     names = ", ".join([args.model, *adapters])

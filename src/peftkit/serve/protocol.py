@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI-compatible API, validated strictly, and OpenAI's error shape.
 
-Fields OpenAI defines but peftkit does not implement are accepted only at their neutral value (``n: 1``,
-``presence_penalty: 0``, ...), so a client that sends defaults works and one that relies on them is told. Unknown
-fields are refused, as OpenAI does ("Unrecognized request argument").
+Ranges are OpenAI's: ``temperature`` 0..2, penalties -2..2, ``top_logprobs`` 0..20 (chat), ``logprobs`` 0..5
+(completions), at most 4 ``stop`` sequences; ``n`` is 1..``MAX_N``. Fields OpenAI defines but peftkit does not
+implement are accepted only at their neutral value (``best_of: 1``, ``echo: false``, ...), so a client that sends
+defaults works and one that relies on them is told. Unknown fields are refused, as OpenAI does ("Unrecognized
+request argument").
 """
 
 from __future__ import annotations
@@ -13,19 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # OpenAI fields accepted only at these values, with what the user should know
 _NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1,), "one choice per request (n=1)"),
     "best_of": ((1,), "best_of=1"),
     "echo": ((False,), "echo=false"),
-    "logprobs": ((False, 0), "no logprobs"),
-    "top_logprobs": ((0,), "no logprobs"),
-    "presence_penalty": ((0, 0.0), "presence_penalty=0"),
-    "frequency_penalty": ((0, 0.0), "frequency_penalty=0"),
     "logit_bias": (({},), "an empty logit_bias"),
     "suffix": (("",), "no suffix"),
 }
 
 _UNION_TAGS = {"str", "int", "float", "bool"}  # how pydantic names the members of a union in error locations
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_N = 16  # choices per request: each is a row of the decode batch
 
 
 class _Strict(BaseModel):
@@ -40,15 +38,15 @@ class _GenerationRequest(_Strict):
     model: str = Field(min_length=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # accepted at their neutral value only (see _NEUTRAL)
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
 
     @property
@@ -56,7 +54,7 @@ class _GenerationRequest(_Strict):
         """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    @field_validator("temperature", "top_p", mode="before")
+    @field_validator("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
     def _null_is_default(cls, value: Any, info) -> Any:
         # OpenAI treats an explicit null like an absent field
@@ -76,9 +74,14 @@ class _GenerationRequest(_Strict):
             value = getattr(self, name, None)
             if value is not None and value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported by this server; it serves {meaning}")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true")
         return self
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):  # ``stream`` is declared first, so validated already
+            raise ValueError("stream_options is only allowed with stream=true")
+        return value
 
 
 class CompletionRequest(_GenerationRequest):
@@ -88,8 +91,13 @@ class CompletionRequest(_GenerationRequest):
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the sampled token's and the k most likely tokens'
     suffix: str | None = None
+
+    @property
+    def logprob_count(self) -> int | None:
+        """How many most likely tokens to report per token (None: no logprobs)."""
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -129,13 +137,25 @@ class ChatCompletionRequest(_GenerationRequest):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name for max_tokens
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _one_limit(self) -> "ChatCompletionRequest":
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
         return self
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info) -> int | None:
+        if value is not None and not info.data.get("logprobs"):  # ``logprobs`` is declared first
+            raise ValueError("top_logprobs needs logprobs=true")
+        return value
+
+    @property
+    def logprob_count(self) -> int | None:
+        """How many most likely tokens to report per token (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def limit(self) -> int | None:

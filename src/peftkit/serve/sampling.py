@@ -1,16 +1,26 @@
 """Choosing the next token per request, and turning tokens into text that respects stop sequences.
 
-Sampling follows OpenAI's parameters. With temperature T and logits z, p_i = exp(z_i / T) / sum_j exp(z_j / T);
-top-p (nucleus) sampling keeps the smallest set of most likely tokens whose mass reaches ``top_p`` and
-renormalises. ``temperature = 0`` is greedy decoding (argmax), which is what makes outputs reproducible across
-batch compositions. Each request samples from its own ``torch.Generator``, seeded from ``seed`` when given, so
-one request's draws never depend on which other requests share its batch.
+Sampling follows OpenAI's parameters, in this order:
+
+1. penalties, over the tokens generated so far (the prompt does not count), as OpenAI documents them:
+   z_t <- z_t - c_t * frequency_penalty - [c_t > 0] * presence_penalty, with c_t how often token t was generated;
+2. temperature T: p_i = exp(z_i / T) / sum_j exp(z_j / T); ``temperature = 0`` is greedy decoding (the argmax of
+   the penalised logits), which is what makes outputs reproducible across batch compositions;
+3. top-p (nucleus): keep the smallest set of most likely tokens whose mass reaches ``top_p`` and renormalise.
+
+Logprobs report log p after steps 1 and 2 (T = 1 when greedy), before top-p's truncation: the distribution the
+token was drawn from, with every token's probability defined (top-p would give the others -inf).
+
+Each request samples from its own ``torch.Generator``, seeded from ``seed`` when given, so one request's draws never
+depend on which other requests share its batch; choice i of ``n`` seeds with :func:`choice_seed`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,15 +34,61 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's and the k most likely tokens'
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A private random stream on ``device`` (where the logits are: a CUDA generator cannot draw for CPU
         tensors, nor the reverse): ``seed`` when given, otherwise fresh entropy."""
         return torch.Generator(device=device).manual_seed(self.seed if self.seed is not None else random.SystemRandom().getrandbits(63))
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of a request with ``n`` choices: ``seed`` itself for the first (so n = 1 and the
+    first of n agree), a hash of (seed, index) for the others, so every choice is distinct yet reproducible."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")  # in [0, 2**64): what torch.Generator.manual_seed accepts
+
+
+class TokenLogprob(NamedTuple):
+    """A sampled token, its log-probability, and the ``k`` most likely tokens with theirs (most likely first)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[int], counts: list[torch.Tensor], params: list[SamplingParams]) -> None:
+    """OpenAI's penalties on ``rows`` of ``logits`` (batch, vocab), in place, in one batched update:
+    ``logits[row] -= counts * frequency_penalty + (counts > 0) * presence_penalty`` with ``counts`` (vocab,) the
+    row's generated-token counts."""
+    column = lambda values: torch.tensor(values, dtype=logits.dtype, device=logits.device)[:, None]  # noqa: E731
+    index = torch.tensor(rows, device=logits.device)
+    stacked = torch.stack(counts).to(logits.dtype)
+    penalty = stacked * column([p.frequency_penalty for p in params]) + (stacked > 0) * column([p.presence_penalty for p in params])
+    logits.index_copy_(0, index, logits.index_select(0, index) - penalty)
+
+
+def token_logprobs(logits: torch.Tensor, temperatures: list[float], tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Per row of ``logits`` (rows, vocab; already penalised): log p of ``tokens[row]`` under
+    ``softmax(logits / T)`` (T = 1 for a greedy row) and the ``k`` most likely tokens. One host transfer."""
+    scale = torch.tensor([t if t > 0 else 1.0 for t in temperatures], device=logits.device)[:, None]
+    logp = torch.log_softmax(logits.float() / scale, dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    chosen, top_lp, top_ids = chosen.tolist(), top_lp.tolist(), top_ids.tolist()
+    return [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in zip(tokens, chosen, top_ids, top_lp)]
 
 
 def unusable_rows(logits: torch.Tensor) -> torch.Tensor:

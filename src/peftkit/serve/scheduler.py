@@ -5,14 +5,18 @@ Each loop iteration of the scheduler thread:
 1. runs queued commands that change the model (adding or removing an adapter), so they happen between decode
    steps and never under a forward pass;
 2. drops rows whose clients went away;
-3. admits waiting requests up to ``max_batch_size``: prefills them (one forward for the group, left-padded),
-   samples each one's first token and appends their rows to the running :class:`~peftkit.serve.batch.KVBatch`;
-4. runs one decode step for all running rows, each with its own adapter (``adapter_names``, the mixed-adapter
+3. admits waiting requests into the prefilling set while running + prefilling rows stay within ``max_batch_size``;
+4. runs at most ``prefill_chunk`` tokens of their prompts (chunked prefill, :mod:`peftkit.serve.prefill`: short
+   prompts together in one forward, long ones alone in chunks); a request whose prompt is all in now samples its
+   first token and its row joins the running :class:`~peftkit.serve.batch.KVBatch`;
+5. runs one decode step for all running rows, each with its own adapter (``adapter_names``, the mixed-adapter
    path), samples one token per row and retires rows that finished.
 
-Failures stay with the request that caused them: a failing group prefill is retried one request at a time, and a
-failing decode step drops the shared cache and re-prefills each request alone from its tokens so far, so only a
-request that fails on its own gets an error.
+So the running rows wait at most one chunk's forward between tokens however long the newcomers' prompts are.
+
+Failures stay with the request that caused them: a failing group prefill is retried one request at a time, a
+failing chunk fails its request (it runs alone), and a failing decode step drops the shared cache and sends every
+row back to prefill from its tokens so far, where only a request that fails on its own gets an error.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
@@ -31,7 +35,9 @@ import torch
 from ..device import pin
 from ..tuners.base import BASE
 from .batch import KVBatch, left_pad
-from .sampling import SamplingParams, TextStream, sample_token, unusable_rows
+from .prefill import PrefillJob, PrefillPlan, plan_step
+from .sampling import (SamplingParams, TextStream, TokenLogprob, apply_penalties, sample_token, token_logprobs,
+                       unusable_rows)
 
 logger = logging.getLogger("peftkit.serve")
 
@@ -49,6 +55,7 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     status: int = 500  # for an error: the HTTP status it is answered with
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the last event (if asked)
 
 
 class Sequence:
@@ -73,6 +80,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.on_event = on_event
         self.generator: torch.Generator | None = None  # on the model's device: made when the scheduler first runs it
+        self.counts: torch.Tensor | None = None  # (vocab,) generated-token counts, for penalties; on the model's device
+        self.logprobs: list[TokenLogprob] = []  # one per output token, when params.logprobs is set
+        self._unsent_logprobs = 0  # how many of the last ``logprobs`` no event has carried yet
         self.stream = TextStream(tokenizer, params.stop)
         self.cancelled = threading.Event()
         # time.monotonic() when it was made, taken by a prefill, and got its first token (metrics: serve/metrics.py)
@@ -85,11 +95,14 @@ class Sequence:
         """Tokens the model has to have seen to sample the next one."""
         return self.prompt_ids + self.output_ids
 
-    def push(self, token_id: int, eos_ids: frozenset[int]) -> bool:
-        """Record a sampled token and tell the handler; True when the request is finished."""
+    def push(self, token_id: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> bool:
+        """Record a sampled token (and its logprobs) and tell the handler; True when the request is finished."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.output_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self._unsent_logprobs += 1
         delta = ""
         if token_id in eos_ids:
             self.finish_reason = "stop"
@@ -112,6 +125,8 @@ class Sequence:
 
     def _emit(self, event: Event) -> None:
         self.text += event.text
+        if self._unsent_logprobs and event.kind != "error":
+            event.logprobs, self._unsent_logprobs = self.logprobs[-self._unsent_logprobs :], 0
         try:
             self.on_event(event)
         except Exception:  # a handler that went away must not stop the scheduler
@@ -142,22 +157,28 @@ class ModelHost(Protocol):
 class Scheduler:
     """Owns the model on one thread; requests join and leave the shared decode batch between steps."""
 
-    def __init__(self, host: ModelHost, max_batch_size: int = 16, max_queue: int = 64, prefill_tokens: int = 4096) -> None:
-        if max_batch_size < 1 or max_queue < 0:
-            raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+    def __init__(self, host: ModelHost, max_batch_size: int = 16, max_queue: int = 64, prefill_chunk: int = 256) -> None:
+        if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0, got "
+                             f"{max_batch_size}, {prefill_chunk}, {max_queue}")
         self.host = host
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.prefill_tokens = prefill_tokens  # cap on one prefill forward: rows x longest prompt
+        self.prefill_chunk = prefill_chunk  # prompt tokens (padding counted) prefilled per step at most
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._commands: deque[tuple[Callable[[], Any], Callable[[], bool], concurrent.futures.Future]] = deque()
         self._rows: list[Sequence] = []
-        self._prefilling: list[Sequence] = []  # taken from the queue, not yet in the batch
+        self._prefilling: list[PrefillJob] = []  # taken from the queue, not yet in the batch (in arrival order)
         self._batch: KVBatch | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.stats = {"decode_steps": 0, "mixed_steps": 0, "max_rows": 0, "prefills": 0, "tokens": 0, "recoveries": 0}
+        # counters since start; decode_rows / decode_steps is the mean batch of a decode step, prefill_tokens /
+        # steps the mean prefill work per step, prefill_s_max the longest any step's prefill held the decode rows
+        self.stats: dict[str, float] = {
+            "steps": 0, "decode_steps": 0, "decode_rows": 0, "mixed_steps": 0, "max_rows": 0, "prefills": 0,
+            "prefill_tokens": 0, "prefill_s_max": 0.0, "tokens": 0, "recoveries": 0,
+        }
 
     # ---------------------------------------------------------------------------------------------------------
     # Called from other threads
@@ -173,28 +194,28 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        for seq in [*self._rows, *self._waiting]:
+        for seq in [*self._rows, *(j.seq for j in self._prefilling), *self._waiting]:
             seq.fail("the server is shutting down")
-        self._rows, self._batch = [], None
+        self._rows, self._batch, self._prefilling = [], None, []
         self._waiting.clear()
         for _, _, future in self._commands:
             if future.set_running_or_notify_cancel():
                 future.set_exception(RuntimeError("the server is shutting down"))
         self._commands.clear()
 
-    def submit(self, seq: Sequence) -> None:
-        """Queue a request; raises :class:`QueueFull` when ``max_batch_size`` requests run and ``max_queue`` wait,
-        rather than growing without bound."""
+    def submit(self, *seqs: Sequence) -> None:
+        """Queue requests (the choices of one API request: all or none); raises :class:`QueueFull` when
+        ``max_batch_size`` rows would run and more than ``max_queue`` wait, rather than growing without bound."""
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
             in_flight = len(self._waiting) + len(self._prefilling) + len(self._rows)
-            if in_flight >= self.max_batch_size + self.max_queue:
+            if in_flight + len(seqs) > self.max_batch_size + self.max_queue:
                 raise QueueFull(
                     f"{in_flight} requests are running or waiting already "
                     f"(--max-batch-size {self.max_batch_size} + --max-queue {self.max_queue})"
                 )
-            self._waiting.append(seq)
+            self._waiting.extend(seqs)
             self._cond.notify_all()
 
     def cancel(self, seq: Sequence) -> None:
@@ -213,13 +234,22 @@ class Scheduler:
     def in_use(self, adapter: str) -> bool:
         """Whether a running or waiting request uses ``adapter`` (safe from any thread: a snapshot)."""
         with self._cond:
-            seqs = [*self._rows, *self._prefilling, *self._waiting]
+            seqs = [*self._rows, *(j.seq for j in self._prefilling), *self._waiting]
             return any(s.adapter == adapter and not s.cancelled.is_set() for s in seqs)
 
     @property
     def load(self) -> dict[str, int]:
         with self._cond:
-            return {"running": len(self._rows), "waiting": len(self._waiting)}
+            # running: taken from the queue (prefilling, of which ``prefilling`` are, or decoding)
+            return {"running": len(self._rows) + len(self._prefilling), "prefilling": len(self._prefilling),
+                    "waiting": len(self._waiting)}
+
+    def summary(self) -> dict[str, float]:
+        """The counters, with the means they imply: rows per decode step and prefill tokens per step."""
+        stats = dict(self.stats)
+        stats["mean_rows_per_decode_step"] = stats["decode_rows"] / max(1, stats["decode_steps"])
+        stats["mean_prefill_tokens_per_step"] = stats["prefill_tokens"] / max(1, stats["steps"])
+        return stats
 
     # ---------------------------------------------------------------------------------------------------------
     # The scheduler thread
@@ -234,7 +264,7 @@ class Scheduler:
             self.step()
 
     def step(self) -> None:
-        """One iteration: model-changing commands, cancellations, admissions (prefill), one decode step.
+        """One iteration: model-changing commands, cancellations, admissions, a prefill chunk, one decode step.
 
         The scheduler thread calls this in a loop; tests may call it directly (without :meth:`start`) to drive an
         exact schedule.
@@ -244,17 +274,21 @@ class Scheduler:
             with torch.inference_mode():
                 self._drop_cancelled()
                 self._admit()
+                if self._prefilling:
+                    self._prefill_step()
                 if self._rows:
                     self._decode()
+                self.stats["steps"] += 1
         except Exception:  # never let the thread die: fail what is running and carry on
             logger.exception("scheduler step failed")
-            for seq in self._rows:
+            for seq in [*self._rows, *(j.seq for j in self._prefilling)]:
                 seq.fail("internal error in the scheduler; see the server log")
-            self._rows, self._batch = [], None
+            with self._cond:
+                self._rows, self._batch, self._prefilling = [], None, []
 
     def _has_work(self) -> bool:
         ready_command = bool(self._commands) and self._commands[0][1]()
-        return ready_command or bool(self._waiting) or bool(self._rows)
+        return ready_command or bool(self._waiting) or bool(self._prefilling) or bool(self._rows)
 
     def _run_commands(self) -> None:
         while True:
@@ -272,61 +306,98 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         with self._cond:
             self._waiting = deque(s for s in self._waiting if not s.cancelled.is_set())
+            self._prefilling = [j for j in self._prefilling if not j.seq.cancelled.is_set()]
         keep = [i for i, s in enumerate(self._rows) if not s.cancelled.is_set()]
         if len(keep) < len(self._rows):
             self._retire(keep)
 
     def _admit(self) -> None:
-        group: list[Sequence] = []
+        """Move waiting requests into the prefilling set while running + prefilling rows fit in the batch."""
         with self._cond:
-            while self._waiting and len(self._rows) + len(group) < self.max_batch_size:
-                seq = self._waiting[0]
-                longest = max(len(s.context) for s in [*group, seq])
-                if group and (len(group) + 1) * longest > self.prefill_tokens:
-                    break
-                group.append(self._waiting.popleft())
-            self._prefilling = group
-        ready = []
-        for seq in group:
-            if self.host.has_adapter(seq.adapter):
-                ready.append(seq)
-            else:  # removed between validation and admission
-                seq.fail(f"adapter {seq.adapter!r} was removed before this request started")
-        if ready:
-            self._prefill(ready)
-        self._prefilling = []  # after the rows joined: a concurrent submit may over-count briefly, never under-count
+            while self._waiting and len(self._rows) + len(self._prefilling) < self.max_batch_size:
+                seq = self._waiting.popleft()
+                if not self.host.has_adapter(seq.adapter):  # removed between validation and admission
+                    seq.fail(f"adapter {seq.adapter!r} was removed before this request started")
+                    continue
+                if seq.generator is None:  # kept when a row is prefilled again: the request's draws continue
+                    seq.generator = seq.params.make_generator(self.host.device)
+                    seq.admitted_at = time.monotonic()
+                self._prefilling.append(PrefillJob(seq))
 
-    def _prefill(self, group: list[Sequence]) -> None:
-        """Run the group's contexts, sample each one's next token and append the unfinished rows to the batch."""
-        for seq in group:  # kept when a failed batch is prefilled again: the request's draws continue
-            if seq.generator is None:
-                seq.generator = seq.params.make_generator(self.host.device)
-                seq.admitted_at = time.monotonic()
+    def _prefill_step(self) -> None:
+        """This step's prefill work (:func:`~peftkit.serve.prefill.plan_step`): the group, then the chunks."""
+        plan: PrefillPlan = plan_step(self._prefilling, self.prefill_chunk)
+        self.stats["prefill_tokens"] += plan.cost  # before running it: a joined row's context grows
+        start = time.perf_counter()
+        if plan.group:
+            self._prefill_group(plan.group)
+        for job, tokens in plan.chunks:
+            self._prefill_chunk(job, tokens)
+        self.stats["prefill_s_max"] = max(self.stats["prefill_s_max"], time.perf_counter() - start)
+
+    def _prefill_group(self, group: list[PrefillJob]) -> None:
+        """Prefill whole contexts together (left-padded, one forward); each one's first token, then the batch."""
+        seqs = [j.seq for j in group]
         try:
-            ids, mask = left_pad([s.context for s in group], self.host.pad_id, self.host.device)
+            ids, mask = left_pad([s.context for s in seqs], self.host.pad_id, self.host.device)
             cache = self.host.new_cache()
-            logits, mask = self.host.prefill(ids, mask, cache, [s.adapter for s in group])
+            logits, mask = self.host.prefill(ids, mask, cache, [s.adapter for s in seqs])
         except Exception as err:
             if len(group) > 1:  # find the request at fault: each one alone
-                for seq in group:
-                    self._prefill([seq])
+                for job in group:
+                    self._prefill_group([job])
                 return
-            logger.exception("prefill failed for request %d", group[0].id)
-            group[0].fail(f"generation failed: {type(err).__name__}: {err}")
+            self._prefill_failed(group[0], err)
             return
         self.stats["prefills"] += 1
-        batch = KVBatch(cache, mask, mask.sum(dim=1))
-        finished = self._sample(group, logits)
-        live = [i for i in range(len(group)) if i not in finished]
-        if not live:
+        self._join(group, KVBatch(cache, mask, mask.sum(dim=1)), logits)
+
+    def _prefill_chunk(self, job: PrefillJob, tokens: int) -> None:
+        """Feed the next ``tokens`` of one request's context into its own cache; join the batch after the last."""
+        seq = job.seq
+        chunk = seq.context[job.done : job.done + tokens]
+        try:
+            if job.batch is None:  # the first chunk: a fresh cache, through prefill (which adds any virtual columns)
+                ids, mask = left_pad([chunk], self.host.pad_id, self.host.device)
+                cache = self.host.new_cache()
+                logits, mask = self.host.prefill(ids, mask, cache, [seq.adapter])
+                job.batch = KVBatch(cache, mask, mask.sum(dim=1))
+            else:
+                logits = self.host.forward(
+                    input_ids=pin(torch.tensor([chunk], dtype=torch.long), self.host.device), cache=job.batch.cache,
+                    adapter_names=[seq.adapter], **job.batch.step_inputs(tokens),
+                )
+                job.batch.advance(tokens)
+        except Exception as err:
+            self._prefill_failed(job, err)
             return
-        if len(live) < len(group):
+        self.stats["prefills"] += 1
+        job.done += tokens
+        if job.remaining == 0:
+            self._join([job], job.batch, logits)
+
+    def _prefill_failed(self, job: PrefillJob, err: Exception) -> None:
+        logger.exception("prefill failed for request %d", job.seq.id, exc_info=err)
+        with self._cond:
+            self._prefilling.remove(job)
+        job.seq.fail(f"generation failed: {type(err).__name__}: {err}")
+
+    def _join(self, jobs: list[PrefillJob], batch: KVBatch, logits: torch.Tensor) -> None:
+        """Jobs whose whole context is in ``batch``: sample each one's next token; the unfinished join the rows."""
+        seqs = [j.seq for j in jobs]
+        finished = self._sample(seqs, logits)
+        live = [i for i in range(len(seqs)) if i not in finished]
+        if live and len(live) < len(seqs):
             batch.select(live)
-        if self._batch is None:
-            self._batch = batch
-        else:
-            self._batch.extend(batch)
-        self._rows += [group[i] for i in live]
+        with self._cond:  # rows first, then out of prefilling: a concurrent submit may over-count, never under-count
+            if live:
+                if self._batch is None:
+                    self._batch = batch
+                else:
+                    self._batch.extend(batch)
+                self._rows = self._rows + [seqs[i] for i in live]
+            done = {id(j) for j in jobs}
+            self._prefilling = [j for j in self._prefilling if id(j) not in done]
 
     def _decode(self) -> None:
         assert self._batch is not None
@@ -340,14 +411,15 @@ class Scheduler:
         except Exception:
             # The shared cache may be half-updated. Start every row again on its own from its tokens so far:
             # the ones that still fail alone get the error, the others carry on unchanged.
-            logger.exception("decode step failed; re-prefilling %d request(s) one by one", len(rows))
+            logger.exception("decode step failed; prefilling %d request(s) again", len(rows))
             self.stats["recoveries"] += 1
-            self._rows, self._batch = [], None
-            for seq in rows:
-                self._prefill([seq])
+            with self._cond:  # back to the front of the prefilling set, ahead of newcomers
+                self._rows, self._batch = [], None
+                self._prefilling = [PrefillJob(seq) for seq in rows] + self._prefilling
             return
         self._batch.advance()
         self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(rows)
         self.stats["mixed_steps"] += len({s.adapter for s in rows}) > 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         finished = self._sample(rows, logits)
@@ -356,7 +428,8 @@ class Scheduler:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> set[int]:
         """Sample one token per row; returns the rows that finished (or failed)."""
-        finished = set()
+        self._penalize(seqs, logits)
+        finished, chosen = set(), {}
         # one host transfer for every row: its greedy token, and whether its logits can be sampled at all
         greedy, broken = torch.stack([torch.argmax(logits, dim=-1), unusable_rows(logits).long()]).tolist()
         for i, seq in enumerate(seqs):
@@ -370,15 +443,36 @@ class Scheduler:
                 finished.add(i)
                 continue
             try:
-                token = greedy[i] if seq.params.greedy else sample_token(logits[i], seq.params, seq.generator)
-                self.stats["tokens"] += 1
-                if seq.push(token, self.host.eos_ids):
-                    finished.add(i)
+                chosen[i] = greedy[i] if seq.params.greedy else sample_token(logits[i], seq.params, seq.generator)
             except Exception as err:
                 logger.exception("sampling failed for request %d", seq.id)
                 seq.fail(f"sampling failed: {type(err).__name__}: {err}")
                 finished.add(i)
+        asked = [i for i in chosen if seqs[i].params.logprobs is not None]
+        logprobs = dict(zip(asked, token_logprobs(
+            logits[asked], [seqs[i].params.temperature for i in asked], [chosen[i] for i in asked],
+            max(seqs[i].params.logprobs for i in asked),
+        ))) if asked else {}
+        for i, token in chosen.items():
+            seq, entry = seqs[i], logprobs.get(i)
+            if entry is not None:  # the batch's widest k: keep this request's own
+                entry = entry._replace(top=entry.top[: seq.params.logprobs])
+            if seq.counts is not None:
+                seq.counts[token] += 1
+            self.stats["tokens"] += 1
+            if seq.push(token, self.host.eos_ids, entry):
+                finished.add(i)
         return finished
+
+    @staticmethod
+    def _penalize(seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Presence and frequency penalties, in place, for the rows that ask for them (one batched update)."""
+        rows = [i for i, s in enumerate(seqs) if s.params.penalized]
+        for i in rows:
+            if seqs[i].counts is None:
+                seqs[i].counts = torch.zeros(logits.shape[-1], device=logits.device)
+        if rows:
+            apply_penalties(logits, rows, [seqs[i].counts for i in rows], [seqs[i].params for i in rows])
 
     def _retire(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]

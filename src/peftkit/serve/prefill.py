@@ -1,0 +1,91 @@
+"""Chunked prefill: newcomers' prompts enter the cache a bounded number of tokens per scheduler step.
+
+Prefilling a prompt in one forward stalls every running row for as long as that forward takes, which grows with
+the prompt (and with how many newcomers arrive together). Instead each scheduler step spends at most a token
+budget (``--prefill-chunk``) on prefill, then runs the decode step for the running rows, so a decode row waits at
+most one chunk's forward between its tokens whatever the newcomers' lengths, and a newcomer's first token comes
+after ceil(prompt / budget) steps.
+
+Per step, within the budget:
+
+- newcomers whose whole context fits in a budget are *short*: in arrival order they join this step's *group*,
+  whose contexts are left-padded and prefilled in one forward (``host.prefill`` on a fresh cache), the cost counted
+  as rows x longest context, padding included. The first that does not fit waits for the next step, and so does
+  everyone behind it (splitting a short prompt would only add forwards);
+- the others are *long*: each is prefilled alone in chunks, in arrival order, with what the group leaves: its first
+  chunk through ``host.prefill`` on a fresh cache of its own (which adds the virtual columns of prompt or prefix
+  tuning), each later chunk through ``host.forward`` on that cache with the mask and positions tracked here
+  (:meth:`KVBatch.step_inputs`), so no virtual columns are added twice. One row alone needs no padding, so its
+  cache never has holes.
+
+Short newcomers go first so that one long prompt does not hold every later first token back for all its chunks,
+but the group may use only half the budget while a long prompt is under way, so long prompts always progress:
+a long prompt of L tokens is in after at most ceil(L / (budget / 2)) steps, a short one after a few.
+
+When a newcomer's last chunk has run, its logits give its first token and its cache joins the decode batch.
+
+Why not put newcomers' tokens in the decode step's own forward ("fused" prefill)? Batched HF attention needs
+rectangular inputs: the decode rows would be padded to the chunk's length, multiplying their compute by it on the
+CPU, where there is no varlen attention kernel to avoid that. Two forwards per step cost the sum of their work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .batch import KVBatch
+
+if TYPE_CHECKING:
+    from .scheduler import Sequence
+
+
+@dataclass
+class PrefillJob:
+    """One request on its way into the decode batch."""
+
+    seq: "Sequence"
+    batch: KVBatch | None = None  # its own one-row cache once its first chunk ran (chunked prefill only)
+    done: int = 0  # context tokens already in ``batch``
+
+    @property
+    def remaining(self) -> int:
+        return len(self.seq.context) - self.done
+
+
+@dataclass
+class PrefillPlan:
+    """What one step prefills: a group prefilled whole in one forward, and chunks of (job, tokens) run alone."""
+
+    group: list[PrefillJob]
+    chunks: list[tuple[PrefillJob, int]]
+
+    @property
+    def cost(self) -> int:
+        """Tokens this plan feeds the model, padding included."""
+        return group_cost(self.group) + sum(n for _, n in self.chunks)
+
+
+def group_cost(jobs: list[PrefillJob]) -> int:
+    """Tokens of a left-padded group prefill: rows x the longest context."""
+    return len(jobs) * max((j.remaining for j in jobs), default=0)
+
+
+def plan_step(jobs: list[PrefillJob], budget: int) -> PrefillPlan:
+    """Choose this step's prefill work within ``budget`` tokens (padding counted); see the module's docstring."""
+    long = [j for j in jobs if j.batch is not None or j.remaining > budget]
+    short = [j for j in jobs if j.batch is None and j.remaining <= budget]
+    reserve = min((budget + 1) // 2, sum(j.remaining for j in long))  # what the long prompts are sure to get
+    group: list[PrefillJob] = []
+    for job in short:
+        if group_cost([*group, job]) > budget - reserve:
+            break
+        group.append(job)
+    left = budget - group_cost(group)
+    chunks: list[tuple[PrefillJob, int]] = []
+    for job in long:
+        if left <= 0:
+            break
+        chunks.append((job, min(job.remaining, left)))
+        left -= chunks[-1][1]
+    return PrefillPlan(group, chunks)
