@@ -285,17 +285,19 @@ def served(tmp_path_factory):
 def test_server_answers_every_method_at_once_as_each_alone(served, tok):
     root, ref = served
     names = list(CONFIGS)
-    # three loaded at start, the others on demand from the folder (so layers nest in another order than in `ref`)
+    # three loaded at start, the others on demand from the folder (so layers nest in another order than in `ref`);
+    # a prefill budget of 16 tokens: longer prompts go in by chunks (the first adds the virtual front, later ones not)
     app = create_app(tiny_llama(vocab_size=VOCAB, seed=1), tok, base_name="tiny", adapters_dir=root,
-                     adapters={n: str(root / n) for n in ("lora4", "ia3", "prompt")}, max_batch_size=8, max_queue=32)
+                     adapters={n: str(root / n) for n in ("lora4", "ia3", "prompt")}, max_batch_size=8, max_queue=32,
+                     prefill_chunk=16)
     eos = sorted({ref.generation_config.eos_token_id, tok.eos_token_id} - {None})
-    jobs = [(model, f"Request {i} for {model}" + " and more" * (i % 4), 3 + i % 4)
+    jobs = [(model, f"Request {i} for {model}" + " and more" * (3 * (i % 4)), 6 + i % 4)  # prompts of 5 to 33 tokens
             for i, model in enumerate(["tiny", *names, *names])]
-    registry, steps = app.state.server.registry, []
+    registry, steps, chunks = app.state.server.registry, [], []
     decode = registry.forward
 
-    def recorded(**inputs):  # the adapters of every forward after the prefills (decode steps, later chunks)
-        steps.append(set(inputs["adapter_names"]))
+    def recorded(**inputs):  # every forward after a first prefill: decode steps and later chunks of long prompts
+        (chunks if inputs["input_ids"].shape[1] > 1 else steps).append(set(inputs["adapter_names"]))
         return decode(**inputs)
 
     registry.forward = recorded
@@ -320,6 +322,7 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
     assert stats["mixed_steps"] > 0 and stats["max_rows"] >= 4, stats
     # prompt and prefix rows decoded in the same steps as rows of the layer methods and the base
     assert any({"prompt", "prefix"} <= s and len(s - {"prompt", "prefix"}) >= 2 for s in steps), steps
+    assert {"prompt", "prefix"} <= set().union(*chunks), chunks  # their long prompts went in by chunks
 
 
 @pytest.mark.slow
