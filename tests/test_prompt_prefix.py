@@ -194,13 +194,14 @@ def test_prefix_generate_uses_the_kv_cache_after_the_prefix(projection):
 # Adapter management
 
 
-def test_not_mergeable_not_mixable_and_positional_inputs_refused():
+def test_not_mergeable_and_positional_inputs_refused():
+    # (mixing per row is tested in test_mixed_methods.py)
     for config in (PromptTuningConfig(num_virtual_tokens=2), PrefixTuningConfig(num_virtual_tokens=2)):
         pm = pk.get_peft_model(tiny_llama(), config).eval()
         with pytest.raises(TypeError, match=f"is {config.peft_type}, which adds computation"):
             pm.merge_adapter()
-        with pytest.raises(ValueError, match="cannot be mixed per row"):
-            pm(input_ids=IDS, adapter_names=["default", "__base__"])
+        with pytest.raises(TypeError, match="by keyword"):
+            pm(IDS, adapter_names=["default", "__base__"])
 
 
 def test_switching_disabling_deleting_and_unloading():

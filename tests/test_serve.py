@@ -492,27 +492,6 @@ def test_bad_adapter_is_refused_and_leaves_the_server_intact(server, client, ada
     assert text == tok.decode(solo("a", prompt_ids(tok, "Still fine"), 5), skip_special_tokens=True)
 
 
-def test_adapters_that_cannot_mix_per_row_are_refused(adapters_dir, tmp_path, monkeypatch):
-    from peftkit.tuners.base import TUNERS
-    from peftkit.tuners.lora import LoraTuner
-
-    class UnmixableConfig(pk.LoraConfig):
-        peft_type = "UNMIXABLE_TEST"
-
-    class Unmixable(LoraTuner):  # a method whose rows cannot share a batch, like prompt tuning
-        peft_type = "UNMIXABLE_TEST"
-        config_cls = UnmixableConfig
-        mixable = False
-
-    monkeypatch.setitem(TUNERS, Unmixable.peft_type, Unmixable())
-    folder = tmp_path / "unmixable"
-    folder.mkdir()
-    config = (adapters_dir / "a" / "adapter_config.json").read_text().replace('"LORA"', '"UNMIXABLE_TEST"')
-    (folder / "adapter_config.json").write_text(config)
-    with pytest.raises(ValueError, match="cannot share a batch"):
-        read_adapter(folder)
-
-
 def test_load_and_delete_at_run_time_while_serving(server, client, tok, solo, monkeypatch):
     url, state = server
     import peftkit.serve.app as app_module

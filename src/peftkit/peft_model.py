@@ -23,6 +23,7 @@ from .families import classifier_modules
 from .memory import MemoryFootprint, memory_footprint
 from .merge_report import merge_report
 from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for
+from .tuners import mixed_prompts
 from .tuners.layer import AdapterLayer, MixedBatch, ModulesToSaveWrapper
 from .tying import untie
 
@@ -208,6 +209,13 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} is {tuner.peft_type}, which adds computation the base weights cannot absorb; "
                     "it cannot be merged (serve it unmerged)"
                 )
+        shared = {id(m) for _, layer in self.adapter_layers() if isinstance(layer.base_layer, AdapterLayer) for m in (layer, layer.base_layer)}
+        for path, layer in self.adapter_layers():
+            if id(layer) in shared and set(names) & set(layer.adapter_names):
+                raise TypeError(
+                    f"{path} holds adapters of several methods; merging {sorted(set(names) & set(layer.adapter_names))} "
+                    "into the weights they share is not supported: serve them unmerged"
+                )
         quantized = has_quantized_layers(self.base_model)
         with merge_report(self.base_model, names) if quantized else nullcontext():  # warns with the error
             for _, layer in self.adapter_layers():
@@ -240,7 +248,7 @@ class PeftModel(nn.Module):
         return self._unwrap(keep=[])
 
     def _unwrap(self, keep: list[str]) -> nn.Module:
-        for name, layer in list(self.adapter_layers()):
+        for name, layer in reversed(list(self.adapter_layers())):  # innermost first, as in _take_out
             replacement = layer.base_layer
             if isinstance(layer, ModulesToSaveWrapper):
                 kept = [n for n in keep if n in layer.modules_to_save]
@@ -295,10 +303,6 @@ class PeftModel(nn.Module):
         layers = self._layers_for_mixed_batches()
         if any(layer.merged_adapters for layer in layers):
             raise RuntimeError(f"adapters {self.merged_adapters} are merged; unmerge_adapter() before mixed batches")
-        for name in set(adapter_names) - {BASE}:
-            tuner = tuner_for(self.peft_config[name])
-            if not tuner.mixable:
-                raise ValueError(f"adapter {name!r} is {tuner.peft_type}, which cannot be mixed per row in one batch")
         mixed = MixedBatch.build(order, [order.index(n) for n in adapter_names], self.device)
         for layer in layers:
             layer.mixed = mixed
@@ -316,8 +320,8 @@ class PeftModel(nn.Module):
             self._mixed_layers = (names, [layer for _, layer in self.adapter_layers()])
         return self._mixed_layers[1]
 
-    def _prepare_inputs(self, kwargs: dict[str, Any], generate: bool, mixed: bool) -> dict[str, Any]:
-        if self._disabled or mixed:
+    def _prepare_inputs(self, kwargs: dict[str, Any], generate: bool) -> dict[str, Any]:
+        if self._disabled:
             return kwargs
         for name in self._active:
             kwargs = tuner_for(self.peft_config[name]).prepare_inputs(self, name, kwargs, generate)
@@ -330,16 +334,20 @@ class PeftModel(nn.Module):
         return self._mixed_batch(adapter_names, first.shape[0] if torch.is_tensor(first) else None)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward with adapters; ``adapter_names`` picks one adapter (or ``"__base__"``) per row."""
+        """The base model's forward with adapters; ``adapter_names`` picks one adapter (or ``"__base__"``) per row,
+        of any methods (prompt and prefix tuning rows get their virtual fronts: :mod:`peftkit.tuners.mixed_prompts`,
+        which also says what a mixed batch returns)."""
         with self._context(adapter_names, args, kwargs):
-            kwargs = self._prepare_inputs(kwargs, generate=False, mixed=adapter_names is not None)
-            return self.base_model(*args, **kwargs)
+            if adapter_names is not None:
+                return mixed_prompts.forward(self, adapter_names, args, kwargs)
+            return self.base_model(*args, **self._prepare_inputs(kwargs, generate=False))
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """transformers' ``generate`` with adapters; ``adapter_names`` as in :meth:`forward`."""
         with self._context(adapter_names, args, kwargs):
-            kwargs = self._prepare_inputs(kwargs, generate=True, mixed=adapter_names is not None)
-            return self.base_model.generate(*args, **kwargs)
+            if adapter_names is not None:
+                return mixed_prompts.generate(self, adapter_names, args, kwargs)
+            return self.base_model.generate(*args, **self._prepare_inputs(kwargs, generate=True))
 
     # ---------------------------------------------------------------------------------------------------------
     # Files

@@ -81,22 +81,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_columns(
     model: Any, tokenizer: Any, texts: list[str], columns: list[tuple[str, str]], max_new_tokens: int, precision: Any
 ) -> dict[str, list[str]]:
-    """Every (prompt, column) pair in one mixed-adapter batch when the methods allow, else one batch per column."""
+    """Every (prompt, column) pair in one mixed-adapter batch (each column's adapter on its own rows)."""
     from ..train import generate_texts
-    from ..tuners.base import tuner_for
 
     names = [name for _, name in columns]
-    mixable = all(tuner_for(model.peft_config[n]).mixable for n in names if n != "__base__")
-    if mixable:
-        flat = generate_texts(model, tokenizer, texts * len(names), max_new_tokens,
-                              adapter_names=[n for n in names for _ in texts], precision=precision)
-        return {name: flat[k * len(texts) : (k + 1) * len(texts)] for k, name in enumerate(names)}
-    outputs = {}
-    for name in names:
-        if name == "__base__":
-            with model.disable_adapter():
-                outputs[name] = generate_texts(model, tokenizer, texts, max_new_tokens, precision=precision)
-        else:
-            model.set_adapter(name)
-            outputs[name] = generate_texts(model, tokenizer, texts, max_new_tokens, precision=precision)
-    return outputs
+    flat = generate_texts(model, tokenizer, texts * len(names), max_new_tokens,
+                          adapter_names=[n for n in names for _ in texts], precision=precision)
+    return {name: flat[k * len(texts) : (k + 1) * len(texts)] for k, name in enumerate(names)}

@@ -24,7 +24,8 @@ from .. import checkpoint
 from ..device import Precision
 from ..hf_compat import with_cache
 from ..peft_model import PeftModel
-from ..tuners.base import BASE, PeftConfig, tuner_for
+from ..tuners.base import BASE, PeftConfig
+from ..tuners.mixed_prompts import Fronts, right_align
 
 
 class AdapterPathError(ValueError):
@@ -65,12 +66,6 @@ def resolve_adapter_path(root: str | os.PathLike, requested: str) -> Path:
 def read_adapter(path: str | os.PathLike) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """An adapter folder's config and tensors, read from disk (runs off the scheduler and event-loop threads)."""
     config = checkpoint.read_config(path)
-    tuner = tuner_for(config)
-    if not tuner.mixable:  # every decode step would fail on it: refuse it up front
-        raise ValueError(
-            f"{path} is a {tuner.peft_type} adapter, which cannot share a batch with other adapters; the server "
-            "serves methods that mix per row (LoRA, (IA)^3, ...). Serve it alone with `peftkit generate`."
-        )
     config.inference_mode = True
     tensors = checkpoint.load_tensors(Path(path) / checkpoint.WEIGHTS_NAME)
     return config, tensors
@@ -189,15 +184,29 @@ class AdapterRegistry:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
                 adapter_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run left-padded prompts into the empty ``cache``: the last position's logits (batch, vocab), and the mask
-        of every column the cache now holds (what decoding continues from).
+        """Run left-padded prompts into ``cache``: the last position's logits (batch, vocab), and the mask of every
+        column the cache now holds (what decoding continues from).
 
-        Position ids count each row's real tokens from 0, so padding never shifts a row's positions.
+        A fresh (empty) cache first gets each row's virtual front (prompt tuning: its virtual tokens; prefix tuning:
+        its key/value prefix; :mod:`peftkit.tuners.mixed_prompts`), counted in the returned mask, and the cache is
+        then right-aligned so every row's columns end at the last one (:class:`~peftkit.serve.batch.KVBatch`'s
+        layout). A filled cache (a later chunk of the same rows) gets no front again: ``attention_mask`` must then
+        cover the cache's columns and the chunk's. Position ids count each row's unmasked columns from 0, virtual
+        ones included, so padding never shifts a row's positions.
         """
-        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        filled = cache.get_seq_length()
+        if attention_mask.shape[1] != filled + input_ids.shape[1]:
+            raise ValueError(
+                f"prefill: the mask has {attention_mask.shape[1]} columns but the cache holds {filled} and the chunk "
+                f"has {input_ids.shape[1]}; pass a mask covering both"
+            )
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, filled:]
         logits = self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                               adapter_names=adapter_names)
-        return logits, attention_mask
+        fronts = Fronts.plan(self.peft, adapter_names) if self.peft is not None and not filled else None
+        if fronts is None:
+            return logits, attention_mask
+        return logits, right_align(cache, fronts.mask(attention_mask))
 
     def forward(self, *, adapter_names: list[str], cache: Any, **inputs: Any) -> torch.Tensor:
         """Logits at the last position, (batch, vocab), each row through its own adapter; ``cache`` grows in place."""

@@ -24,7 +24,7 @@ from torch import nn
 from ..base_layers import is_linear
 from ..families import head_names, layer_containers
 from ..tying import warn_if_tied
-from .layer import AdapterLayer, ModulesToSaveWrapper
+from .layer import AdapterLayer, ModulesToSaveWrapper, model_layer
 
 BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
 FILE_PREFIX = "base_model.model."  # HF PEFT's key prefix for module parameters in adapter files
@@ -166,7 +166,7 @@ def find_targets(model: nn.Module, config: PeftConfig, allowed: tuple[type, ...]
     for name, module in model.named_modules():
         if not name or _inside_adapter(name, model):
             continue
-        base = module.base_layer if isinstance(module, AdapterLayer) else module  # a module wrapped earlier
+        base = model_layer(module)  # a module wrapped earlier
         if spec == "all-linear":
             if not is_linear(base) or name in heads:
                 continue
@@ -184,6 +184,14 @@ def find_targets(model: nn.Module, config: PeftConfig, allowed: tuple[type, ...]
             + describe_targets(model)
         )
     return found
+
+
+def _layer_chain(module: nn.Module) -> Iterable[nn.Module]:
+    """``module`` and, while it is an adapter layer, the layers it wraps."""
+    yield module
+    while isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper):
+        module = module.base_layer
+        yield module
 
 
 def _inside_adapter(name: str, model: nn.Module) -> bool:
@@ -241,7 +249,6 @@ class Tuner:
     config_cls: ClassVar[type[PeftConfig]] = PeftConfig
     layer_cls: ClassVar[type[AdapterLayer]] = AdapterLayer
     mergeable: ClassVar[bool] = True  # can merge_adapter fold it into the base weights?
-    mixable: ClassVar[bool] = True  # can rows of one batch use different adapters of this method?
     # Key prefix of the model's own modules (modules_to_save) in this method's files. HF PEFT's prompt-learning
     # models have no tuner wrapper between PeftModel and the transformers model, so theirs is "base_model.".
     file_prefix: ClassVar[str] = FILE_PREFIX
@@ -254,18 +261,19 @@ class Tuner:
         return self.layer_cls(module)
 
     def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-        """Add adapter ``adapter_name`` to every module ``config`` targets, wrapping modules seen for the first time."""
+        """Add adapter ``adapter_name`` to every module ``config`` targets, wrapping modules seen for the first time.
+
+        A module that holds another method's adapters gets this method's layer around that one (LoRA rows and
+        (IA)^3 rows on one ``v_proj``): each layer leaves rows and active sets that are not its own to the layer
+        it wraps, so the methods never see each other's adapters."""
         for name in self.target_names(model, config):
             module = model.get_submodule(name)
-            if isinstance(module, AdapterLayer):
-                if not isinstance(module, self.layer_cls):
-                    raise ValueError(
-                        f"{name} already holds a {type(module).__name__} adapter; a module takes adapters of one "
-                        f"method only ({self.peft_type} cannot be added there)"
-                    )
-                layer = module
-            else:
-                warn_if_tied(model, name, module, type(config).__name__)
+            layer = next((m for m in _layer_chain(module) if isinstance(m, self.layer_cls)), None)
+            if layer is None:
+                if isinstance(module, ModulesToSaveWrapper):
+                    raise ValueError(f"{name} is in modules_to_save (trained in full); it cannot take {self.peft_type} adapters")
+                if not isinstance(module, AdapterLayer):
+                    warn_if_tied(model, name, module, type(config).__name__)
                 layer = self.make_layer(module, config, name)
                 parent, child = get_submodule_parent(model, name)
                 setattr(parent, child, layer)
@@ -275,9 +283,11 @@ class Tuner:
         return find_targets(model, config)
 
     def layers(self, model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
+        """This method's layers under the model's module names (file keys): a layer wrapped by another method's layer
+        is at ``<module>.base_layer``, which is still ``<module>`` to the files."""
         for name, module in model.named_modules():
             if type(module) is not ModulesToSaveWrapper and isinstance(module, self.layer_cls):
-                yield name, module
+                yield re.sub(r"(\.base_layer)+$", "", name), module
 
     def adapter_tensors(self, model: nn.Module, adapter_name: str, config: PeftConfig) -> dict[str, torch.Tensor]:
         """The adapter's tensors under HF PEFT file keys (``base_model.model.<path>.<key>``), sharing storage with

@@ -46,7 +46,7 @@ from .base import (
     is_linear,
     register,
 )
-from .layer import StackedAdapterLayer
+from .layer import StackedAdapterLayer, model_layer
 
 NON_LINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
 VARIANTS = ("houlsby", "pfeiffer")
@@ -104,7 +104,7 @@ class BottleneckLayer(StackedAdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.features = self.kind.features(base_layer)[1]  # the adapter acts on the output
+        self.features = self.kind.features(self.model_layer)[1]  # the adapter acts on the output
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
@@ -112,7 +112,7 @@ class BottleneckLayer(StackedAdapterLayer):
 
     def update_layer(self, adapter_name: str, config: BottleneckConfig, module_name: str) -> None:
         m = config.bottleneck_for(self.features, module_name)
-        device, dtype = self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
+        device, dtype = self.kind.device(self.model_layer), self.kind.compute_dtype(self.model_layer)
         down = nn.Linear(self.features, m, device=device, dtype=dtype)
         up = nn.Linear(m, self.features, device=device, dtype=dtype)
         with torch.no_grad():
@@ -217,7 +217,7 @@ class BottleneckTuner(Tuner):
         return find_targets(model, dataclasses.replace(config, target_modules=pattern))
 
     def make_layer(self, module: nn.Module, config: BottleneckConfig, module_name: str) -> AdapterLayer:
-        if not is_linear(module):
+        if not is_linear(model_layer(module)):  # (under another method's layer when they share the module)
             raise TypeError(
                 f"a bottleneck adapter cannot wrap {module_name} ({type(module).__name__}): it goes on the output "
                 "of a linear projection (nn.Linear, transformers' Conv1D or a bitsandbytes linear layer)"

@@ -27,7 +27,7 @@ from torch import nn
 from ..base_layers import KINDS, Undo, kind_of
 from ..families import require
 from .base import AdapterLayer, PeftConfig, Tuner, find_targets, register
-from .layer import StackedAdapterLayer
+from .layer import StackedAdapterLayer, model_layer
 
 @dataclass
 class IA3Config(PeftConfig):
@@ -92,7 +92,7 @@ class IA3Layer(StackedAdapterLayer):
         super().__init__(base_layer)
         self.is_feedforward = is_feedforward
         self.fan_in_fan_out = self.kind.fan_in_fan_out  # Conv1D keeps W as (in, out)
-        self.in_features, self.out_features = self.kind.features(base_layer)
+        self.in_features, self.out_features = self.kind.features(self.model_layer)
         self.ia3_l = nn.ParameterDict()
 
     def update_layer(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
@@ -103,7 +103,7 @@ class IA3Layer(StackedAdapterLayer):
                 f"{adapter_name!r} classifies it the other way. Use the same feedforward_modules for every "
                 "(IA)^3 adapter on a model."
             )
-        device, dtype = self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
+        device, dtype = self.kind.device(self.model_layer), self.kind.compute_dtype(self.model_layer)
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         init = torch.ones if config.init_ia3_weights else torch.randn
         self.ia3_l[adapter_name] = nn.Parameter(init(shape, dtype=dtype, device=device))
@@ -222,7 +222,7 @@ class IA3Tuner(Tuner):
             config.feedforward_modules = list(family.ia3_feedforward)
 
     def make_layer(self, module: nn.Module, config: IA3Config, module_name: str) -> AdapterLayer:
-        kind = kind_of(module)
+        kind = kind_of(model_layer(module))  # (under another method's layer when they share the module)
         if kind is None or not kind.linear:
             raise TypeError(
                 f"(IA)^3 cannot wrap {module_name} ({type(module).__name__}): it supports linear layers "

@@ -6,6 +6,11 @@ HF PEFT's: ``...q_proj.lora_A.default.weight``. :class:`AdapterLayer` holds the 
 merged, disabled, a mixed batch) and merging; :class:`StackedAdapterLayer` is the template for methods whose
 adapters can run one per row of a batch: it decides between the base layer alone, the active adapters and a mixed
 batch, and builds and caches the per-row stacks, so that a method writes only its math.
+
+Adapters of several methods can share a module: each method's layer wraps the one before (a bottleneck layer around
+an (IA)^3 layer around a LoRA layer around ``down_proj``). A layer leaves rows and active sets that are not its own
+to the layer it wraps, so the methods never see each other; :attr:`AdapterLayer.model_layer` is the model's own
+layer under all of them (its kind, shapes, device), and files name every one of them by the module's path.
 """
 
 from __future__ import annotations
@@ -68,8 +73,15 @@ class AdapterLayer(nn.Module, abc.ABC):
 
     @property
     def kind(self) -> BaseLayerKind | None:
-        """The base layer's kind, looked up each time: ``dequantize_model`` may swap the base layer underneath."""
-        return kind_of(self.base_layer)
+        """The model layer's kind (:attr:`model_layer`), looked up each time: ``dequantize_model`` may swap the base
+        layer underneath."""
+        return kind_of(self.model_layer)
+
+    @property
+    def model_layer(self) -> nn.Module:
+        """The model's own layer under this one: ``base_layer``, or, where adapters of several methods share a
+        module (each method's layer wraps the one before), the layer under all of them."""
+        return model_layer(self.base_layer)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -146,6 +158,13 @@ class AdapterLayer(nn.Module, abc.ABC):
             else:
                 out.update({f"{attr}.{k}": v.detach() for k, v in item.state_dict().items()})
         return out
+
+
+def model_layer(module: nn.Module) -> nn.Module:
+    """``module`` without the adapter layers wrapped around it."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
 
 
 def gather_rows(stack: torch.Tensor, mixed: MixedBatch, batch: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .base import (
     find_targets,
     register,
 )
-from .layer import StackedAdapterLayer
+from .layer import StackedAdapterLayer, model_layer
 
 
 # why lora_alpha must be positive: the update is (alpha / r) B A, so alpha = 0 zeroes every LoRA gradient
@@ -133,7 +133,7 @@ class _LoraLayerBase:
         r, alpha = config.rank_and_alpha(module_name)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = _scaling(r, alpha, config.use_rslora)
-        return r, self.kind.device(self.base_layer), self.kind.compute_dtype(self.base_layer)
+        return r, self.kind.device(self.model_layer), self.kind.compute_dtype(self.model_layer)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -166,7 +166,7 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out or self.kind.fan_in_fan_out
-        self.in_features, self.out_features = self.kind.features(base_layer)
+        self.in_features, self.out_features = self.kind.features(self.model_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -240,7 +240,7 @@ class LoraEmbedding(_LoraLayerBase, StackedAdapterLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         r, device, dtype = self._add_rank(adapter_name, config, module_name)
-        vocab, dim = self.kind.features(self.base_layer)
+        vocab, dim = self.kind.features(self.model_layer)
         A = torch.zeros(r, vocab, dtype=dtype, device=device)
         B = torch.empty(dim, r, dtype=dtype, device=device)
         nn.init.normal_(B)
@@ -250,7 +250,7 @@ class LoraEmbedding(_LoraLayerBase, StackedAdapterLayer):
         self.lora_embedding_B[adapter_name] = nn.Parameter(B)
 
     def _lookup(self, x: torch.Tensor, table_T: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
+        base = self.model_layer
         return F.embedding(x, table_T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
 
     def factor_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,7 +302,7 @@ class LoraTuner(Tuner):
         return find_targets(model, config)
 
     def make_layer(self, module: nn.Module, config: LoraConfig, module_name: str) -> AdapterLayer:
-        kind = kind_of(module)
+        kind = kind_of(model_layer(module))  # (under another method's layer when they share the module)
         if kind is not None and kind.linear:
             return LoraLayer(module, fan_in_fan_out=config.fan_in_fan_out)
         if kind is not None:  # a lookup table (nn.Embedding)
@@ -320,7 +320,7 @@ class LoraTuner(Tuner):
         for name, module in model.named_modules():
             if bias == "lora_only" and not isinstance(module, (LoraLayer, LoraEmbedding)):
                 continue
-            owner = module.base_layer if isinstance(module, AdapterLayer) else module
+            owner = model_layer(module)  # (under other methods' layers when they share the module)
             if isinstance(module, AdapterLayer) and bias == "all":
                 continue  # reached through its base_layer below
             b = getattr(owner, "bias", None)
@@ -348,7 +348,7 @@ class LoraTuner(Tuner):
     def optional_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
         # HF PEFT saves the full embedding matrix of LoRA-wrapped embeddings (in case the vocabulary was resized)
         return {
-            f"{FILE_PREFIX}{name}.base_layer.weight": layer.base_layer.weight.detach()
+            f"{FILE_PREFIX}{name}.base_layer.weight": layer.model_layer.weight.detach()
             for name, layer in self.layers(model)
             if isinstance(layer, LoraEmbedding)
         }

@@ -99,15 +99,29 @@ class PrefixEncoder(nn.Module):
             return self()
 
 
+def prefix_keys_values(prefix: torch.Tensor, config: PrefixTuningConfig, dtype: torch.dtype) -> torch.Tensor:
+    """P as per-layer keys and values, (2 * num_layers, heads, num_virtual_tokens, head_dim): layer l's keys are
+    P's slice 2l, its values slice 2l+1 (HF PEFT's layout)."""
+    count, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
+    return prefix.to(dtype).view(count, 2 * layers, heads, config.token_dim // heads).permute(1, 2, 0, 3)
+
+
+def cache_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's attention caches keys and values in: the autocast dtype inside ``torch.autocast`` on
+    the model's device, else the model's own (a prefix in another dtype would promote every cached column)."""
+    device = next(model.parameters()).device
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return getattr(model, "dtype", torch.float32)
+
+
 def prefix_cache(prefix: torch.Tensor, config: PrefixTuningConfig, batch: int, dtype: torch.dtype) -> Any:
-    """A ``DynamicCache`` holding P for ``batch`` rows: layer l's keys are P's slice 2l, its values slice 2l+1, each
-    reshaped to (batch, heads, num_virtual_tokens, head_dim), HF PEFT's layout."""
+    """A ``DynamicCache`` holding P for ``batch`` rows, each layer's keys and values (batch, heads,
+    num_virtual_tokens, head_dim) as :func:`prefix_keys_values` lays them out."""
     from transformers import DynamicCache
 
-    count, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
-    kv = prefix.to(dtype).view(count, 2 * layers, heads, config.token_dim // heads).permute(1, 2, 0, 3)
-    kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)
-    return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(layers)])
+    kv = prefix_keys_values(prefix, config, dtype).unsqueeze(1).expand(-1, batch, -1, -1, -1)
+    return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)])
 
 
 def _generate_rows(model: nn.Module, kwargs: dict[str, Any], batch: int) -> int:
@@ -181,7 +195,7 @@ class PrefixTuningTuner(PromptLearningTuner):
             kwargs = with_cache(kwargs, model, find_cache(kwargs))
         else:
             prefix = self.encoder(model, adapter_name)()
-            kwargs = with_cache(kwargs, model, prefix_cache(prefix, config, rows, getattr(model, "dtype", prefix.dtype)))
+            kwargs = with_cache(kwargs, model, prefix_cache(prefix, config, rows, cache_dtype(model)))
         if kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = extend_front(kwargs["attention_mask"], count, 1)
         if kwargs.get("position_ids") is not None:

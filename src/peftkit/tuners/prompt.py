@@ -13,7 +13,8 @@ adapters move both ways. Several prompt-tuning adapters active together prepend 
 This module also holds what prompt and prefix tuning share: :class:`PromptLearningConfig` (HF PEFT's
 ``num_virtual_tokens``, ``token_dim``, ``num_layers``, ``num_attention_heads``, ``num_transformer_submodules``,
 filled in from the model when left unset) and :class:`PromptLearningTuner` (encoder storage, file key, freezing).
-Neither method can be merged into the weights or mixed per row of a batch.
+Neither method can be merged into the weights. Both mix per row with every other method in one batch
+(``adapter_names=``): :mod:`peftkit.tuners.mixed_prompts` gives each row its own virtual front.
 """
 
 from __future__ import annotations
@@ -108,7 +109,6 @@ class PromptLearningTuner(Tuner, abc.ABC):
     """Shared by prompt and prefix tuning: one encoder per adapter in ``model.<encoder_attr>`` (an ``nn.ModuleDict``)."""
 
     mergeable = False
-    mixable = False
     file_prefix = "base_model."
     encoder_attr: ClassVar[str] = ""
     cli_options = {"num_virtual_tokens": CliOption("num_virtual_tokens", 20)}
