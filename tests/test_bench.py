@@ -198,9 +198,8 @@ def _tiny_llama(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_serve_load_quick(tmp_path: Path) -> None:
-    """Every configuration of the serving benchmark runs against real server processes; the figures are consistent
-    with the records they come from, nothing is lost or crossed, and the mixed-methods variant either serves every
-    method or fails naming the method the server refused."""
+    """Every configuration of the serving benchmark runs against real server processes (the mixed-methods one
+    included); the figures are consistent with the records and plans they come from; nothing is lost or crossed."""
     import serve_load
     from serve_clients import make_plan
 
@@ -257,11 +256,8 @@ def test_serve_load_quick(tmp_path: Path) -> None:
     assert goals["zipf_many_vs_one"]["ratio"] == pytest.approx(many["tokens_per_s"] / one["tokens_per_s"])
     mixed = [runs[(6, "mixed methods", c)] for c in ("batched", "one at a time")]
     assert "skipped" in runs[(6, "mixed methods", "HF PEFT")]
-    if all(r["lost"] == 0 and r["crossed"] == 0 for r in mixed):
-        assert done.returncode == 0 and report["failures"] == [] and goals["nothing_lost_or_crossed"]["met"]
-    else:  # this build cannot batch every method yet: the run says which and why, and fails
-        assert done.returncode == 1 and any("mixed methods" in f and "PREFIX_TUNING" in f for f in report["failures"])
-        assert all(f.startswith("6 adapters, mixed methods") for f in report["failures"])
+    assert all((r["answered"], r["crossed"]) == (8, 0) for r in mixed)  # every method in one batch, each as if alone
+    assert done.returncode == 0 and report["failures"] == [] and goals["nothing_lost_or_crossed"]["met"]
 
 
 def test_serve_load_goals_from_hand_figures(tmp_path: Path) -> None:
