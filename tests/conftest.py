@@ -178,3 +178,34 @@ def assert_learns_and_reloads(
         assert (fresh(**enc).logits - trained).abs().max().item() <= 1e-6
         assert (base(**enc).logits - trained).abs().max().item() > 1e-3
     return losses
+
+
+def start_server_process(args: list[str]) -> tuple["subprocess.Popen", str]:
+    """``python -m peftkit.serve ARGS --port P`` as a child on a free port, once its /health answers: (process, url).
+    The caller terminates the process."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:  # a free port for the child (released just before it binds)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "peftkit.serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                time.sleep(0.3)
+    except BaseException:
+        proc.kill()
+        raise
+

@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import tiny_llama
+from conftest import tiny_llama, start_server_process
 
 import peftkit as pk
 from peftkit.serve import create_app
@@ -596,29 +596,13 @@ def full_queue_and_disconnects(url, state, tok, solo):
 @pytest.mark.slow
 def test_serve_command_runs_from_one_command(tmp_path, adapters_dir, tok):
     """``python -m peftkit.serve`` (what ``peftkit serve`` runs) on a local model folder, in a subprocess."""
-    import subprocess
-    import sys
-
     folder = tmp_path / "model"
     make_base().save_pretrained(folder)
     tok.save_pretrained(folder)
     (tmp_path / "token").write_text(TOKEN + "\n")
-    with socket.socket() as s:  # a free port for the child (released just before it binds)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "peftkit.serve", "--model", str(folder), "--adapter", f"a={adapters_dir / 'a'}",
-           "--port", str(port), "--api-key-file", str(tmp_path / "token"), "--max-batch-size", "4", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, url = start_server_process(["--model", str(folder), "--adapter", f"a={adapters_dir / 'a'}", "--api-key-file",
+                                      str(tmp_path / "token"), "--max-batch-size", "4", "--log-level", "warning"])
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == [str(folder), "a"]
         r = client.completions.create(model="a", prompt="Hi", max_tokens=3, temperature=0)

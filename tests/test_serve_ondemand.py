@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, start_server_process
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import VOCAB, make_base, paced, prompt_ids, serving, tok  # noqa: F401 (tok is a fixture)
 
@@ -369,29 +369,12 @@ def test_serve_help_teaches_the_budget_flags(capsys):
 @pytest.mark.slow
 def test_serve_command_loads_on_demand_under_its_budget(tmp_path, adapters_dir, tok, solo):
     """``python -m peftkit.serve --adapters-dir DIR --max-adapters 1`` in a subprocess: the flags reach the app."""
-    import socket
-    import subprocess
-    import sys
-
     folder = tmp_path / "model"
     make_base().save_pretrained(folder)
     tok.save_pretrained(folder)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "peftkit.serve", "--model", str(folder), "--adapters-dir", str(adapters_dir),
-           "--max-adapters", "1", "--adapter-memory", "1", "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, url = start_server_process(["--model", str(folder), "--adapters-dir", str(adapters_dir), "--max-adapters",
+                                      "1", "--adapter-memory", "1", "--log-level", "warning"])
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
         client = openai_client(url)
         for name in ("x13", "x14", "x13"):
             assert complete(client, name, "From the command line") == solo(name, "From the command line", 6)
