@@ -235,6 +235,7 @@ def test_qlora_under_fsdp_is_refused_clearly():
 
 EVAL_SCRIPT = """\
 import json, sys
+import torch.distributed
 from peftkit import train as T
 from peftkit.distributed import teardown
 
@@ -248,6 +249,7 @@ if run.dist.rank == 1:
     out = {k: v for k, v in out.items() if k.endswith("_share")}
 with open(sys.argv[2] + f".rank{run.dist.rank}", "w") as f:
     json.dump(out, f)
+torch.distributed.barrier()  # both ranks done before either tears down (rank 0 hosts the store the other still uses)
 teardown()
 """
 

@@ -494,19 +494,21 @@ def test_bad_adapter_is_refused_and_leaves_the_server_intact(server, client, ada
 
 def test_load_and_delete_at_run_time_while_serving(server, client, tok, solo, monkeypatch):
     url, state = server
-    import peftkit.serve.app as app_module
+    import peftkit.serve.ondemand as load_module  # where POST /v1/adapters reads folders
 
-    slow_read = app_module.read_adapter
+    slow_read = load_module.read_adapter
+    disk = threading.Event()  # a slow disk, released only after a request was served meanwhile (no timing race)
 
-    def read_slowly(path):  # a slow disk: serving must go on meanwhile
-        time.sleep(2.0)
+    def read_slowly(path):
+        assert disk.wait(120), "the read was never released"
         return slow_read(path)
 
-    monkeypatch.setattr(app_module, "read_adapter", read_slowly)
+    monkeypatch.setattr(load_module, "read_adapter", read_slowly)
     stream = client.completions.create(model="a", prompt="A long story", max_tokens=40, temperature=0, stream=True)
     loader = concurrent.futures.ThreadPoolExecutor(1).submit(admin, url, "POST", "/v1/adapters", json={"name": "c", "path": "c"})
     during = client.completions.create(model="b", prompt="Meanwhile", max_tokens=4, temperature=0).choices[0].text
     assert not loader.done(), "a request waited for the adapter load"
+    disk.set()
     assert during == tok.decode(solo("b", prompt_ids(tok, "Meanwhile"), 4), skip_special_tokens=True)
     assert loader.result().status_code == 200, loader.result().text
     story = "".join(p.choices[0].text for p in stream)
