@@ -230,10 +230,11 @@ def test_serve_load_quick(tmp_path: Path) -> None:
         assert bound["step_ms"] == pytest.approx(statistics.median(bound["step_times_ms"]))
         for config in configs:
             r = runs[(count, popularity, config)]
-            assert (r["sent"], r["answered"], r["lost"], r["crossed"], r["equal_to_solo"]) == (8, 8, 0, 0, 8), r
-            assert 8 <= r["tokens"] <= 8 * size["max_tokens"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+            sent = 4 * (size["serial_requests"] if config == "one at a time" else 2)  # one at a time: each client's first
+            assert (r["sent"], r["answered"], r["lost"], r["crossed"], r["equal_to_solo"]) == (sent, sent, 0, 0, sent), r
+            assert sent <= r["tokens"] <= sent * size["max_tokens"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
             assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / bound["tokens_per_s"])
-            t = r["tokens"] / 8  # per request: 4 rows each prefill once, then decode t steps
+            t = r["tokens"] / sent  # per request: 4 rows each prefill once, then decode t steps
             with_prefill = 4 * t / (bound["prefill_ms"] / 1e3 + t * bound["step_ms"] / 1e3)
             assert r["fraction_of_bound_with_prefill"] == pytest.approx(r["tokens_per_s"] / with_prefill)
             assert r["fraction_of_bound_with_prefill"] > r["fraction_of_bound"]
@@ -246,17 +247,20 @@ def test_serve_load_quick(tmp_path: Path) -> None:
             key = (count, config)
             resident[key] = resident.get(key, 0) + r["adapter_loads"] - r["evictions"]
             assert 1 <= resident[key] <= size["max_adapters"] and r["evictions"] >= 0
-            assert r["adapter_loads"] >= (1 if popularity == "uniform" else len(used))  # uniform follows zipf: some resident
+            first = {client[0][0] for client in plan_for(count, popularity)}
+            needed = used if config == "batched" else first
+            assert r["adapter_loads"] >= (1 if popularity == "uniform" else len(needed))  # uniform follows zipf: some resident
     assert all(runs[(1, "single", c)]["adapter_loads"] == 1 and runs[(1, "single", c)]["evictions"] == 0 for c in configs)
-    both = {name for popularity in ("zipf", "uniform") for client in plan_for(8, popularity) for name, _ in client}
-    for config in ("batched", "one at a time"):  # 8 adapters through a budget of 4: the excess was evicted
-        assert sum(runs[(8, p, config)]["evictions"] for p in ("zipf", "uniform")) >= len(both) - size["max_adapters"] > 0
+    for config, per_client in (("batched", 2), ("one at a time", size["serial_requests"])):
+        both = {name for p in ("zipf", "uniform") for client in plan_for(8, p) for name, _ in client[:per_client]}
+        if len(both) > size["max_adapters"]:  # 8 adapters through a budget of 4: the excess was evicted
+            assert sum(runs[(8, p, config)]["evictions"] for p in ("zipf", "uniform")) >= len(both) - size["max_adapters"]
     goals = report["goals"]
     one, many = runs[(1, "single", "batched")], runs[(8, "zipf", "batched")]
     assert goals["zipf_many_vs_one"]["ratio"] == pytest.approx(many["tokens_per_s"] / one["tokens_per_s"])
     mixed = [runs[(6, "mixed methods", c)] for c in ("batched", "one at a time")]
     assert "skipped" in runs[(6, "mixed methods", "HF PEFT")]
-    assert all((r["answered"], r["crossed"]) == (8, 0) for r in mixed)  # every method in one batch, each as if alone
+    assert [(r["answered"], r["crossed"]) for r in mixed] == [(8, 0), (4 * size["serial_requests"], 0)]  # every method in one batch, each as if alone
     assert done.returncode == 0 and report["failures"] == [] and goals["nothing_lost_or_crossed"]["met"]
 
 
@@ -283,15 +287,18 @@ def test_serve_load_goals_from_hand_figures(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     path.write_text(json.dumps(report))
     goals = serve_load.verdicts(report)
-    # 40 / (16 / 0.2 s) = 50%; 36 / 40 = 90% of the 512-adapter bound
-    assert goals["throughput_vs_bound"]["fractions"] == {"1 single": 0.5, "512 zipf": 0.9} and not goals["throughput_vs_bound"]["met"]
+    # judged with prefill: 16 rows x 32 tokens in 0.8 s + 32 steps of 0.2 s (0.4 s) = 71.1 (37.6) tokens/s
+    with_prefill = {"1 single": 40 / (16 * 32 / (0.8 + 32 * 0.2)), "512 zipf": 36 / (16 * 32 / (0.8 + 32 * 0.4))}
+    assert goals["throughput_vs_bound"]["fractions"] == pytest.approx(with_prefill) and not goals["throughput_vs_bound"]["met"]
+    # of the decode steps alone: 40 / (16 / 0.2 s) = 50%; 36 / 40 = 90%
+    assert goals["throughput_vs_bound"]["decode_only"] == {"1 single": 0.5, "512 zipf": 0.9}
     assert goals["zipf_many_vs_one"]["ratio"] == pytest.approx(0.9) and goals["zipf_many_vs_one"]["met"]
-    # 100 MiB of growth within --max-adapters 16 x 10 MiB
-    assert goals["peak_rss_bounded"]["growth_mib"] == 100 and goals["peak_rss_bounded"]["budget_mib"] == 160 and goals["peak_rss_bounded"]["met"]
+    # 100 MiB of growth within (--max-adapters 16 + 24 stack slots) x 10 MiB
+    assert goals["peak_rss_bounded"]["growth_mib"] == 100 and goals["peak_rss_bounded"]["budget_mib"] == 400 and goals["peak_rss_bounded"]["met"]
     assert goals["nothing_lost_or_crossed"] == {"lost": 0, "crossed": 1, "requests": 96, "met": False}
     # with prefill: 16 rows x 32 tokens in 0.8 s + 32 steps of 0.2 s = 71.1 tokens/s; 40 / 71.1 = 56%
     assert report["runs"][0]["fraction_of_bound_with_prefill"] == pytest.approx(40 / (16 * 32 / (0.8 + 32 * 0.2)))
     done = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--render", str(path)], check=True, capture_output=True, text=True)
     assert "| 512 | zipf | batched | 32/32 | 32/32 | 36.0 | 90% | 96% |" in done.stdout  # 36 / (512 / (0.8 + 32 x 0.4))
-    assert "- throughput >= 80% of the bound: **not met** (1 single: 50%, 512 zipf: 90%)" in done.stdout
+    assert "- throughput >= 80% of the bound: **not met** (1 single: 56%, 512 zipf: 96%)" in done.stdout
     assert "- nothing lost or crossed: **not met** (0 lost, 1 crossed of 96 server requests)" in done.stdout

@@ -201,6 +201,41 @@ def test_mixed_batch_sees_weights_changed_in_place_and_new_adapters():
     check(["c", "b", "default"])
 
 
+def test_mixed_batch_slots_are_updated_in_place_and_never_stale():
+    """Adapters keep their slot in the layers' stacks: a load rewrites one slot in place (no rebuild of all), a
+    deleted adapter's slot is reused, a name deleted and loaded again with other weights (between two forwards)
+    is never served the old ones, and a larger rank than the stacks hold rebuilds them."""
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "a")
+    for name, seed in (("b", 2), ("c", 3)):
+        pm.add_adapter(name, pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        randomize_b(pm, name, seed=seed)
+    randomize_b(pm, "a", seed=1)
+    pm.eval()
+    layer = next(m for m in pm.modules() if isinstance(m, LoraLayer))
+
+    def check(names: list[str]) -> None:
+        mixed = logits(pm, X, adapter_names=names)
+        for row, name in enumerate(names):
+            pm.set_adapter(name)
+            assert (mixed[row] - logits(pm, X[row : row + 1])[0]).abs().max().item() < 1e-5, name
+
+    check(["a", "b", "c"])
+    stacks = layer._stacks.value
+    pm.delete_adapter("b")
+    pm.add_adapter("b", pk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # same name, new weights, same slot
+    randomize_b(pm, "b", seed=7)
+    assert pm._slots == ["a", "b", "c"]
+    check(["c", "b", "a"])
+    assert layer._stacks.value[0] is stacks[0]  # rewritten in place
+    pm.delete_adapter("c")
+    assert pm._slots == ["a", "b"]
+    check(["b", "a", "b"])
+    pm.add_adapter("d", pk.LoraConfig(r=16, target_modules=["q_proj"]))  # larger than the stacks' rank: rebuilt
+    randomize_b(pm, "d", seed=8)
+    check(["d", "a", "b"])
+    assert layer._stacks.value[0].shape[1] == 16
+
+
 def test_mixed_batch_after_deleting_the_only_adapter_of_some_layers():
     pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]), "gone")
     pm.add_adapter("kept", pk.LoraConfig(r=4, target_modules=["v_proj"]))
@@ -282,3 +317,17 @@ def test_add_weighted_adapter(combination):
         dropped = torch.linalg.svdvals(expected)[4:].norm()
         assert (got - expected).norm().item() == pytest.approx(dropped.item(), rel=1e-3, abs=1e-6)
     assert q.r["mix"] == {"linear": 4, "cat": 8, "svd": 4}[combination]
+
+
+def test_an_adapter_added_in_eval_mode_runs_no_dropout():
+    """New adapter modules take the model's mode: added to a model in eval mode, dropout stays off (twice the same
+    logits), and training mode still turns it on."""
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]))
+    pm.eval()
+    pm.add_adapter("late", pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5))
+    randomize_b(pm, "late", seed=3)
+    pm.set_adapter("late")
+    assert not any(m.training for m in pm.modules())
+    assert torch.equal(logits(pm, X), logits(pm, X))
+    pm.train()
+    assert pm.base_model.model.layers[0].self_attn.v_proj.lora_dropout["late"].training

@@ -24,7 +24,7 @@ from .memory import MemoryFootprint, memory_footprint
 from .merge_report import merge_report
 from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for
 from .tuners import mixed_prompts
-from .tuners.layer import AdapterLayer, MixedBatch, ModulesToSaveWrapper
+from .tuners.layer import FREE_SLOT, AdapterLayer, MixedBatch, ModulesToSaveWrapper, module_tree
 from .tying import untie
 
 class PeftModel(nn.Module):
@@ -50,6 +50,9 @@ class PeftModel(nn.Module):
         self._active: list[str] = []
         self._disabled = False  # inside disable_adapter(): the base model alone
         self._mixed_layers: tuple[tuple[str, ...], list[AdapterLayer]] = ((), [])
+        # each adapter's slot in mixed batches (None: free); a slot keeps its adapter until it is deleted, so the
+        # layers' stacks change one slot per load or deletion instead of being rebuilt (tuners/layer.py, StackCache)
+        self._slots: list[str | None] = []
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -95,7 +98,34 @@ class PeftModel(nn.Module):
         if config.modules_to_save:
             self._wrap_modules_to_save(config, adapter_name)
         self.peft_config[adapter_name] = config
-        self._apply_active(self._active or [adapter_name])
+        self._take_slot(adapter_name)
+        self._apply_active(self._active or [adapter_name], changed=adapter_name)
+        if not self.training:
+            self._eval_new_modules(adapter_name)
+
+    def _take_slot(self, adapter_name: str) -> None:
+        free = next((k for k, n in enumerate(self._slots) if n is None), len(self._slots))
+        self._slots[free:free + 1] = [adapter_name]
+
+    def _free_slot(self, adapter_name: str) -> None:
+        self._slots = [None if n == adapter_name else n for n in self._slots]
+        while self._slots and self._slots[-1] is None:
+            self._slots.pop()
+
+    def _eval_new_modules(self, adapter_name: str) -> None:
+        """Put the modules just made for ``adapter_name`` (created in training mode) in eval mode like the rest of
+        this model: otherwise an adapter added to a model in eval mode would run its dropout at inference. Cheaper
+        than ``eval()``, which walks every adapter's modules (0.1 s per load with 16 adapters on SmolLM2-135M)."""
+        for _, module in module_tree(self.base_model):
+            if module.training:
+                module.training = False
+            if isinstance(module, AdapterLayer):  # its stores (lora_A, lora_dropout, ...): the new adapter's entries
+                for store in module._modules.values():
+                    if store is module.base_layer:
+                        continue
+                    store.training = False
+                    if isinstance(store, nn.ModuleDict) and adapter_name in store:
+                        store[adapter_name].eval()
 
     def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
         probe = PeftConfig(target_modules=config.modules_to_save)
@@ -117,13 +147,17 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         self._apply_active(names)
 
-    def _apply_active(self, names: list[str]) -> None:
+    def _apply_active(self, names: list[str], changed: str | None = None) -> None:
+        """Make ``names`` active and set every adapter's ``requires_grad``; with ``changed`` (an adapter just added
+        while the active set stays), only that adapter's: the others' do not depend on it, and walking all of them
+        made each load cost time in proportion to the adapters loaded."""
         self._active = names
         trainable = [n for n in names if not self.peft_config[n].inference_mode]
+        only = None if changed is None else [changed]
         for _, layer in self.adapter_layers():
-            layer.set_adapter(names, trainable)
+            layer.set_adapter(names, trainable, only)
         for name, config in self.peft_config.items():
-            if name not in trainable:
+            if name not in trainable and (only is None or name in only):
                 tuner_for(config).mark_frozen(self.base_model, config, name)
         for name in trainable:
             config = self.peft_config[name]
@@ -147,10 +181,11 @@ class PeftModel(nn.Module):
             layer.delete_adapter(adapter_name)
         tuner_for(self.peft_config[adapter_name]).delete_adapter(self.base_model, adapter_name)
         del self.peft_config[adapter_name]
+        self._free_slot(adapter_name)
         self._apply_active([n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))])
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
-        for name, module in self.base_model.named_modules():
+        for name, module in module_tree(self.base_model):
             if isinstance(module, AdapterLayer):
                 yield name, module
 
@@ -278,6 +313,7 @@ class PeftModel(nn.Module):
         configs = [self.peft_config[n] for n in adapters]
         config = tuner_for(configs[0]).add_weighted(self.base_model, adapters, weights, adapter_name, combination_type, configs)
         self.peft_config[adapter_name] = config
+        self._take_slot(adapter_name)
         self._apply_active(self._active)
 
     def memory_footprint(self) -> MemoryFootprint:
@@ -296,14 +332,15 @@ class PeftModel(nn.Module):
             raise TypeError("adapter_names must be a list of adapter names, one per row")
         if batch_size is not None and len(adapter_names) != batch_size:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
-        order = (BASE, *self.peft_config)
-        unknown = sorted({n for n in adapter_names if n not in order})
+        order = (BASE, *(FREE_SLOT if n is None else n for n in self._slots))
+        slot = {n: k for k, n in enumerate(order) if n != FREE_SLOT}
+        unknown = sorted({n for n in adapter_names if n not in slot})
         if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; known: {list(order)}")
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; known: {list(slot)}")
         layers = self._layers_for_mixed_batches()
         if any(layer.merged_adapters for layer in layers):
             raise RuntimeError(f"adapters {self.merged_adapters} are merged; unmerge_adapter() before mixed batches")
-        mixed = MixedBatch.build(order, [order.index(n) for n in adapter_names], self.device)
+        mixed = MixedBatch.build(order, [slot[n] for n in adapter_names], self.device)
         for layer in layers:
             layer.mixed = mixed
         try:
@@ -429,7 +466,8 @@ class PeftModel(nn.Module):
         the adapter's traces removed, the active set and every parameter's ``requires_grad`` as they were."""
         existed = adapter_name in self.peft_config  # add_adapter refuses it then, before changing anything
         layers = [layer for _, layer in self.adapter_layers()]
-        flags = [(p, p.requires_grad) for p in self.parameters()]
+        # the model's own parameters and the adapters' that adding one may change (_apply_active's `changed`)
+        flags = [(p, p.requires_grad) for _, m in module_tree(self.base_model) for p in m._parameters.values() if p is not None]
         active = list(self._active)
         try:
             yield
@@ -453,6 +491,7 @@ class PeftModel(nn.Module):
                 setattr(parent, child, layer.base_layer)
         tuner_for(config).delete_adapter(self.base_model, adapter_name)
         self.peft_config.pop(adapter_name, None)
+        self._free_slot(adapter_name)
         self._mixed_layers = ((), [])
 
 

@@ -144,9 +144,9 @@ class AdapterRegistry:
         source = str(Path(path) / checkpoint.WEIGHTS_NAME)
         if self.peft is None:  # the first adapter wraps the plain model
             self.peft = PeftModel.from_tensors(self.model, name, config, tensors, source)
+            self.peft.eval()  # (later adapters are made in the model's mode)
         else:
             self.peft.add_adapter_from_tensors(name, config, tensors, source)
-        self.peft.eval()  # new adapter modules start in training mode (dropout on)
         info = AdapterInfo(name=name, path=str(path), created=int(time.time()),
                            bytes=self.tensor_bytes(tensors), pinned=pinned)
         with self._lock:

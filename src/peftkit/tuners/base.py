@@ -24,7 +24,7 @@ from torch import nn
 from ..base_layers import is_linear
 from ..families import head_names, layer_containers
 from ..tying import warn_if_tied
-from .layer import AdapterLayer, ModulesToSaveWrapper, model_layer
+from .layer import AdapterLayer, ModulesToSaveWrapper, model_layer, module_tree
 
 BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
 FILE_PREFIX = "base_model.model."  # HF PEFT's key prefix for module parameters in adapter files
@@ -163,8 +163,8 @@ def find_targets(model: nn.Module, config: PeftConfig, allowed: tuple[type, ...]
         raise ValueError(f"{type(config).__name__} needs target_modules; candidates:\n{describe_targets(model)}")
     heads = output_head_names(model) if spec == "all-linear" else set()
     found = []
-    for name, module in model.named_modules():
-        if not name or _inside_adapter(name, model):
+    for name, module in module_tree(model, into_adapters=False):  # (modules inside adapter layers are no targets)
+        if not name:
             continue
         base = model_layer(module)  # a module wrapped earlier
         if spec == "all-linear":
@@ -192,17 +192,6 @@ def _layer_chain(module: nn.Module) -> Iterable[nn.Module]:
     while isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper):
         module = module.base_layer
         yield module
-
-
-def _inside_adapter(name: str, model: nn.Module) -> bool:
-    # modules inside an adapter layer (base_layer, lora_A.x, ...) are never targets themselves
-    parts = name.split(".")
-    module = model
-    for part in parts[:-1]:
-        module = getattr(module, part)
-        if isinstance(module, AdapterLayer):
-            return True
-    return False
 
 
 def describe_targets(model: nn.Module, limit: int = 40) -> str:
@@ -285,7 +274,7 @@ class Tuner:
     def layers(self, model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
         """This method's layers under the model's module names (file keys): a layer wrapped by another method's layer
         is at ``<module>.base_layer``, which is still ``<module>`` to the files."""
-        for name, module in model.named_modules():
+        for name, module in module_tree(model):
             if type(module) is not ModulesToSaveWrapper and isinstance(module, self.layer_cls):
                 yield re.sub(r"(\.base_layer)+$", "", name), module
 

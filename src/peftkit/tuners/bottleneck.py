@@ -161,6 +161,9 @@ class BottleneckLayer(StackedAdapterLayer):
     def stack_signature(self) -> tuple:
         return tuple(self.non_linearity.items())
 
+    def slot_signature(self, adapter_name: str) -> str:
+        return self.non_linearity[adapter_name]
+
     def build_stacks(
         self, order: tuple[str, ...]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -29,9 +29,14 @@ if TYPE_CHECKING:  # (tuners.base imports this module)
     from .base import PeftConfig
 
 
+FREE_SLOT = ""  # a name in MixedBatch.order that no adapter has: a free slot (its adapter was deleted)
+
+
 @dataclass
 class MixedBatch:
     """Per-row adapter choice for one forward: row i uses adapter ``order[index[i]]``; ``order[0]`` is the base.
+    ``order`` is the model's slots, one per adapter, in the order they were added, with :data:`FREE_SLOT` where an
+    adapter was deleted (kept so the other adapters keep their slots).
 
     ``rows[k]``: the rows that use ``order[k]`` (a tensor on the model's device) or None when no row does. Built
     once from the host-side choice (:meth:`build`), so that no layer asks the device which rows it has: a
@@ -70,6 +75,7 @@ class AdapterLayer(nn.Module, abc.ABC):
         self.merge_undos: list[Undo] = []
         self.disabled = False
         self.mixed: MixedBatch | None = None
+        self.revision = 0  # bumped by delete_adapter, so caches of per-adapter state never take a new one for the old
 
     @property
     def kind(self) -> BaseLayerKind | None:
@@ -98,11 +104,12 @@ class AdapterLayer(nn.Module, abc.ABC):
                 item = store[adapter_name]
                 yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
 
-    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
-        """Make ``names`` (those this layer has) active; only adapters in ``trainable`` get gradients."""
+    def set_adapter(self, names: list[str], trainable: Iterable[str] = (), only: Iterable[str] | None = None) -> None:
+        """Make ``names`` (those this layer has) active; only adapters in ``trainable`` get gradients (``requires_grad``
+        is set for the adapters in ``only``, default all)."""
         self.active_adapters = [n for n in names if n in self.adapter_names]
         trainable = set(trainable)
-        for name in self.adapter_names:
+        for name in self.adapter_names if only is None else [n for n in only if n in self.adapter_names]:
             for p in self.adapter_parameters(name):
                 p.requires_grad_(name in trainable)
 
@@ -114,6 +121,7 @@ class AdapterLayer(nn.Module, abc.ABC):
             if adapter_name in store:
                 del store[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        self.revision += 1
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights."""
@@ -167,6 +175,24 @@ def model_layer(module: nn.Module) -> nn.Module:
     return module
 
 
+def module_tree(root: nn.Module, into_adapters: bool = True) -> Iterator[tuple[str, nn.Module]]:
+    """``root.named_modules()`` without the adapters' own storage: an adapter layer's ``lora_A.<name>``, ... are
+    skipped and only its ``base_layer`` is walked (or nothing under it, with ``into_adapters=False``: the layer
+    stands for the module it wraps).
+
+    Why: ``named_modules`` also visits every adapter's sub-modules, so finding targets or adapter layers cost time
+    in proportion to the adapters loaded (0.2 s per load with 16 LoRA adapters on SmolLM2-135M in a server)."""
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        name, module = stack.pop()
+        yield name, module
+        if isinstance(module, AdapterLayer):
+            children = [("base_layer", module.base_layer)] if into_adapters else []
+        else:
+            children = [(k, m) for k, m in module._modules.items() if m is not None]
+        stack.extend((f"{name}.{k}" if name else k, m) for k, m in reversed(children))
+
+
 def gather_rows(stack: torch.Tensor, mixed: MixedBatch, batch: int) -> torch.Tensor:
     """Per-row weights ``stack[index]``, checking the mixed batch matches the input's batch size."""
     if mixed.index.numel() != batch:
@@ -175,31 +201,52 @@ def gather_rows(stack: torch.Tensor, mixed: MixedBatch, batch: int) -> torch.Ten
 
 
 class StackCache:
-    """Per-adapter tensors stacked for mixed batches, rebuilt only when the adapters or their values change.
+    """Per-adapter tensors stacked for mixed batches, one slot per adapter (``MixedBatch.order``), kept up to date
+    slot by slot: loading or deleting an adapter rewrites its slot in place instead of rebuilding every slot (which
+    cost a server 0.2-0.3 s per load on its first step with 16 adapters, and a fresh copy of all of them each time).
 
-    The check runs in every forward of every layer, so it is kept cheap: the source tensors are looked up again only
-    when the batch's adapter order or the layer's :meth:`StackedAdapterLayer.stack_signature` changes; otherwise
+    The check runs in every forward of every layer, so it is kept cheap: the slots' keys and source tensors are
+    looked up again only when the order or the layer's :meth:`StackedAdapterLayer.stack_signature` changes; otherwise
     their version counters (bumped by every in-place write: optimizer steps, loading, merging) and storage pointers
-    (changed by ``.to()``) tell whether the values moved.
+    (changed by ``.to()``) tell which slots' values moved. Stacks hold spare free slots (a multiple of
+    :attr:`ROUND`), so a new adapter usually lands in place; one that does not fit (more slots, a larger rank) makes
+    the layer build them all again.
     """
+
+    ROUND = 8
 
     def __init__(self) -> None:
         self.structure: tuple | None = None
-        self.sources: tuple[torch.Tensor, ...] = ()
-        self.state: tuple | None = None
+        self.keys: list = []
+        self.sources: list[tuple[torch.Tensor, ...]] = []
+        self.built: list = []  # (key, state) of each slot the stacks hold now
         self.value: tuple = ()
 
+    FREE = (None, ())  # what a free slot's entry in ``built`` is
+
     def get(self, layer: StackedAdapterLayer, order: tuple[str, ...]) -> tuple:
-        structure = (order, layer.stack_signature())
+        # (the revision changes when an adapter is deleted: a new one of the same name is then a new slot entry)
+        structure = (order, layer.stack_signature(), layer.revision)
         if structure != self.structure:
-            self.sources = tuple(t for n in order if n in layer.adapter_names for t in layer.stack_sources(n))
-            self.structure, self.state = structure, None
-        state = tuple((t._version, t.data_ptr()) for t in self.sources)
-        if state != self.state:
+            names = set(layer.adapter_names)
+            self.keys = [(n, layer.slot_signature(n)) if n in names else None for n in order]
+            self.sources = [layer.stack_sources(n) if n in names else () for n in order]
+            self.structure = structure
+        built = [(key, tuple((t._version, t.data_ptr()) for t in sources)) for key, sources in zip(self.keys, self.sources)]
+        built += [self.FREE] * (len(self.built) - len(built))  # slots past the last adapter are free
+        if built != self.built:
             with torch.no_grad():  # mixed batches are for inference
-                self.value = layer.build_stacks(order)
-            self.state = state
+                self._update(layer, order, built)
         return self.value
+
+    def _update(self, layer: StackedAdapterLayer, order: tuple[str, ...], built: list) -> None:
+        capacity = len(self.built)
+        slots = order + (FREE_SLOT,) * (len(built) - len(order))
+        dirty = [k for k, b in enumerate(built) if k >= capacity or b != self.built[k]]
+        if not (self.value and len(built) <= capacity and all(layer.fill_slot(self.value, k, slots[k]) for k in dirty)):
+            capacity = -(-len(order) // self.ROUND) * self.ROUND
+            self.value = layer.build_stacks(order + (FREE_SLOT,) * (capacity - len(order)))
+        self.built = built[: len(order)] + [self.FREE] * (capacity - len(order))
 
 
 class StackedAdapterLayer(AdapterLayer):
@@ -243,6 +290,22 @@ class StackedAdapterLayer(AdapterLayer):
     def stack_signature(self) -> tuple:
         """Whatever besides the adapter names decides the stacks' shape (LoRA: ranks and scales)."""
         return tuple(self.adapter_names)
+
+    def slot_signature(self, adapter_name: str) -> Any:
+        """What besides its tensors decides one adapter's slot (LoRA: its rank and scale)."""
+        return None
+
+    def fill_slot(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
+        """Write ``adapter_name``'s entries (identity ones for a name this layer lacks) into slot ``slot`` of
+        ``stacks`` in place; False when they do not fit there (then every slot is built again). This default takes
+        them from :meth:`build_stacks` of that name alone, and fits when every stack is a tensor of the same shape
+        per slot; methods whose entries are padded (LoRA's ranks) say how."""
+        own = self.build_stacks((adapter_name,))
+        if not all(torch.is_tensor(a) and torch.is_tensor(b) and a.shape[1:] == b.shape[1:] for a, b in zip(stacks, own)):
+            return False
+        for stack, entry in zip(stacks, own):
+            stack[slot].copy_(entry[0])
+        return True
 
     def rows(self, stack: torch.Tensor, batch: int) -> torch.Tensor:
         """Each row's entry of ``stack``: ``stack[mixed.index]``."""

@@ -34,7 +34,7 @@ from .base import (
     find_targets,
     register,
 )
-from .layer import StackedAdapterLayer, model_layer
+from .layer import StackedAdapterLayer, model_layer, module_tree
 
 
 # why lora_alpha must be positive: the update is (alpha / r) B A, so alpha = 0 zeroes every LoRA gradient
@@ -148,6 +148,23 @@ class _LoraLayerBase:
 
     def build_stacks(self, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         return _stack_factors(self, order)
+
+    def slot_signature(self, adapter_name: str) -> tuple[int, float]:
+        return self.r[adapter_name], self.scaling[adapter_name]
+
+    def fill_slot(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
+        """Slot ``slot`` of (A, B) := this adapter's factors zero-padded to the stacks' rank (zeros if absent)."""
+        A, B = stacks
+        r = self.r.get(adapter_name, 0)
+        if r > A.shape[1]:
+            return False
+        A[slot].zero_()
+        B[slot].zero_()
+        if r:
+            A_name, B_name = self.factor_tensors(adapter_name)
+            A[slot, :r] = A_name
+            B[slot, :, :r] = B_name * self.scaling[adapter_name]
+        return True
 
 
 def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
@@ -317,7 +334,7 @@ class LoraTuner(Tuner):
         if bias == "none":
             return {}
         out = {}
-        for name, module in model.named_modules():
+        for name, module in module_tree(model):
             if bias == "lora_only" and not isinstance(module, (LoraLayer, LoraEmbedding)):
                 continue
             owner = model_layer(module)  # (under other methods' layers when they share the module)

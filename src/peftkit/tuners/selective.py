@@ -33,12 +33,12 @@ from .base import (
     AdapterLayer,
     PeftConfig,
     Tuner,
-    _inside_adapter,
     _layer_index,
     _matches,
     get_submodule_parent,
     register,
 )
+from .layer import module_tree
 
 
 @dataclass
@@ -191,9 +191,7 @@ def candidate_parameters(model: nn.Module, config: PeftConfig) -> list[tuple[str
     """(module path, parameter name, parameter) for every parameter of the model itself: not adapter state, not
     inside ``modules_to_save`` modules; a :class:`SelectiveLayer` counts as the module it wraps."""
     out = []
-    for path, module in model.named_modules():
-        if path and _inside_adapter(path, model):
-            continue
+    for path, module in module_tree(model, into_adapters=False):
         if isinstance(module, AdapterLayer) and not isinstance(module, SelectiveLayer):
             continue
         if config.modules_to_save and path and _matches(path, config.modules_to_save):
