@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         loads, folders = write_loads(model, tmp, size, args)
         largest_mib = max(f.stat().st_size for f in tmp.glob("*/*/adapter_model.safetensors")) / 2**20
+        slot_mib = stack_slot_mib(tmp / "all")
         log(f"wrote {len(folders)} adapter folders in {time.perf_counter() - started:.0f} s")
         precision = resolve_precision(args.dtype, torch.device("cpu"))
         pairs = {job for *_, plan in loads for client in plan for job in client}
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"solo references: {len(pairs)} (adapter, prompt) pairs in {time.perf_counter() - t0:.0f} s")
         runs, bounds, failures = measure(model, tok, tmp, loads, expected, size, precision, args)
 
-    report = {"dtype": args.dtype, "sizes": size, "largest_adapter_mib": largest_mib, "threads": args.threads,
+    report = {"dtype": args.dtype, "sizes": size, "largest_adapter_mib": largest_mib, "stack_slot_mib": slot_mib, "threads": args.threads,
               "window_ms": args.window_ms, "seed": args.seed, "cpu": cpu_name(), "load_average": os.getloadavg(),
               "runs": runs, "bounds": bounds, "wall_s": time.perf_counter() - started, "failures": failures}
     report["goals"] = verdicts(report)
@@ -158,6 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def stack_slot_mib(folder: Path) -> float:
+    """What one slot of the server's mixed-batch stacks costs for these LoRA adapters (tuners/layer.py, StackCache):
+    for every module some adapter targets, the largest rank there x (in + out features), at 4 bytes (float32)."""
+    from safetensors import safe_open
+
+    modules: dict[str, list[int]] = {}  # module -> [largest r, in, out]
+    for path in folder.glob("*/adapter_model.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key.endswith(".lora_A.weight"):
+                    r, fan_in = f.get_slice(key).get_shape()
+                    fan_out = f.get_slice(key.replace(".lora_A.", ".lora_B.")).get_shape()[0]
+                    entry = modules.setdefault(key[: -len(".lora_A.weight")], [0, fan_in, fan_out])
+                    entry[0] = max(entry[0], r)
+    return sum(r * (fan_in + fan_out) for r, fan_in, fan_out in modules.values()) * 4 / 2**20
 
 
 def write_loads(model, tmp: Path, size: dict, args: argparse.Namespace) -> tuple[list, dict[str, Path]]:

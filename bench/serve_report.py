@@ -73,10 +73,12 @@ def verdicts(report: dict) -> dict:
     single, many = _run(report, counts[0], "single", "batched"), _run(report, counts[-1], "zipf", "batched")
     peaks = {r["adapters"]: r["peak_rss_mib"] for r in batched}
     growth = max(peaks.values()) - min(peaks.values()) if len(peaks) > 1 else None  # needs two adapter counts
-    # what the budget may hold: max_adapters adapters, and their stacked copies for mixed batches in slots rounded up
-    # to a multiple of 8 (StackCache.ROUND, base row included), each at most the largest adapter
-    slots = -(-(report["sizes"]["max_adapters"] + 1) // 8) * 8
-    budget = (report["sizes"]["max_adapters"] + slots) * report.get("largest_adapter_mib", float("nan"))
+    # what the budget may hold: max_adapters adapters (each at most the largest) and the mixed-batch stacks: the base
+    # row and max_adapters slots plus StackCache's headroom (one per 8), each slot padded to the largest rank per layer
+    n = report["sizes"]["max_adapters"] + 1
+    slots = n + max(1, n // 8)
+    budget = (report["sizes"]["max_adapters"] * report.get("largest_adapter_mib", float("nan"))
+              + slots * report.get("stack_slot_mib", float("nan")))
     full = [n for n in sorted(peaks) if n >= report["sizes"]["max_adapters"]]  # adapter counts that fill the budget
     on_disk = peaks[full[-1]] - peaks[full[0]] if len(full) > 1 else None
     server_runs = [r for r in report["runs"] if r["config"] != "HF PEFT" and "lost" in r]
@@ -141,7 +143,8 @@ def markdown(report: dict) -> str:
               f"({_f(g['zipf_many_vs_one']['ratio'])}x)",
               f"- peak RSS bounded by the budget: {_met(g['peak_rss_bounded'])} (batched server, growth from the fewest to the most "
               f"adapters {_f(g['peak_rss_bounded']['growth_mib'], 0)} MiB; budget {_f(g['peak_rss_bounded']['budget_mib'], 0)} MiB = "
-              f"(--max-adapters + {g['peak_rss_bounded'].get('slots', '-')} stack slots) x the largest adapter; between the "
+              f"--max-adapters x the largest adapter + {g['peak_rss_bounded'].get('slots', '-')} stack slots (the base and each "
+              f"adapter padded to the largest rank per layer, {_f(report.get('stack_slot_mib'), 1)} MiB each); between the "
               f"adapter counts that fill the budget: {_f(g['peak_rss_bounded'].get('growth_with_adapters_on_disk_mib'), 0)} MiB)",
               f"- nothing lost or crossed: {_met(g['nothing_lost_or_crossed'])} ({g['nothing_lost_or_crossed']['lost']} lost, "
               f"{g['nothing_lost_or_crossed']['crossed']} crossed of {g['nothing_lost_or_crossed']['requests']} server requests)"]

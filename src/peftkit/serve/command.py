@@ -6,7 +6,10 @@ Hook into a top-level argparse CLI with :func:`add_serve_parser`, or run ``pytho
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -86,6 +89,22 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return parser
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (``MALLOC_ARENA_MAX``) for this process, unless the environment sets it already.
+
+    Why: the server allocates from many threads (HTTP handlers, the adapter loader, the scheduler); glibc gives each
+    thread an arena of its own that keeps freed memory, so peak RSS grew with thread count, not with the adapters
+    held. Measured with 8 adapters on demand on SmolLM2-135M: 393 MiB above one adapter, 300 MiB with two arenas, at
+    the same tokens/s. Elsewhere (macOS, musl) this does nothing."""
+    if os.environ.get("MALLOC_ARENA_MAX") or sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        return
+
+
 def run(args: argparse.Namespace) -> int:
     """Check every setting (before the model loads, which takes a while), load the model and adapters, then serve
     until interrupted. Errors are raised for the caller's handler (``peftkit.cli.errors``) to print in one line."""
@@ -111,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli.common import resolve_hardware
 
     device, precision = resolve_hardware(args, "serve")
+    limit_malloc_arenas()
     model, tokenizer = load_model(args.model, task="causal-lm", device=device)
     try:
         app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,

@@ -208,12 +208,14 @@ class StackCache:
     The check runs in every forward of every layer, so it is kept cheap: the slots' keys and source tensors are
     looked up again only when the order or the layer's :meth:`StackedAdapterLayer.stack_signature` changes; otherwise
     their version counters (bumped by every in-place write: optimizer steps, loading, merging) and storage pointers
-    (changed by ``.to()``) tell which slots' values moved. Stacks hold spare free slots (a multiple of
-    :attr:`ROUND`), so a new adapter usually lands in place; one that does not fit (more slots, a larger rank) makes
-    the layer build them all again.
+    (changed by ``.to()``) tell which slots' values moved. Stacks hold one spare slot per :attr:`HEADROOM`
+    adapters, so adding adapters one by one rebuilds them every few adds (amortized: each add copies a few slots),
+    while a server at its budget reuses freed slots and never rebuilds; a new adapter that does not fit (more slots,
+    a larger rank) makes the layer build them all again. The stacks cost (slots) x (the largest rank per layer) x
+    (in + out features): with 16 LoRA adapters on SmolLM2-135M, 243 MiB against 80 MiB of the adapters' own weights.
     """
 
-    ROUND = 8
+    HEADROOM = 8
 
     def __init__(self) -> None:
         self.structure: tuple | None = None
@@ -244,7 +246,7 @@ class StackCache:
         slots = order + (FREE_SLOT,) * (len(built) - len(order))
         dirty = [k for k, b in enumerate(built) if k >= capacity or b != self.built[k]]
         if not (self.value and len(built) <= capacity and all(layer.fill_slot(self.value, k, slots[k]) for k in dirty)):
-            capacity = -(-len(order) // self.ROUND) * self.ROUND
+            capacity = len(order) + max(1, len(order) // self.HEADROOM)
             self.value = layer.build_stacks(order + (FREE_SLOT,) * (capacity - len(order)))
         self.built = built[: len(order)] + [self.FREE] * (capacity - len(order))
 
