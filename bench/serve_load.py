@@ -21,7 +21,7 @@ configuration: tokens/s, its fraction of the bound, p50/p99 latency and time to 
 evictions, peak RSS of the serving process (VmHWM, reset when the load starts). Writes serve_load.json, .md and
 .png into --out.
 
-    python bench/serve_load.py --out bench/results        # the full run (~15 min on 2 quiet cores)
+    python bench/serve_load.py --out bench/results        # the full run (~21 min on 2 quiet cores)
     python bench/serve_load.py --quick --out /tmp/sl      # small sizes (a few minutes on the real model)
     python bench/serve_load.py --render bench/results/serve_load.json   # the markdown table again
 """
