@@ -29,6 +29,14 @@ def logits(model, x, **kw):
 X = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
 
 
+def assert_mixed_equals_solo(pm, names: list[str]) -> None:
+    """Row i of a mixed batch over X equals adapter names[i] run alone on row i (within 1e-5)."""
+    mixed = logits(pm, X, adapter_names=names)
+    for row, name in enumerate(names):
+        pm.set_adapter(name)
+        assert (mixed[row] - logits(pm, X[row : row + 1])[0]).abs().max().item() < 1e-5, name
+
+
 @pytest.mark.parametrize("factory,targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"]), (tiny_llama, ["embed_tokens"])])
 def test_identity_at_init(factory, targets):
     model = factory()
@@ -187,18 +195,12 @@ def test_mixed_batch_sees_weights_changed_in_place_and_new_adapters():
     randomize_b(pm, "default", seed=1)
     pm.eval()
 
-    def check(names: list[str]) -> None:
-        mixed = logits(pm, X, adapter_names=names)
-        for row, name in enumerate(names):
-            pm.set_adapter(name)
-            assert (mixed[row] - logits(pm, X[row : row + 1])[0]).abs().max().item() < 1e-5, name
-
-    check(["default", "b", "default"])
+    assert_mixed_equals_solo(pm, ["default", "b", "default"])
     randomize_b(pm, "b", seed=2)  # in place, like an optimizer step or a reload
-    check(["b", "default", "b"])
+    assert_mixed_equals_solo(pm, ["b", "default", "b"])
     pm.add_adapter("c", pk.LoraConfig(r=4, target_modules=["q_proj"]))
     randomize_b(pm, "c", seed=3)
-    check(["c", "b", "default"])
+    assert_mixed_equals_solo(pm, ["c", "b", "default"])
 
 
 def test_mixed_batch_slots_are_updated_in_place_and_never_stale():
@@ -213,26 +215,20 @@ def test_mixed_batch_slots_are_updated_in_place_and_never_stale():
     pm.eval()
     layer = next(m for m in pm.modules() if isinstance(m, LoraLayer))
 
-    def check(names: list[str]) -> None:
-        mixed = logits(pm, X, adapter_names=names)
-        for row, name in enumerate(names):
-            pm.set_adapter(name)
-            assert (mixed[row] - logits(pm, X[row : row + 1])[0]).abs().max().item() < 1e-5, name
-
-    check(["a", "b", "c"])
+    assert_mixed_equals_solo(pm, ["a", "b", "c"])
     stacks = layer._stacks.value
     pm.delete_adapter("b")
     pm.add_adapter("b", pk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # same name, new weights, same slot
     randomize_b(pm, "b", seed=7)
     assert pm._slots == ["a", "b", "c"]
-    check(["c", "b", "a"])
+    assert_mixed_equals_solo(pm, ["c", "b", "a"])
     assert layer._stacks.value[0] is stacks[0]  # rewritten in place
     pm.delete_adapter("c")
     assert pm._slots == ["a", "b"]
-    check(["b", "a", "b"])
+    assert_mixed_equals_solo(pm, ["b", "a", "b"])
     pm.add_adapter("d", pk.LoraConfig(r=16, target_modules=["q_proj"]))  # larger than the stacks' rank: rebuilt
     randomize_b(pm, "d", seed=8)
-    check(["d", "a", "b"])
+    assert_mixed_equals_solo(pm, ["d", "a", "b"])
     assert layer._stacks.value[0].shape[1] == 16
 
 
