@@ -220,11 +220,11 @@ def test_mixed_batch_slots_are_updated_in_place_and_never_stale():
     pm.delete_adapter("b")
     pm.add_adapter("b", pk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # same name, new weights, same slot
     randomize_b(pm, "b", seed=7)
-    assert pm._slots == ["a", "b", "c"]
+    assert pm._slots.names == ["a", "b", "c"]
     assert_mixed_equals_solo(pm, ["c", "b", "a"])
     assert layer._stacks.value[0] is stacks[0]  # rewritten in place
     pm.delete_adapter("c")
-    assert pm._slots == ["a", "b"]
+    assert pm._slots.names == ["a", "b"]
     assert_mixed_equals_solo(pm, ["b", "a", "b"])
     pm.add_adapter("d", pk.LoraConfig(r=16, target_modules=["q_proj"]))  # larger than the stacks' rank: rebuilt
     randomize_b(pm, "d", seed=8)

@@ -24,7 +24,7 @@ from .memory import MemoryFootprint, memory_footprint
 from .merge_report import merge_report
 from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for
 from .tuners import mixed_prompts
-from .tuners.layer import FREE_SLOT, AdapterLayer, MixedBatch, ModulesToSaveWrapper, module_tree
+from .tuners.layer import FREE_SLOT, AdapterLayer, MixedBatch, ModulesToSaveWrapper, Slots, module_tree
 from .tying import untie
 
 class PeftModel(nn.Module):
@@ -50,9 +50,7 @@ class PeftModel(nn.Module):
         self._active: list[str] = []
         self._disabled = False  # inside disable_adapter(): the base model alone
         self._mixed_layers: tuple[tuple[str, ...], list[AdapterLayer]] = ((), [])
-        # each adapter's slot in mixed batches (None: free); a slot keeps its adapter until it is deleted, so the
-        # layers' stacks change one slot per load or deletion instead of being rebuilt (tuners/layer.py, StackCache)
-        self._slots: list[str | None] = []
+        self._slots = Slots()  # each adapter's slot in mixed batches (tuners/layer.py)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -98,19 +96,10 @@ class PeftModel(nn.Module):
         if config.modules_to_save:
             self._wrap_modules_to_save(config, adapter_name)
         self.peft_config[adapter_name] = config
-        self._take_slot(adapter_name)
+        self._slots.take(adapter_name)
         self._apply_active(self._active or [adapter_name], changed=adapter_name)
         if not self.training:
             self._eval_new_modules(adapter_name)
-
-    def _take_slot(self, adapter_name: str) -> None:
-        free = next((k for k, n in enumerate(self._slots) if n is None), len(self._slots))
-        self._slots[free:free + 1] = [adapter_name]
-
-    def _free_slot(self, adapter_name: str) -> None:
-        self._slots = [None if n == adapter_name else n for n in self._slots]
-        while self._slots and self._slots[-1] is None:
-            self._slots.pop()
 
     def _eval_new_modules(self, adapter_name: str) -> None:
         """Put the modules just made for ``adapter_name`` (created in training mode) in eval mode like the rest of
@@ -181,7 +170,7 @@ class PeftModel(nn.Module):
             layer.delete_adapter(adapter_name)
         tuner_for(self.peft_config[adapter_name]).delete_adapter(self.base_model, adapter_name)
         del self.peft_config[adapter_name]
-        self._free_slot(adapter_name)
+        self._slots.free(adapter_name)
         self._apply_active([n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))])
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
@@ -313,7 +302,7 @@ class PeftModel(nn.Module):
         configs = [self.peft_config[n] for n in adapters]
         config = tuner_for(configs[0]).add_weighted(self.base_model, adapters, weights, adapter_name, combination_type, configs)
         self.peft_config[adapter_name] = config
-        self._take_slot(adapter_name)
+        self._slots.take(adapter_name)
         self._apply_active(self._active)
 
     def memory_footprint(self) -> MemoryFootprint:
@@ -332,7 +321,7 @@ class PeftModel(nn.Module):
             raise TypeError("adapter_names must be a list of adapter names, one per row")
         if batch_size is not None and len(adapter_names) != batch_size:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
-        order = (BASE, *(FREE_SLOT if n is None else n for n in self._slots))
+        order = self._slots.order(BASE)
         slot = {n: k for k, n in enumerate(order) if n != FREE_SLOT}
         unknown = sorted({n for n in adapter_names if n not in slot})
         if unknown:
@@ -491,7 +480,7 @@ class PeftModel(nn.Module):
                 setattr(parent, child, layer.base_layer)
         tuner_for(config).delete_adapter(self.base_model, adapter_name)
         self.peft_config.pop(adapter_name, None)
-        self._free_slot(adapter_name)
+        self._slots.free(adapter_name)
         self._mixed_layers = ((), [])
 
 

@@ -32,6 +32,27 @@ if TYPE_CHECKING:  # (tuners.base imports this module)
 FREE_SLOT = ""  # a name in MixedBatch.order that no adapter has: a free slot (its adapter was deleted)
 
 
+class Slots:
+    """Each adapter's slot in mixed batches (``MixedBatch.order``): the lowest free one when it is added, kept until it
+    is deleted, so the layers' stacks change one slot per load or deletion instead of being rebuilt (StackCache)."""
+
+    def __init__(self) -> None:
+        self.names: list[str | None] = []  # None: a free slot
+
+    def take(self, name: str) -> None:
+        free = next((k for k, n in enumerate(self.names) if n is None), len(self.names))
+        self.names[free : free + 1] = [name]
+
+    def free(self, name: str) -> None:
+        self.names = [None if n == name else n for n in self.names]
+        while self.names and self.names[-1] is None:
+            self.names.pop()
+
+    def order(self, base: str) -> tuple[str, ...]:
+        """``base`` (slot 0), then every slot's adapter, :data:`FREE_SLOT` where none."""
+        return (base, *(FREE_SLOT if n is None else n for n in self.names))
+
+
 @dataclass
 class MixedBatch:
     """Per-row adapter choice for one forward: row i uses adapter ``order[index[i]]``; ``order[0]`` is the base.
