@@ -104,20 +104,26 @@ def test_kill_9_during_saves_leaves_old_or_new_never_a_mix(tmp_path):
     old_model, new_model = version(1, r=16, alpha=32, r_other=4), version(2, r=32, alpha=16, r_other=8)
     versions = {"old": fingerprint(old_model), "new": fingerprint(new_model)}
     base = tiny_llama()
-    span = child_span(new_model, tmp_path / "timing")  # kills are spread over this span
+    span = child_span(new_model, tmp_path / "timing")  # kills are spread around this span
     rng = random.Random(0)
     counts: dict[str, Counter] = {}
     leftovers_seen = recovered = 0
     for protocol in ("exchange", "fallback"):
+        # The kill delay follows the machine: a kill after both saves (the second folder new) shortens it, one before
+        # the first save finished (the first folder not new) lengthens it, so kills keep landing inside the saves on
+        # a busy or a quiet machine alike (a fixed spread once landed every kill after the saves under CI load).
+        scale = span / 2
         for k in range(ROUNDS_PER_PROTOCOL):
             existing, fresh = tmp_path / protocol / f"existing{k}", tmp_path / protocol / f"new{k}"
             old_model.save_pretrained(existing)
             (existing / "README.md").write_text("kept by every save")  # a file the saves do not write
             order = [existing, fresh] if k % 2 == 0 else [fresh, existing]
             pid = fork_saves(new_model, order, fallback=protocol == "fallback")
-            time.sleep(rng.uniform(0, span))
+            time.sleep(scale * rng.uniform(0.25, 1.75))
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            first, second = (classify(folder, base, versions) for folder in order)
+            scale *= 0.8 if second == "new" else 1.25 if first != "new" else 1.0
             for kind, folder in (("existing", existing), ("new", fresh)):
                 stray = atomic.leftovers(folder)
                 leftovers_seen += bool(stray)
