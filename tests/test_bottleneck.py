@@ -268,3 +268,20 @@ def test_save_load_round_trip_and_file_layout(tmp_path):
 @pytest.mark.parametrize("variant,lr", [("houlsby", 3e-3), ("pfeiffer", 1e-2)])
 def test_learns_sst2_and_reloads(tmp_path, minilm, variant, lr):
     assert_learns_and_reloads(tmp_path, minilm, BottleneckConfig(variant=variant), lr=lr, balanced=True)
+
+
+def test_mixed_batch_after_deleting_an_adapter_equals_solo():
+    """Deleting an adapter frees its slot in the mixed-batch stacks; the next mixed batch still equals solo runs
+    (the slot update must rebuild bottleneck stacks, which carry their non-linearities)."""
+    pm = pk.get_peft_model(tiny_llama(), pk.BottleneckConfig(variant="houlsby", reduction_factor=4), "a")
+    pm.add_adapter("b", pk.BottleneckConfig(variant="pfeiffer", reduction_factor=4))
+    pm.add_adapter("c", pk.BottleneckConfig(variant="houlsby", reduction_factor=8))
+    pm.eval()
+    x = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pm(input_ids=x, adapter_names=["a", "c"])
+        pm.delete_adapter("b")
+        mixed = pm(input_ids=x, adapter_names=["a", "c"]).logits
+        for row, name in enumerate(["a", "c"]):
+            pm.set_adapter(name)
+            assert (mixed[row] - pm(input_ids=x[row : row + 1]).logits[0]).abs().max().item() < 1e-5, name

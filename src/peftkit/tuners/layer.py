@@ -323,8 +323,10 @@ class StackedAdapterLayer(AdapterLayer):
         ``stacks`` in place; False when they do not fit there (then every slot is built again). This default takes
         them from :meth:`build_stacks` of that name alone, and fits when every stack is a tensor of the same shape
         per slot; methods whose entries are padded (LoRA's ranks) say how."""
+        if not all(torch.is_tensor(a) for a in stacks):  # (bottleneck stacks carry their non-linearities too)
+            return False
         own = self.build_stacks((adapter_name,))
-        if not all(torch.is_tensor(a) and torch.is_tensor(b) and a.shape[1:] == b.shape[1:] for a, b in zip(stacks, own)):
+        if not all(torch.is_tensor(b) and a.shape[1:] == b.shape[1:] for a, b in zip(stacks, own)):
             return False
         for stack, entry in zip(stacks, own):
             stack[slot].copy_(entry[0])
