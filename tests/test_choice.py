@@ -44,11 +44,11 @@ def test_collator_layout_by_hand():
     examples = [{"prompt_ids": [5, 6, 7], "choice_ids": [[8], [9, 10]], "label": 1},
                 {"prompt_ids": [11], "choice_ids": [[12, 13], [14]], "label": 0}]
     batch = ChoiceCollator(pad_token_id=0)(examples)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 0], [5, 6, 7, 9, 10], [11, 12, 13, 0, 0], [11, 14, 0, 0, 0]]
-    # choice token t is predicted at position len(prompt) + t - 1
-    assert batch["positions"].tolist() == [[[2, 0], [2, 3]], [[0, 1], [0, 0]]]
+    assert batch["prompt_ids"].tolist() == [[5, 6, 7], [11, 0, 0]] and batch["prompt_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["prompt_lengths"].tolist() == [3, 1]
     assert batch["choice_labels"].tolist() == [[[8, -100], [9, 10]], [[12, 13], [14, -100]]]
-    assert batch["labels"].tolist() == [1, 0] and int(batch["num_real_tokens"]) == 4 + 5 + 3 + 2
+    # read by a forward: each prompt once and each choice but its last token
+    assert batch["labels"].tolist() == [1, 0] and int(batch["num_real_tokens"]) == 3 + 1 + (0 + 1) + (1 + 0)
     with pytest.raises(ValueError, match="different numbers of choices"):
         ChoiceCollator(0)([examples[0], {"prompt_ids": [1], "choice_ids": [[2], [3], [4]], "label": 0}])
 
@@ -105,6 +105,42 @@ def test_scores_and_losses_equal_a_hand_computation(tiny, method):
     normed = [max(range(len(h)), key=lambda k: h[k][0] / h[k][1]) for h in hand]
     assert scores["accuracy"] == pytest.approx(sum(p == y for p, y in zip(raw, labels)) / len(labels))
     assert scores["accuracy_norm"] == pytest.approx(sum(p == y for p, y in zip(normed, labels)) / len(labels))
+
+
+def test_the_prompt_is_read_once_with_the_same_losses_and_gradients_as_one_row_per_choice(tiny):
+    """Training through the shared prompt (its cache repeated per choice) gives the gradients of one full row per
+    choice (the path gradient checkpointing takes), and reads each prompt once."""
+    model, tokenizer = tiny
+    model = pk.get_peft_model(copy.deepcopy(model), pk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    records = [{"prompt": "The sky is a colour and it is", "choices": [" blue", " green and yellow"], "label": 0},
+               {"prompt": "Fire is", "choices": [" hot", " very very cold"], "label": 1}]
+    task = MultipleChoiceTask(model.train(), tokenizer, ("lm", "ul", "ln"))
+    examples = tokenize_choices(records, tokenizer, max_length=64)
+    batch = task.collate(examples)
+    read = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: read.append(read.pop() + args[0].numel()))
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        read.append(0)
+        loss = task.loss_sum(batch)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    hook.remove()
+    (shared_loss, shared), (full_loss, full) = grads
+    assert shared_loss == pytest.approx(full_loss, rel=1e-5) and shared.keys() == full.keys() and len(shared) == 8
+    for name in shared:
+        assert torch.allclose(shared[name], full[name], atol=1e-5, rtol=1e-4), name
+    prompt_width, longest = batch["prompt_ids"].shape[1], batch["choice_labels"].shape[2]
+    assert read[0] == 2 * prompt_width + 4 * (longest - 1)  # prompts once, then every choice but its last token
+    assert read[1] == 4 * max(len(e["prompt_ids"]) + len(c) for e in examples for c in e["choice_ids"])  # one row per choice
 
 
 def _prompted(peft_model):

@@ -11,8 +11,8 @@ Records are ``{"prompt": str, "choices": [str, ...], "label": int}``. They come 
 - a GLUE task folder, phrased as a question the way T0 / T-Few prompt it (``PHRASINGS``: RTE, MRPC, SST-2, CoLA).
 
 Tokenized, an example is ``{"prompt_ids", "choice_ids": [[...], ...], "label"}``; :class:`ChoiceCollator` lays
-every (example, choice) pair out as one right-padded row ``prompt + choice`` and says where each choice token is
-predicted, so the model runs once per batch for all choices.
+out each prompt once and each choice's tokens beside it, so that the model reads a prompt once for all its choices
+(``MultipleChoiceTask``).
 """
 
 from __future__ import annotations
@@ -111,12 +111,12 @@ def tokenize_choices(records: Sequence[dict[str, Any]], tokenizer: Any, max_leng
 
 
 class ChoiceCollator:
-    """Rows ``prompt + choice`` for every example and choice, right-padded, with where each choice token is scored.
+    """Each example's prompt once (right-padded) and its choices' tokens.
 
-    Output: ``input_ids`` / ``attention_mask`` (B*C, L); ``positions`` (B, C, T) the row position whose next-token
-    prediction scores choice token t (``len(prompt) + t - 1``); ``choice_labels`` (B, C, T) those tokens, -100 past a
-    choice's end; ``labels`` (B,) the right choice; ``num_real_tokens`` the non-padding tokens. Examples must have the
-    same number of choices.
+    Output: ``prompt_ids`` / ``prompt_mask`` (B, P); ``prompt_lengths`` (B,); ``choice_labels`` (B, C, T) the choices'
+    tokens, -100 past a choice's end; ``labels`` (B,) the right choice; ``num_real_tokens`` the tokens a forward
+    reads: every prompt once and every choice but its last token (the last is only predicted). Examples must have
+    the same number of choices.
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -126,24 +126,20 @@ class ChoiceCollator:
         num_choices = {len(e["choice_ids"]) for e in examples}
         if len(num_choices) != 1:
             raise ValueError(f"examples in one batch have different numbers of choices {sorted(num_choices)}")
-        rows = [e["prompt_ids"] + c for e in examples for c in e["choice_ids"]]
-        length = max(len(r) for r in rows)
-        longest = max(len(c) for e in examples for c in e["choice_ids"])
         b, c = len(examples), num_choices.pop()
-        input_ids = torch.full((b * c, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((b * c, length), dtype=torch.long)
-        positions = torch.zeros((b, c, longest), dtype=torch.long)
+        length = max(len(e["prompt_ids"]) for e in examples)
+        longest = max(len(ids) for e in examples for ids in e["choice_ids"])
+        prompt_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((b, length), dtype=torch.long)
         choice_labels = torch.full((b, c, longest), IGNORE_INDEX, dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
         for i, example in enumerate(examples):
-            start = len(example["prompt_ids"]) - 1
+            prompt_ids[i, : len(example["prompt_ids"])] = torch.tensor(example["prompt_ids"])
+            prompt_mask[i, : len(example["prompt_ids"])] = 1
             for j, ids in enumerate(example["choice_ids"]):
-                positions[i, j, : len(ids)] = torch.arange(start, start + len(ids))
                 choice_labels[i, j, : len(ids)] = torch.tensor(ids)
+        read = int(prompt_mask.sum()) + sum(len(ids) - 1 for e in examples for ids in e["choice_ids"])
         return {
-            "input_ids": input_ids, "attention_mask": attention_mask, "positions": positions,
+            "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompt_lengths": prompt_mask.sum(1),
             "choice_labels": choice_labels, "labels": torch.tensor([e["label"] for e in examples]),
-            "num_real_tokens": attention_mask.sum(),
+            "num_real_tokens": torch.tensor(read),
         }

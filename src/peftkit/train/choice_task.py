@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..data import ChoiceCollator, group_by_length, ungroup
+from ..data import IGNORE_INDEX, ChoiceCollator, group_by_length, ungroup
 from ..device import Precision, to_device
 from ..losses import choice_log_likelihoods, length_normalized_softmax_loss, rank_classification, unlikelihood_loss
 from .padded import PaddedTask
@@ -41,7 +41,7 @@ class MultipleChoiceTask(PaddedTask):
 
     def __init__(
         self, model: nn.Module, tokenizer: Any, losses: Sequence[str] = ("lm",), device: torch.device | None = None,
-        precision: Precision | None = None,
+        precision: Precision | None = None, share_prompt: bool = True,
     ) -> None:
         from ..peft_model import PeftModel
         from ..tuners.base import Tuner, tuner_for
@@ -51,6 +51,7 @@ class MultipleChoiceTask(PaddedTask):
         self.precision = precision or Precision(torch.float32, "default")
         self.hf_model = model.base_model if isinstance(model, PeftModel) else model
         self.losses = tuple(losses)
+        self.share_prompt = share_prompt  # False: one row per choice (the reference layout, for tests and bench/)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.collator = ChoiceCollator(pad)
         # prompt and prefix tuning rewrite the inputs, so only the PeftModel's own forward applies them
@@ -60,16 +61,60 @@ class MultipleChoiceTask(PaddedTask):
 
     def choice_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, C, T, V): the next-token logits at the positions that score each choice token."""
-        b, c, t = batch["positions"].shape
-        index = batch["positions"].reshape(b * c, t)
+        b, c, t = batch["choice_labels"].shape
+        checkpointed = self.hf_model.training and any(getattr(m, "gradient_checkpointing", 0) is True for m in self.hf_model.modules())
+        hidden = None if self.rewrites_inputs or checkpointed or not self.share_prompt else self._shared_prompt_hidden(batch)
+        logits = self._full_rows_logits(batch) if hidden is None else self.hf_model.get_output_embeddings()(hidden)
+        return logits.reshape(b, c, t, -1).float()
+
+    def _shared_prompt_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B*C, T, H) hidden states that predict each choice token, reading each prompt once.
+
+        The prompt's last position predicts every choice's first token; its keys and values, repeated per choice,
+        are the cache that the choices' other tokens read (position ids continue after each prompt's real end, and
+        the prompt's padding is masked). With one-token choices that is a single forward of the prompts: for two
+        choices, half the work of one row per choice.
+        """
+        labels, lengths, mask = batch["choice_labels"], batch["prompt_lengths"], batch["prompt_mask"]
+        b, c, t = labels.shape
+        out = self.hf_model.base_model(input_ids=batch["prompt_ids"], attention_mask=mask, use_cache=t > 1)
+        last = out.last_hidden_state[torch.arange(b, device=lengths.device), lengths - 1]
+        first = last.repeat_interleave(c, 0).unsqueeze(1)
+        if t == 1:
+            return first
+        cache = out.past_key_values
+        if cache is None:  # a model without a key/value cache: one row per choice instead
+            return None
+        cache.batch_repeat_interleave(c)
+        follow = labels[..., :-1].reshape(b * c, t - 1)
+        real = follow != IGNORE_INDEX
+        offsets = torch.arange(t - 1, device=lengths.device)
+        rest = self.hf_model.base_model(
+            input_ids=follow.clamp(min=0), attention_mask=torch.cat([mask.repeat_interleave(c, 0), real.long()], 1),
+            position_ids=lengths.repeat_interleave(c).unsqueeze(1) + offsets, past_key_values=cache, use_cache=True,
+        ).last_hidden_state
+        return torch.cat([first, rest], 1)
+
+    def _full_rows_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B*C, T, V) logits from one row ``prompt + choice`` per choice: for prompt and prefix tuning, whose
+        virtual tokens only the PeftModel's own forward adds, and under gradient checkpointing (which keeps no cache)."""
+        labels, lengths = batch["choice_labels"], batch["prompt_lengths"]
+        b, c, t = labels.shape
+        rows = [torch.cat([batch["prompt_ids"][i, : lengths[i]], labels[i, j][labels[i, j] != IGNORE_INDEX]])
+                for i in range(b) for j in range(c)]
+        width = max(len(r) for r in rows)
+        input_ids = labels.new_full((b * c, width), self.collator.pad_token_id)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)], attention_mask[i, : len(row)] = row, 1
+        index = (lengths.repeat_interleave(c) - 1).unsqueeze(1) + torch.arange(t, device=lengths.device)
+        index = index.clamp(max=width - 1)  # past a short choice's end: any position, its label is -100
         if self.rewrites_inputs:
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits = logits[:, -batch["input_ids"].shape[1] :]  # virtual tokens come first
-            picked = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        else:
-            hidden = self.hf_model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            picked = self.hf_model.get_output_embeddings()(hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
-        return picked.reshape(b, c, t, -1).float()
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = logits[:, -width:]  # virtual tokens come first
+            return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        hidden = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.hf_model.get_output_embeddings()(hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
 
     def losses_of(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Each loss in ``CHOICE_LOSSES`` (batch means), and the (B, C) log-likelihoods and token counts."""
