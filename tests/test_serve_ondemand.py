@@ -319,6 +319,32 @@ def test_a_full_budget_of_busy_adapters_waits_then_answers_503(adapters_dir, tok
         assert complete(client, "x12", "Wait") == solo("x12", "Wait", 6)  # idle now: x11 is evicted for it
 
 
+def test_requests_waiting_for_a_load_count_against_the_queue_bound(adapters_dir, tok, solo):
+    """--max-batch-size 1 + --max-queue 1: one request runs, one waits for room to load its adapter, and a third is
+    refused at once with 429 (before, requests waiting for loads were outside the bound and each held its adapter's
+    tensors read from disk)."""
+    with start(adapters_dir, tok, budget=Budget(max_adapters=1), adapter_wait_s=60, max_batch_size=1, max_queue=1) as (url, state):
+        client = openai_client(url)
+        with paced(state.registry.model, 0.05):
+            stream = client.completions.create(model="x11", prompt="Busy", max_tokens=30, temperature=0, stream=True)
+            chunks = iter(stream)
+            first = next(chunks).choices[0].text
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(complete, client, "x12", "Wait")
+                deadline = time.monotonic() + 10
+                while metric(scrape(url), "peftkit_adapter_room_waits_total", adapter="x12") == 0:
+                    assert time.monotonic() < deadline, "the load of x12 never waited for room"
+                    time.sleep(0.05)
+                t0 = time.monotonic()
+                with pytest.raises(openai.RateLimitError) as err:
+                    complete(client, "x13", "Refused")
+                assert time.monotonic() - t0 < 2 and err.value.body["code"] == "queue_full"
+                assert "--max-batch-size 1 + --max-queue 1" in err.value.body["message"]
+                assert first + "".join(c.choices[0].text for c in chunks) == solo("x11", "Busy", 30)
+                assert waiting.result(timeout=60) == solo("x12", "Wait", 6)  # served once x11 was idle
+        assert metric(scrape(url), "peftkit_adapter_cache_misses_total", adapter="x13") == 0
+
+
 def test_pinned_adapters_fill_the_budget(adapters_dir, tok):
     with pytest.raises(ValueError, match=r"the 2 --adapter adapter\(s\) .* exceed --max-adapters 1"):
         create_app(make_base(), tok, base_name="tiny", budget=Budget(max_adapters=1),

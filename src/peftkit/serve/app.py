@@ -37,6 +37,7 @@ from .protocol import (
     ChatMessage,
     CompletionRequest,
     LoadAdapterRequest,
+    busy,
     describe_validation_errors,
     error_body,
 )
@@ -159,8 +160,7 @@ class Server:
         try:
             self.scheduler.submit(*seqs)
         except QueueFull as err:
-            raise APIError(429, f"the server is busy: {err}; retry shortly", type_="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
+            raise busy(err) from None
         return seqs
 
     def cancel(self, seqs: list[Sequence]) -> None:

@@ -32,9 +32,10 @@ from typing import Any
 from .. import checkpoint
 from ..tuners.base import BASE
 from .metrics import ServeMetrics
-from .protocol import APIError
+from .protocol import APIError, busy
 from .registry import AdapterConflict, AdapterInfo, AdapterPathError, AdapterRegistry, read_adapter, resolve_adapter_path
 from .residency import NoRoom, Residency
+from .scheduler import QueueFull
 
 # a folder name that is also a usable model id: no separators, no leading dot
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -52,6 +53,7 @@ class AdapterLoader:
         self.wait_s = wait_s
         self._flights: dict[str, asyncio.Task] = {}
         self._freed = asyncio.Event()  # set (and replaced) whenever a request releases its hold
+        self._waiting = 0  # requests awaiting a load: they count against the scheduler's queue bound
 
     # ---------------------------------------------------------------------------------------------------------
     # Names
@@ -68,13 +70,21 @@ class AdapterLoader:
             self.metrics.cache_hits.labels(model).inc()
             return model
         folder = self.folder(model)
+        try:
+            self.scheduler.check_room(self._waiting + 1)
+        except QueueFull as err:
+            raise busy(err) from None
         self.metrics.cache_misses.labels(model).inc()
         flight = self._flights.get(model)
         if flight is None:
             flight = asyncio.create_task(self._load(model, folder, pinned=False), name=f"load adapter {model}")
             self._flights[model] = flight
             flight.add_done_callback(lambda done: self._landed(model, done))
-        await asyncio.shield(flight)  # the load goes on for the others if this client goes away
+        self._waiting += 1
+        try:
+            await asyncio.shield(flight)  # the load goes on for the others if this client goes away
+        finally:
+            self._waiting -= 1
         return model
 
     def folder(self, model: str) -> Path:

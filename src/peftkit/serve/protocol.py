@@ -182,6 +182,12 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def busy(reason: Exception) -> APIError:
+    """429 ``queue_full`` with Retry-After: the server holds as many requests as its bounds allow."""
+    return APIError(429, f"the server is busy: {reason}; retry shortly", type_="rate_limit_error", code="queue_full",
+                    headers={"Retry-After": "1"})
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error shape, which its clients turn into typed exceptions."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

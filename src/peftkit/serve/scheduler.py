@@ -209,14 +209,21 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
-            in_flight = len(self._waiting) + len(self._prefilling) + len(self._rows)
-            if in_flight + len(seqs) > self.max_batch_size + self.max_queue:
-                raise QueueFull(
-                    f"{in_flight} requests are running or waiting already "
-                    f"(--max-batch-size {self.max_batch_size} + --max-queue {self.max_queue})"
-                )
+            self._check_room(len(seqs))
             self._waiting.extend(seqs)
             self._cond.notify_all()
+
+    def check_room(self, more: int) -> None:
+        """Raise :class:`QueueFull` unless ``more`` requests could be submitted now: requests that wait elsewhere
+        before they are submitted (for their adapter to load) count against the same bound."""
+        with self._cond:
+            self._check_room(more)
+
+    def _check_room(self, more: int) -> None:
+        in_flight = len(self._waiting) + len(self._prefilling) + len(self._rows)
+        if in_flight + more > self.max_batch_size + self.max_queue:
+            raise QueueFull(f"{in_flight} requests are running or waiting already "
+                            f"(--max-batch-size {self.max_batch_size} + --max-queue {self.max_queue})")
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancel()
