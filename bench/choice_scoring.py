@@ -1,4 +1,4 @@
-"""Rank classification reading each prompt once, against one row per choice (T-Few's and lm-eval's layout).
+"""Rank classification reading each prompt once, against one row per choice (the plain decoder-only layout).
 
 SmolLM2-135M-Instruct with (IA)^3, RTE dev phrased as a question (" True" / " False"), 16 questions per batch: one
 scoring pass (no gradients) and one training step (the T-Few losses, forward and backward), each timed in

@@ -137,6 +137,9 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.bar(xs, [100 * r["accuracy_mean"] for r in found if r], width, yerr=[100 * r["accuracy_std"] for r in found if r],
                    capsize=3, label=LABELS[condition])
         ax.set_xticks(range(len(shots)), [f"{s} shots" for s in shots])
+        mine = [r for r in rows if r["task"] == task]  # the axis spans the results, not 0-100: differences are points
+        ax.set_ylim(max(0, min(100 * (r["accuracy_mean"] - r["accuracy_std"]) for r in mine) - 5),
+                    min(100, max(100 * (r["accuracy_mean"] + r["accuracy_std"]) for r in mine) + 5))
         ax.set_ylabel("dev accuracy (%), mean ± std over seeds")
         ax.set_title(task.upper())
         ax.legend(fontsize=8)
