@@ -18,6 +18,7 @@ SmolLM2 runs against 21 (a SmolLM2 run of 120 steps takes ~2 min on 2 cores; 60 
     python bench/lora_tables.py --table targets
     python bench/lora_tables.py --table rank
     python bench/lora_tables.py --table targets --quick --models minilm --out /tmp/lt   # what the test runs
+    python bench/lora_tables.py --render bench/results/lora_rank.json   # the table and chart again, from the figures
 """
 
 from __future__ import annotations
@@ -105,22 +106,36 @@ def markdown(rows: list[dict], table: str, score: str) -> str:
 
 
 def plot(rows: list[dict], table: str, score: str, path: Path) -> None:
+    """Targets: a bar per variant. Rank: accuracy against r (log scale), a line per set of weights, as Table 6 reads."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = panels(len(models))
     for ax, model in zip(axes, models):
         mine = [r for r in rows if r["model"] == model]
+        if table == "rank":
+            for targets in dict.fromkeys(r["variant"].split(" r=")[0] for r in mine):
+                line = [r for r in mine if r["variant"].startswith(targets + " r=")]
+                ranks = [int(r["variant"].split(" r=")[1]) for r in line]
+                ax.errorbar(ranks, [100 * r[f"{score}_mean"] for r in line], yerr=[100 * r[f"{score}_std"] for r in line],
+                            marker="o", capsize=3, label="{" + targets + "}")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ranks, [str(r) for r in ranks])
+            ax.set_xlabel("LoRA rank r (alpha = 2r)")
+            ax.set_ylabel(f"dev {score} (%), mean ± std")
+            ax.set_title(f"{MODELS[model]}: which rank")
+            ax.legend()
+            continue
         ax.bar(range(len(mine)), [100 * r[f"{score}_mean"] for r in mine], yerr=[100 * r[f"{score}_std"] for r in mine], capsize=3)
         ax.set_xticks(range(len(mine)), [r["variant"] for r in mine], rotation=30, ha="right")
         low = min(100 * (r[f"{score}_mean"] - r[f"{score}_std"]) for r in mine)
         ax.set_ylim(max(0, low - 5), 100)
         ax.set_ylabel(f"dev {score} (%), mean ± std")
-        ax.set_title(f"{MODELS[model]}: {'equal budget, which weights' if table == 'targets' else 'which rank'}")
+        ax.set_title(f"{MODELS[model]}: equal budget, which weights")
     save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=["targets", "rank"], required=True)
+    parser.add_argument("--table", choices=["targets", "rank"], help="which table to measure (required unless --render)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--ranks", nargs="+", type=int, default=list(RANKS), help="--table rank: the ranks")
     parser.add_argument("--seeds", type=int, default=3)
@@ -128,7 +143,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="1 step, 1 seed, 8 dev examples")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="write the table and chart of a result file again and exit")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        table, rows = report["settings"]["table"], report["rows"]
+        write_report(args.render.parent, args.render.stem, report, markdown(rows, table, "accuracy"), lambda p: plot(rows, table, "accuracy", p))
+        return
+    if args.table is None:
+        parser.error("--table targets or --table rank is required (or --render a result file)")
     max_eval = 8 if args.quick else None
     seeds = 1 if args.quick else args.seeds
     name = f"lora_{args.table}"

@@ -158,6 +158,11 @@ def test_lora_rank_table_quick_with_figure3(tmp_path: Path) -> None:
     phi = report["figure3"]["minilm"]
     assert len(phi["modules"]) == 12 and all(0 <= m["phi_1_jmax"] <= 1 for m in phi["modules"])
     assert (tmp_path / "lora_rank_phi-minilm.png").read_bytes()[:8] == PNG_MAGIC
+    # --render writes the same table (and a chart) again from the figures alone
+    table = (tmp_path / "lora_rank.md").read_text()
+    (tmp_path / "lora_rank.png").unlink()
+    subprocess.run([sys.executable, str(BENCH / "lora_tables.py"), "--render", str(tmp_path / "lora_rank.json")], check=True, capture_output=True)
+    assert (tmp_path / "lora_rank.md").read_text() == table and (tmp_path / "lora_rank.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.slow
