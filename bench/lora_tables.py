@@ -10,7 +10,9 @@ similarity of the r = 8 and r = 64 adapters ({Wq, Wv}, seed 0), from ``peftkit a
 
 Tasks: MiniLM-L6 on SST-2 (sequence classification, the whole dev set of 872); SmolLM2 on SST-2 phrased as a
 question (``peftkit.data.PHRASINGS``, rank classification; 2000 training questions, the whole dev set). alpha = 2r
-everywhere (the same scale alpha / r = 2 for every rank, so rank alone changes). Learning rates are the methods'
+everywhere (the same scale alpha / r = 2 for every rank); ``--alpha 16`` fixes alpha instead, as the paper does when
+it varies r, so the scale alpha / r falls from 16 at r = 1 to 0.25 at r = 64 (with Adam that keeps a small rank's
+update as large as a big one's; at alpha = 2r a small rank also learns more slowly). Learning rates are the methods'
 usual ones, not tuned on dev: 5e-4 (MiniLM, batch 32) and 1e-3 (SmolLM2, batch 8), linear decay after 6% warmup.
 3 seeds per variant. Steps: MiniLM 300; SmolLM2 120 in the targets table and 60 in the rank table, which has 30
 SmolLM2 runs against 21 (a SmolLM2 run of 120 steps takes ~2 min on 2 cores; 60 steps keep the table near an hour).
@@ -18,6 +20,7 @@ SmolLM2 runs against 21 (a SmolLM2 run of 120 steps takes ~2 min on 2 cores; 60 
     python bench/lora_tables.py --table targets
     python bench/lora_tables.py --table rank
     python bench/lora_tables.py --table targets --quick --models minilm --out /tmp/lt   # what the test runs
+    python bench/lora_tables.py --table rank --models minilm --weights q,v --ranks 1 8 64 --alpha 16   # the paper's fixed alpha
     python bench/lora_tables.py --render bench/results/lora_rank.json   # the table and chart again, from the figures
 """
 
@@ -54,13 +57,14 @@ STEPS = {"targets": {"minilm": 300, "smollm2": 120}, "rank": {"minilm": 300, "sm
 TRAIN_QUESTIONS = 2000
 
 
-def lora_settings(model: str, ranks: dict[str, int]) -> dict:
-    """LoRA on the named weight types with their ranks, alpha = 2r each (one scale for every variant)."""
+def lora_settings(model: str, ranks: dict[str, int], alpha: int | None = None) -> dict:
+    """LoRA on the named weight types with their ranks; alpha = 2r each (one scale alpha / r for every variant), or
+    one fixed ``alpha`` for every rank (the paper's convention when it varies r: the scale falls as r grows)."""
     names = NAMES[model]
     first = next(iter(ranks.values()))
     options = {"rank_pattern": {names[t]: r for t, r in ranks.items() if r != first},
-               "alpha_pattern": {names[t]: 2 * r for t, r in ranks.items() if r != first}}
-    return {"method": "lora", "r": first, "alpha": 2 * first, "dropout": 0.0,
+               "alpha_pattern": {names[t]: 2 * r for t, r in ranks.items() if r != first and alpha is None}}
+    return {"method": "lora", "r": first, "alpha": alpha or 2 * first, "dropout": 0.0,
             "target_modules": [names[t] for t in ranks], "method_options": {k: v for k, v in options.items() if v}}
 
 
@@ -80,10 +84,10 @@ def task_settings(model: str, steps: int, max_eval: int | None, folder: Path) ->
             "eval_data": str(write_jsonl(folder / "sst2-dev.jsonl", as_lines(dev[: max_eval or len(dev)])))}
 
 
-def variants(table: str, model: str, ranks: tuple[int, ...]) -> dict[str, dict[str, int]]:
+def variants(table: str, model: str, ranks: tuple[int, ...], weights: tuple[str, ...] = ("q", "q,v")) -> dict[str, dict[str, int]]:
     if table == "targets":
         return TARGETS[model]
-    return {f"{targets} r={r}": {t: r for t in targets.split(",")} for targets in ("q", "q,v") for r in ranks}
+    return {f"{targets} r={r}": {t: r for t in targets.split(",")} for targets in weights for r in ranks}
 
 
 def figure3(kept: dict[int, Path], png: Path) -> dict:
@@ -93,10 +97,10 @@ def figure3(kept: dict[int, Path], png: Path) -> dict:
     return json.loads(subprocess.run([*command, "--json"], check=True, capture_output=True, text=True).stdout)
 
 
-def markdown(rows: list[dict], table: str, score: str) -> str:
+def markdown(rows: list[dict], table: str, score: str, alpha: int | None = None) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        lines += [f"**{MODELS[model]}** on SST-2 ({score} on dev)", "",
+        lines += [f"**{MODELS[model]}** on SST-2 ({score} on dev; alpha = {alpha or '2r'})", "",
                   f"| {'weights' if table == 'targets' else 'weights, rank'} | trainable params | dev {score} | seeds | train s |",
                   "|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['trainable_params']:,} | {mean_std(r, score)} | {r['seeds']} | {r['train_s']:.0f} |"
@@ -105,7 +109,7 @@ def markdown(rows: list[dict], table: str, score: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], table: str, score: str, path: Path) -> None:
+def plot(rows: list[dict], table: str, score: str, path: Path, alpha: int | None = None) -> None:
     """Targets: a bar per variant. Rank: accuracy against r (log scale), a line per set of weights, as Table 6 reads."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = panels(len(models))
@@ -119,7 +123,7 @@ def plot(rows: list[dict], table: str, score: str, path: Path) -> None:
                             marker="o", capsize=3, label="{" + targets + "}")
             ax.set_xscale("log", base=2)
             ax.set_xticks(ranks, [str(r) for r in ranks])
-            ax.set_xlabel("LoRA rank r (alpha = 2r)")
+            ax.set_xlabel(f"LoRA rank r (alpha = {alpha or '2r'})")
             ax.set_ylabel(f"dev {score} (%), mean ± std")
             ax.set_title(f"{MODELS[model]}: which rank")
             ax.legend()
@@ -138,6 +142,9 @@ def main() -> None:
     parser.add_argument("--table", choices=["targets", "rank"], help="which table to measure (required unless --render)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--ranks", nargs="+", type=int, default=list(RANKS), help="--table rank: the ranks")
+    parser.add_argument("--weights", nargs="+", choices=["q", "q,v"], default=["q", "q,v"], help="--table rank: the sets of weights")
+    parser.add_argument("--alpha", type=int, help="one alpha for every rank, as the paper when it varies r (default: alpha = 2r, "
+                        "one scale alpha / r for all); results go to lora_<table>_alpha<N>.*")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, help="optimizer steps for every model (default: STEPS, per table and model)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -147,14 +154,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         report = json.loads(args.render.read_text())
-        table, rows = report["settings"]["table"], report["rows"]
-        write_report(args.render.parent, args.render.stem, report, markdown(rows, table, "accuracy"), lambda p: plot(rows, table, "accuracy", p))
+        table, rows, alpha = report["settings"]["table"], report["rows"], report["settings"].get("alpha")
+        write_report(args.render.parent, args.render.stem, report, markdown(rows, table, "accuracy", alpha), lambda p: plot(rows, table, "accuracy", p, alpha))
         return
     if args.table is None:
         parser.error("--table targets or --table rank is required (or --render a result file)")
     max_eval = 8 if args.quick else None
     seeds = 1 if args.quick else args.seeds
-    name = f"lora_{args.table}"
+    name = f"lora_{args.table}" + (f"_alpha{args.alpha}" if args.alpha else "")
     args.out.mkdir(parents=True, exist_ok=True)
     finished = FinishedRuns(args.out / f"{name}.partial.jsonl")
     started, runs, kept = time.perf_counter(), [], {}
@@ -163,14 +170,15 @@ def main() -> None:
             steps = 1 if args.quick else args.steps or STEPS[args.table][model]
             base = task_settings(model, steps, max_eval, Path(folder))
             score = "accuracy"
-            jobs = [{"model": model, "variant": v, "ranks": ranks, "seed": s, "steps": steps, "max_eval": max_eval}
-                    for v, ranks in variants(args.table, model, tuple(args.ranks)).items() for s in range(seeds)]
+            fixed = {"alpha": args.alpha} if args.alpha else {}  # only when set: keeps older resume files' keys
+            jobs = [{"model": model, "variant": v, "ranks": ranks, "seed": s, "steps": steps, "max_eval": max_eval, **fixed}
+                    for v, ranks in variants(args.table, model, tuple(args.ranks), tuple(args.weights)).items() for s in range(seeds)]
 
             def run(job: dict, base: dict = base, model: str = model) -> dict:
                 keep = None
                 if args.table == "rank" and job["seed"] == 0 and job["variant"] in ("q,v r=8", "q,v r=64"):
                     keep = args.out / f"{name}-adapters" / f"{model}-{job['variant'].split('=')[1]}"
-                settings = {**base, **lora_settings(model, job["ranks"]), "seed": job["seed"]}
+                settings = {**base, **lora_settings(model, job["ranks"], args.alpha), "seed": job["seed"]}
                 result = train_and_score(settings, args.threads, keep_adapter=keep)
                 return {k: result[k] for k in (score, "loss", "train_loss", "trainable_params", "train_s")}
 
@@ -178,11 +186,11 @@ def main() -> None:
             runs += run_jobs(jobs, run, finished, describe)
             adapters = args.out / f"{name}-adapters"
             if args.table == "rank" and all((adapters / f"{model}-{r}").exists() for r in (8, 64)):
-                kept[model] = figure3({r: adapters / f"{model}-{r}" for r in (8, 64)}, args.out / f"lora_rank_phi-{model}.png")
+                kept[model] = figure3({r: adapters / f"{model}-{r}" for r in (8, 64)}, args.out / f"{name}_phi-{model}.png")
     rows = summarize(runs, ("model", "variant"), ("accuracy",))
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "wall_s": time.perf_counter() - started, "rows": rows, "runs": runs, "figure3": kept}
-    write_report(args.out, name, report, markdown(rows, args.table, "accuracy"), lambda p: plot(rows, args.table, "accuracy", p))
+    write_report(args.out, name, report, markdown(rows, args.table, "accuracy", args.alpha), lambda p: plot(rows, args.table, "accuracy", p, args.alpha))
     finished.forget()
 
 

@@ -149,6 +149,11 @@ def test_smollm2_budgets_are_equal_by_construction() -> None:
     assert set(budgets.values()) == {9216}
     settings = lora_tables.lora_settings("smollm2", {"q": 2, "k": 3, "v": 3, "o": 2})
     assert settings["r"] == 2 and settings["method_options"] == {"rank_pattern": {"k_proj": 3, "v_proj": 3}, "alpha_pattern": {"k_proj": 6, "v_proj": 6}}
+    # --alpha: one alpha for every rank (the paper's convention in its rank table), so no alpha pattern
+    fixed = lora_tables.lora_settings("smollm2", {"q": 1, "v": 1}, alpha=16)
+    assert fixed["r"] == 1 and fixed["alpha"] == 16 and fixed["method_options"] == {}
+    fixed = lora_tables.lora_settings("smollm2", {"q": 2, "k": 3}, alpha=16)
+    assert fixed["method_options"] == {"rank_pattern": {"k_proj": 3}}
 
 
 @pytest.mark.slow
