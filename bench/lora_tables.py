@@ -20,7 +20,7 @@ SmolLM2 runs against 21 (a SmolLM2 run of 120 steps takes ~2 min on 2 cores; 60 
     python bench/lora_tables.py --table targets
     python bench/lora_tables.py --table rank
     python bench/lora_tables.py --table targets --quick --models minilm --out /tmp/lt   # what the test runs
-    python bench/lora_tables.py --table rank --models minilm --weights q,v --ranks 1 8 64 --alpha 16   # the paper's fixed alpha
+    python bench/lora_tables.py --table rank --models minilm --weights q,v q --ranks 1 8 --alpha 16   # the paper's fixed alpha (BENCHMARKS)
     python bench/lora_tables.py --render bench/results/lora_rank.json   # the table and chart again, from the figures
 """
 
