@@ -12,7 +12,7 @@ B * T / (prefill + T * step) is the bound once every request's prompt has to be 
 The HF PEFT baseline (``python bench/serve_baselines.py SPEC OUT``, a child process so its peak RSS is its own):
 transformers ``generate`` on a ``peft.PeftModel`` with ``adapter_names=`` (one adapter per row, LoRA only; under the
 same autocast as the server), fed the
-same closed-loop plan as the server. Batches form per arrival window: when the first waiting request arrived W ms
+same closed-loop load as the server (its workers take requests from one shared queue). Batches form per arrival window: when the first waiting request arrived W ms
 ago, up to B waiting requests go as one static batch that runs until its longest row ends; adapters are loaded into
 the one PeftModel the first time a batch needs them and never evicted (HF PEFT has no budget), so its memory grows
 with the adapters used. Time to first token: when the batch's first decode step runs (a logits processor notes
@@ -118,20 +118,23 @@ def _hf_worker(spec: dict) -> dict:
             self.at = self.at or time.perf_counter()
             return scores
 
-    from serve_clients import reset_peak_rss
+    from serve_clients import queue_order, reset_peak_rss
 
     reset = reset_peak_rss(os.getpid())  # as for the servers: the peak from here on, not the model load's
     peft_model, loaded, load_s = None, [], 0.0
-    next_index = [0] * len(plan)
+    queue = queue_order(plan)  # the workers' shared queue, as the servers' load takes it (serve_clients.py)
     start = time.perf_counter()
-    arrival = [start] * len(plan)  # when each client's next request arrived
+    # each worker's request in flight (an index into queue, None once the queue is empty) and when it arrived
+    current: list[int | None] = list(range(min(len(plan), len(queue))))
+    taken = len(current)
+    arrival = [start] * len(current)
     records, batches = [], []
-    while any(next_index[c] < len(plan[c]) for c in range(len(plan))):
-        waiting = sorted((arrival[c], c) for c in range(len(plan)) if next_index[c] < len(plan[c]))
+    while any(j is not None for j in current):
+        waiting = sorted((arrival[c], c) for c in range(len(current)) if current[c] is not None)
         close = waiting[0][0] + window  # arrivals happen only when a batch ends (closed loop): none during the wait
         time.sleep(max(0.0, close - time.perf_counter()))
         members = [c for _, c in waiting[:max_batch]]
-        jobs = [plan[c][next_index[c]] for c in members]
+        jobs = [queue[current[c]] for c in members]
         t_load = time.perf_counter()
         for name in dict.fromkeys(name for name, _ in jobs):
             if name not in loaded:
@@ -160,7 +163,7 @@ def _hf_worker(spec: dict) -> dict:
             records.append({"model": name, "prompt": prompt, "text": tok.decode(out[:n], skip_special_tokens=True),
                             "tokens": n, "error": None, "latency": end - arrival[c], "ttft": first.at - arrival[c]})
             arrival[c] = end
-            next_index[c] += 1
+            current[c], taken = (taken, taken + 1) if taken < len(queue) else (None, taken)
     wall = time.perf_counter() - start
     status = Path("/proc/self/status").read_text().splitlines()
     hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024

@@ -1,13 +1,16 @@
 """The load side of the serving benchmark: a `peftkit serve` child process, who asks for what (the plan), and
 the clients (the official `openai` client, streaming, greedy) in a closed loop.
 
-Closed loop, not open: each of N clients sends its next request when its previous one has finished, so exactly N
-requests are in flight and, with N = the server's batch size, the batch can stay full. That makes the measured
-tokens/s comparable with the full-batch decode step (the bound). An open loop with Poisson arrivals needs a rate
-chosen against the very capacity being measured: below it the batch is not full and tokens/s is just the offered
-rate, above it the queue grows for as long as the run lasts; on a shared 2-core machine the capacity drifts from
-run to run. The cost: a closed loop never queues more than N requests, so its latencies are those of a system at
-exactly that load (no queueing beyond it, "coordinated omission").
+Closed loop, not open: N workers share one queue of requests, and each takes the next one when its previous one
+has finished (as vLLM's serving benchmark does with --max-concurrency N), so exactly N requests are in flight until
+the queue runs out and, with N = the server's batch size, the batch can stay full. That makes the measured tokens/s
+comparable with the full-batch decode step (the bound). (Giving each client its own fixed list instead let the
+clients whose answers happened to be short finish early and leave their batch slot empty: the server's counters
+showed 12.7 rows per decode step of 16 with four requests per client.) An open loop with Poisson arrivals needs a
+rate chosen against the very capacity being measured: below it the batch is not full and tokens/s is just the
+offered rate, above it the queue grows for as long as the run lasts; on a shared 2-core machine the capacity
+drifts from run to run. The cost: a closed loop never queues more than N requests, so its latencies are those of
+a system at exactly that load (no queueing beyond it, "coordinated omission").
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +42,12 @@ def make_plan(names: list[str], popularity: str, clients: int, requests: int, pr
     per_adapter = max(prompts_per_adapter, len(prompts) // len(names))
     jobs = [(names[i], prompts[(i + rng.randrange(per_adapter)) % len(prompts)]) for i in draws]
     return [jobs[c * requests:(c + 1) * requests] for c in range(clients)]
+
+
+def queue_order(plan: list[list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """The plan's requests in the order the workers take them from their shared queue: every client's first request,
+    then every client's second, and so on (so the first N are the N clients' first)."""
+    return [client[i] for i in range(max(map(len, plan), default=0)) for client in plan if i < len(client)]
 
 
 def free_port() -> int:
@@ -126,12 +136,19 @@ def metric_total(text: str | None, name: str) -> float | None:
 
 
 def run_load(url: str, plan: list[list[tuple[str, str]]], max_tokens: int, timeout: float) -> tuple[list[dict], float]:
-    """Every client sends its requests one after another (closed loop); per-request records and the wall time."""
+    """len(plan) workers take the plan's requests from one queue (:func:`queue_order`), each sending its next when its
+    previous one has finished (closed loop); per-request records, in the order sent, and the wall time."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+    jobs = list(enumerate(queue_order(plan)))
+    records: list[dict | None] = [None] * len(jobs)
+    lock = threading.Lock()
 
-    def one_client(requests: list[tuple[str, str]]) -> list[dict]:
-        records = []
-        for model, prompt in requests:
+    def worker() -> None:
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                index, (model, prompt) = jobs.pop(0)
             start = time.perf_counter()
             first, text, usage, error = None, "", None, None
             try:
@@ -148,11 +165,11 @@ def run_load(url: str, plan: list[list[tuple[str, str]]], max_tokens: int, timeo
             except openai.APIError as err:
                 error = getattr(err, "message", None) or repr(err)
             end = time.perf_counter()
-            records.append({"model": model, "prompt": prompt, "text": text, "tokens": usage, "error": error,
-                            "latency": end - start, "ttft": (first or end) - start})
-        return records
+            records[index] = {"model": model, "prompt": prompt, "text": text, "tokens": usage, "error": error,
+                              "latency": end - start, "ttft": (first or end) - start}
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(plan)) as pool:
-        results = list(pool.map(one_client, plan))
-    return [r for client_records in results for r in client_records], time.perf_counter() - start
+        for future in [pool.submit(worker) for _ in plan]:
+            future.result()
+    return [r for r in records if r is not None], time.perf_counter() - start

@@ -62,6 +62,11 @@ PROMPTS = [
     "Why is the sky blue?",
 ]
 LOADS_METRIC, EVICTIONS_METRIC = "peftkit_adapter_loads_total", "peftkit_adapter_evictions_total"
+# the scheduler's own counters over a run (serve/metrics.py): where the batched server's time went
+ENGINE_METRICS = {"decode_s": "peftkit_decode_seconds_total", "prefill_s": "peftkit_prefill_seconds_total",
+                  "change_s": "peftkit_adapter_change_seconds_total", "idle_s": "peftkit_scheduler_idle_seconds_total",
+                  "decode_steps": "peftkit_decode_steps_total", "decode_rows": "peftkit_decode_rows_total",
+                  "prefill_tokens": "peftkit_prefill_tokens_total", "steps": "peftkit_scheduler_steps_total"}
 # The full run is sized for ~25 minutes on 2 quiet cores; --quick for the test. Each client sends `requests` in a
 # closed loop, so the batch fills and drains once per run: with more requests per client the ramp and the tail
 # weigh less. The one-at-a-time server gets the first `serial_requests` of each client (its rate is measured on
@@ -109,7 +114,9 @@ def serve_run(server: ServerProcess, plan, expected, size) -> dict:
     after = server.metrics()
     counts = {key: None if after is None else metric_total(after, name) - metric_total(before, name)
               for key, name in (("adapter_loads", LOADS_METRIC), ("evictions", EVICTIONS_METRIC))}
-    return summarize(records, wall, expected) | counts | {
+    engine = {} if after is None else {key: metric_total(after, name) - metric_total(before, name)
+                                       for key, name in ENGINE_METRICS.items()}
+    return summarize(records, wall, expected) | counts | {"engine": engine} | {
         "peak_rss_mib": server.peak_rss_mib(), "peak_rss_since": "run start" if reset else "server start"}
 
 

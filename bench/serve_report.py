@@ -131,6 +131,7 @@ def markdown(report: dict) -> str:
         else:
             lines.append(f"| {b['adapters']} | {b['popularity']} | {b['rows']} | {b['distinct_adapters']} | {b['context']} | "
                          f"{b['step_ms']:.0f} | {b['step_ms_before_after'][0]:.0f} / {b['step_ms_before_after'][1]:.0f} | {b['tokens_per_s']:.1f} | {b['prefill_ms']:.0f} ({b['prompt_tokens']} tokens) |")
+    lines += _engine_table(report)
     g = report["goals"]
     fr = g["throughput_vs_bound"]["fractions"]
     lines += ["", "Goals:", "",
@@ -150,6 +151,27 @@ def markdown(report: dict) -> str:
               f"{g['nothing_lost_or_crossed']['crossed']} crossed of {g['nothing_lost_or_crossed']['requests']} server requests)"]
     lines += [f"- FAILED: {f}" for f in report["failures"]]
     return "\n".join(lines) + "\n"
+
+
+def _engine_table(report: dict) -> list[str]:
+    """Where each server run's time went, from the scheduler's own counters (/metrics, differences over the run):
+    decode steps (their count, mean rows and mean time), prefill forwards, attaching and removing adapters, waiting
+    with nothing to do, and the rest of the wall time (admission, bookkeeping, the HTTP side holding the GIL)."""
+    runs = [r for r in report["runs"] if r.get("engine", {}).get("decode_steps")]
+    if not runs:
+        return []
+    lines = ["", "Where each server run's time went (the scheduler thread's own counters from /metrics over the run; "
+             "rest = wall - the four, i.e. admission, bookkeeping and waiting for the GIL):", "",
+             "| adapters | popularity | config | wall (s) | decode (s) | steps x mean rows | ms per step | prefill (s) | "
+             "prefill tokens | adapter changes (s) | idle (s) | rest (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        e = r["engine"]
+        rest = r["wall_s"] - e["decode_s"] - e["prefill_s"] - e["change_s"] - e["idle_s"]
+        lines.append(f"| {r['adapters']} | {r['popularity']} | {r['config']} | {r['wall_s']:.1f} | {e['decode_s']:.1f} | "
+                     f"{e['decode_steps']:.0f} x {e['decode_rows'] / e['decode_steps']:.1f} | "
+                     f"{1e3 * e['decode_s'] / e['decode_steps']:.0f} | {e['prefill_s']:.1f} | {e['prefill_tokens']:.0f} | "
+                     f"{e['change_s']:.1f} | {e['idle_s']:.1f} | {rest:.1f} |")
+    return lines
 
 
 def _met(goal: dict) -> str:

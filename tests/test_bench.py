@@ -219,6 +219,7 @@ def test_serve_load_quick(tmp_path: Path) -> None:
     assert (tmp_path / "serve_load.png").read_bytes()[:8] == PNG_MAGIC
     report = json.loads((tmp_path / "serve_load.json").read_text())
     assert (tmp_path / "serve_load.md").read_text().startswith("4 clients x 2 requests, max_tokens 8, batch 4")
+    assert "Where each server run's time went" in (tmp_path / "serve_load.md").read_text()
     size = serve_load.SIZES["quick"]
     configs = ("batched", "one at a time", "HF PEFT")
     runs = {(r["adapters"], r["popularity"], r["config"]): r for r in report["runs"]}
@@ -253,6 +254,10 @@ def test_serve_load_quick(tmp_path: Path) -> None:
             if config == "HF PEFT":  # a fresh process per load, adapters loaded as first used, never evicted
                 assert r["adapter_loads"] == len(used) and r["evictions"] == 0
                 continue
+            # the scheduler's counters over the run: every token after a request's first came from a decode row
+            e = r["engine"]
+            assert e["decode_rows"] == r["tokens"] - r["answered"] and 0 < e["decode_steps"] <= e["decode_rows"]
+            assert e["decode_s"] + e["prefill_s"] + e["change_s"] + e["idle_s"] <= r["wall_s"] + 0.5, e
             # the server's own /metrics: every adapter it had to load, and never more resident than --max-adapters
             key = (count, config)
             resident[key] = resident.get(key, 0) + r["adapter_loads"] - r["evictions"]

@@ -289,7 +289,8 @@ def test_server_tensors_cache_and_generators_live_on_the_models_device(device):
 
     from peftkit.serve.registry import AdapterRegistry
     from peftkit.serve.sampling import SamplingParams
-    from peftkit.serve.scheduler import Scheduler, Sequence
+    from peftkit.serve.scheduler import Scheduler
+    from peftkit.serve.sequence import Sequence
 
     tok = SimpleNamespace(eos_token_id=None, pad_token_id=0, decode=lambda ids, skip_special_tokens=True: "x" * len(ids))
     registry = AdapterRegistry(tiny_llama().to(device), tok, "tiny", Precision(torch.float32, "test"))

@@ -145,6 +145,15 @@ def test_named_adapters_set_delete_disable():
         pm.set_adapter("nope")
     with pytest.raises(ValueError, match="exists already"):
         pm.add_adapter("default", pk.LoraConfig(target_modules=["q_proj"]))
+    # deleting the active adapter activates the next one, which then trains (only its flags change)
+    pm.add_adapter("third", pk.LoraConfig(r=2, target_modules=["k_proj"]))
+    pm.add_adapter("frozen", pk.LoraConfig(r=2, target_modules=["v_proj"], inference_mode=True))
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == {n for n, _ in pm.named_parameters() if ".default." in n}
+    pm.delete_adapter("default")
+    assert pm.active_adapters == ["third"]
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == {n for n, _ in pm.named_parameters() if ".third." in n}
+    pm.delete_adapter("third")  # an inference-mode adapter becomes active: nothing trains
+    assert pm.active_adapters == ["frozen"] and not any(p.requires_grad for p in pm.parameters())
 
 
 @pytest.mark.parametrize("factory,targets", [(tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn", "c_fc"]), (tiny_llama, ["embed_tokens", "q_proj"])])

@@ -26,7 +26,8 @@ import peftkit as pk
 from peftkit.serve import create_app
 from peftkit.serve.registry import AdapterRegistry, read_adapter
 from peftkit.serve.sampling import SamplingParams, TextStream, sample_token
-from peftkit.serve.scheduler import QueueFull, Scheduler, Sequence
+from peftkit.serve.scheduler import QueueFull, Scheduler
+from peftkit.serve.sequence import Sequence
 from peftkit.tuners.base import BASE
 
 TOKEN = "test-token-123"

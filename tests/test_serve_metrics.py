@@ -5,6 +5,8 @@ The server and adapters are test_serve_ondemand's (tiny random Llama, LoRA folde
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from test_serve import prompt_ids, tok  # noqa: F401 (tok is a fixture)
@@ -17,6 +19,7 @@ LORA_NUMBERS_PER_RANK = 2 * 1024
 
 
 def test_metrics_count_the_requests_sent(adapters_dir, tok):
+    started = time.monotonic()
     with start(adapters_dir, tok, adapters={"pre": str(adapters_dir / "x0")}) as (url, _):
         client = openai_client(url)
         sent = [("x1", "First prompt", 5), ("x1", "A second, longer prompt here", 7)]
@@ -62,6 +65,16 @@ def test_metrics_count_the_requests_sent(adapters_dir, tok):
         assert metric(m, "peftkit_adapter_resident_bytes", adapter="x1", pinned="false") == 3 * LORA_NUMBERS_PER_RANK * 4
         assert metric(m, "peftkit_adapters_resident_bytes") == 5 * LORA_NUMBERS_PER_RANK * 4
         assert metric(m, "peftkit_requests_running") == 0 and metric(m, "peftkit_requests_waiting") == 0
+        # the scheduler's counters: each request's first token comes from its prefill, every later one from a
+        # decode step's row; the thread's seconds are split, not double-counted
+        tokens = sum(metric(m, "peftkit_completion_tokens_total", adapter=a) for a in ("x1", "pre", "tiny"))
+        assert metric(m, "peftkit_decode_rows_total") == tokens - 5
+        assert 1 <= metric(m, "peftkit_decode_steps_total") <= tokens - 5
+        assert metric(m, "peftkit_scheduler_steps_total") >= metric(m, "peftkit_decode_steps_total")
+        assert metric(m, "peftkit_prefill_tokens_total") >= prompt_tokens
+        parts = [metric(m, f"peftkit_{n}_seconds_total") for n in ("decode", "prefill", "adapter_change", "scheduler_idle")]
+        assert all(p > 0 for p in parts[:2]) and parts[2] > 0  # x1 was attached on the scheduler thread
+        assert sum(parts) <= time.monotonic() - started  # within the server's lifetime so far
 
     with start(adapters_dir, tok) as (url, _):  # another app in the same process keeps its own counts
         assert metric(scrape(url), "peftkit_requests_total", adapter="x1") == 0

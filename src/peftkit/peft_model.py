@@ -8,7 +8,6 @@ Method details stay in ``tuners/``: this file only talks to :class:`Tuner` and :
 from __future__ import annotations
 
 import copy
-
 import os
 import re
 from contextlib import contextmanager, nullcontext
@@ -97,7 +96,7 @@ class PeftModel(nn.Module):
             self._wrap_modules_to_save(config, adapter_name)
         self.peft_config[adapter_name] = config
         self._slots.take(adapter_name)
-        self._apply_active(self._active or [adapter_name], changed=adapter_name)
+        self._apply_active(self._active or [adapter_name], only=[adapter_name])
         if not self.training:
             self._eval_new_modules(adapter_name)
 
@@ -136,13 +135,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         self._apply_active(names)
 
-    def _apply_active(self, names: list[str], changed: str | None = None) -> None:
-        """Make ``names`` active and set every adapter's ``requires_grad``; with ``changed`` (an adapter just added
-        while the active set stays), only that adapter's: the others' do not depend on it, and walking all of them
-        made each load cost time in proportion to the adapters loaded."""
+    def _apply_active(self, names: list[str], only: list[str] | None = None) -> None:
+        """Make ``names`` active and set every adapter's ``requires_grad``; with ``only`` (the adapter just added, or
+        after a deletion those whose trainability changed), only those adapters': the others' flags do not change,
+        and walking all of them made each load and each eviction cost time in proportion to the adapters loaded
+        (50 ms per eviction with 16 LoRA adapters on SmolLM2-135M)."""
         self._active = names
         trainable = [n for n in names if not self.peft_config[n].inference_mode]
-        only = None if changed is None else [changed]
         for _, layer in self.adapter_layers():
             layer.set_adapter(names, trainable, only)
         for name, config in self.peft_config.items():
@@ -171,7 +170,9 @@ class PeftModel(nn.Module):
         tuner_for(self.peft_config[adapter_name]).delete_adapter(self.base_model, adapter_name)
         del self.peft_config[adapter_name]
         self._slots.free(adapter_name)
-        self._apply_active([n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))])
+        trainable = lambda names: {n for n in names if n != adapter_name and not self.peft_config[n].inference_mode}  # noqa: E731
+        was, active = trainable(self._active), [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
+        self._apply_active(active, only=sorted(was ^ trainable(active)))  # (a server's adapters: none changes)
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         for name, module in module_tree(self.base_model):
@@ -455,7 +456,7 @@ class PeftModel(nn.Module):
         the adapter's traces removed, the active set and every parameter's ``requires_grad`` as they were."""
         existed = adapter_name in self.peft_config  # add_adapter refuses it then, before changing anything
         layers = [layer for _, layer in self.adapter_layers()]
-        # the model's own parameters and the adapters' that adding one may change (_apply_active's `changed`)
+        # the model's own parameters and the adapters' that adding one may change (_apply_active's `only`)
         flags = [(p, p.requires_grad) for _, m in module_tree(self.base_model) for p in m._parameters.values() if p is not None]
         active = list(self._active)
         try:

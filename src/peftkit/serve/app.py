@@ -54,7 +54,8 @@ from .registry import (
 from .residency import Budget, Residency
 from .responses import ChatReply, CompletionReply, Reply, TokenText
 from .sampling import SamplingParams, choice_seed
-from .scheduler import Event, QueueFull, Scheduler, Sequence
+from .scheduler import QueueFull, Scheduler
+from .sequence import Event, Sequence
 
 logger = logging.getLogger("peftkit.serve")
 
@@ -378,7 +379,7 @@ def create_app(
     scheduler = Scheduler(registry, max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk)
     residency = Residency(registry, budget, busy=scheduler.in_use)
     _check_pinned_fit(registry, residency)
-    metrics = ServeMetrics(registry, residency, lambda: scheduler.load)
+    metrics = ServeMetrics(registry, residency, lambda: scheduler.load, scheduler.counters)
     folder = Path(adapters_dir).resolve() if adapters_dir is not None else None
     loader = AdapterLoader(registry, scheduler, residency, metrics, folder, wait_s=adapter_wait_s)
     app = FastAPI(title="peftkit serve", version="1", lifespan=_lifespan, exception_handlers=_ERROR_HANDLERS)

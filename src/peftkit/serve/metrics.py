@@ -4,8 +4,9 @@ Each app gets its own :class:`prometheus_client.CollectorRegistry` (never the pr
 in one process (tests, embedding) keep separate counts. Counters and histograms are updated where things happen:
 requests when they are submitted and when they end (from the scheduler thread, through the request's event
 callback), adapter cache hits/misses when a ``model`` is resolved, loads and evictions on the scheduler thread.
-Gauges of what is resident and queued are read at scrape time from the registry and the scheduler, so they are
-never stale.
+Gauges of what is resident and queued, and the scheduler's own counters (decode steps and their rows, seconds spent
+decoding, prefilling, loading adapters and idle), are read at scrape time from the registry and the scheduler, so
+they are never stale.
 
 Timings (seconds, ``time.monotonic``) of a request, from the timestamps the scheduler sets on its Sequence:
 queue time = admitted to a prefill - submitted; time to first token = first token sampled - submitted; latency =
@@ -18,7 +19,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..tuners.base import BASE
@@ -35,7 +36,8 @@ __all__ = ["ServeMetrics", "CONTENT_TYPE_LATEST"]
 class ServeMetrics:
     """The app's metrics. ``label(adapter)`` names an adapter in labels (the base model by its id)."""
 
-    def __init__(self, registry: AdapterRegistry, residency: Residency, load: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, registry: AdapterRegistry, residency: Residency, load: Callable[[], dict[str, int]],
+                 engine: Callable[[], dict[str, float]] = dict) -> None:
         self.base_name = registry.base_name
         self.prometheus = CollectorRegistry(auto_describe=True)
         r, a = self.prometheus, ["adapter"]
@@ -62,6 +64,7 @@ class ServeMetrics:
                                   "(the budget was full of adapters in use)", a, registry=r)
         self.evictions = Counter("peftkit_adapter_evictions", "Idle adapters evicted to make room", a, registry=r)
         r.register(_Resident(registry, residency, load))
+        r.register(_Engine(engine))
 
     def label(self, adapter: str) -> str:
         return self.base_name if adapter == BASE else adapter
@@ -123,3 +126,30 @@ class _Resident(Collector):
         load = self.load()
         yield GaugeMetricFamily("peftkit_requests_running", "Requests in the decode batch", load["running"])
         yield GaugeMetricFamily("peftkit_requests_waiting", "Requests waiting for a batch slot", load["waiting"])
+
+
+# the scheduler's counters (Scheduler.stats) exported, with their help text
+_ENGINE = {
+    "steps": ("peftkit_scheduler_steps", "Scheduler iterations (commands, admissions, a prefill chunk, a decode step)"),
+    "decode_steps": ("peftkit_decode_steps", "Decode steps (one forward for every running row)"),
+    "decode_rows": ("peftkit_decode_rows", "Rows over all decode steps (/ decode steps = the mean batch)"),
+    "decode_s": ("peftkit_decode_seconds", "Seconds in decode steps (forward and sampling)"),
+    "prefill_tokens": ("peftkit_prefill_tokens", "Prompt tokens prefilled, padding included"),
+    "prefill_s": ("peftkit_prefill_seconds", "Seconds in prefill forwards"),
+    "command_s": ("peftkit_adapter_change_seconds", "Seconds the scheduler spent attaching and removing adapters "
+                  "between steps (reading the folders happens on another thread)"),
+    "idle_s": ("peftkit_scheduler_idle_seconds", "Seconds the scheduler waited with nothing to do"),
+}
+
+
+class _Engine(Collector):
+    """Counters of the scheduler thread, read at scrape time: how its time splits, and the mean decode batch."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.stats()
+        for key, (name, text) in _ENGINE.items():
+            if key in stats:
+                yield CounterMetricFamily(name, text, stats[key])

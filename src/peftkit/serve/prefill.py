@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from .batch import KVBatch
 
 if TYPE_CHECKING:
-    from .scheduler import Sequence
+    from .sequence import Sequence
 
 
 @dataclass

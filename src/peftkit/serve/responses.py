@@ -3,7 +3,7 @@
 Completions and chat share one envelope (``id``, ``object``, ``created``, ``model``, ``choices``, ``usage``) and
 differ only in a few parts: the id prefix, the object names, what a choice carries, the logprobs format and chat's
 opening role chunk. :class:`Reply` writes the envelope, the usage and the closing chunks once; its subclasses supply
-those parts. A request with ``n`` choices has one :class:`~peftkit.serve.scheduler.Sequence` per choice; choice
+those parts. A request with ``n`` choices has one :class:`~peftkit.serve.sequence.Sequence` per choice; choice
 ``i`` is ``choices[i]`` of a whole answer, and each streamed chunk carries one choice with its ``index``.
 """
 
@@ -15,7 +15,7 @@ import uuid
 from typing import Any, ClassVar
 
 from .sampling import TokenLogprob
-from .scheduler import Sequence
+from .sequence import Sequence
 
 
 def usage(seqs: list[Sequence]) -> dict[str, int]:

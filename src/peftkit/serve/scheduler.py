@@ -22,12 +22,10 @@ row back to prefill from its tokens so far, where only a request that fails on i
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
@@ -36,105 +34,14 @@ from ..device import pin
 from ..tuners.base import BASE
 from .batch import KVBatch, left_pad
 from .prefill import PrefillJob, PrefillPlan, plan_step
-from .sampling import (SamplingParams, TextStream, TokenLogprob, apply_penalties, sample_token, token_logprobs,
-                       unusable_rows)
+from .sampling import apply_penalties, sample_token, token_logprobs, unusable_rows
+from .sequence import Sequence
 
 logger = logging.getLogger("peftkit.serve")
 
 
 class QueueFull(Exception):
     """The waiting queue holds ``max_queue`` requests already."""
-
-
-@dataclass
-class Event:
-    """What the scheduler tells a request's handler: new text, the end (with a finish reason), or an error."""
-
-    kind: str  # "text" | "finish" | "error"
-    text: str = ""
-    finish_reason: str | None = None
-    error: str | None = None
-    status: int = 500  # for an error: the HTTP status it is answered with
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the last event (if asked)
-
-
-class Sequence:
-    """One generation request. Created by the HTTP layer; mutated only by the scheduler thread after submit."""
-
-    _ids = itertools.count()
-
-    def __init__(
-        self,
-        adapter: str,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        tokenizer: Any,
-        on_event: Callable[[Event], None],
-    ) -> None:
-        self.id = next(self._ids)
-        self.adapter = adapter
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.output_ids: list[int] = []
-        self.text = ""  # everything sent so far
-        self.finish_reason: str | None = None
-        self.on_event = on_event
-        self.generator: torch.Generator | None = None  # on the model's device: made when the scheduler first runs it
-        self.counts: torch.Tensor | None = None  # (vocab,) generated-token counts, for penalties; on the model's device
-        self.logprobs: list[TokenLogprob] = []  # one per output token, when params.logprobs is set
-        self._unsent_logprobs = 0  # how many of the last ``logprobs`` no event has carried yet
-        self.stream = TextStream(tokenizer, params.stop)
-        self.cancelled = threading.Event()
-        # time.monotonic() when it was made, taken by a prefill, and got its first token (metrics: serve/metrics.py)
-        self.created_at = time.monotonic()
-        self.admitted_at: float | None = None
-        self.first_token_at: float | None = None
-
-    @property
-    def context(self) -> list[int]:
-        """Tokens the model has to have seen to sample the next one."""
-        return self.prompt_ids + self.output_ids
-
-    def push(self, token_id: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> bool:
-        """Record a sampled token (and its logprobs) and tell the handler; True when the request is finished."""
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-        self.output_ids.append(token_id)
-        if logprob is not None:
-            self.logprobs.append(logprob)
-            self._unsent_logprobs += 1
-        delta = ""
-        if token_id in eos_ids:
-            self.finish_reason = "stop"
-        else:
-            delta = self.stream.push(token_id)
-            if self.stream.stopped:
-                self.finish_reason = "stop"
-            elif len(self.output_ids) >= self.params.max_tokens:
-                self.finish_reason = "length"
-        if self.finish_reason is None:
-            if delta:
-                self._emit(Event("text", text=delta))
-            return False
-        self._emit(Event("finish", text=delta + self.stream.finish(), finish_reason=self.finish_reason))
-        return True
-
-    def fail(self, message: str, status: int = 500) -> None:
-        self.finish_reason = "error"
-        self._emit(Event("error", error=message, status=status))
-
-    def _emit(self, event: Event) -> None:
-        self.text += event.text
-        if self._unsent_logprobs and event.kind != "error":
-            event.logprobs, self._unsent_logprobs = self.logprobs[-self._unsent_logprobs :], 0
-        try:
-            self.on_event(event)
-        except Exception:  # a handler that went away must not stop the scheduler
-            logger.exception("event delivery failed for request %d", self.id)
-
-    def cancel(self) -> None:
-        """Called from any thread when the client went away: the row is freed before the next decode step."""
-        self.cancelled.set()
 
 
 class ModelHost(Protocol):
@@ -172,12 +79,17 @@ class Scheduler:
         self._prefilling: list[PrefillJob] = []  # taken from the queue, not yet in the batch (in arrival order)
         self._batch: KVBatch | None = None
         self._stopping = False
+        self._idle_since: float | None = None  # perf_counter() when the thread began waiting for work, while it waits
         self._thread: threading.Thread | None = None
         # counters since start; decode_rows / decode_steps is the mean batch of a decode step, prefill_tokens /
-        # steps the mean prefill work per step, prefill_s_max the longest any step's prefill held the decode rows
+        # steps the mean prefill work per step, prefill_s_max the longest any step's prefill held the decode rows.
+        # The thread's time splits into decode_s (forwards and sampling of decode steps), prefill_s, command_s
+        # (adapter loads and removals), idle_s (waiting for work) and the rest (admission, cancellation): what
+        # /metrics exports, so a load test can say where a server's time went.
         self.stats: dict[str, float] = {
             "steps": 0, "decode_steps": 0, "decode_rows": 0, "mixed_steps": 0, "max_rows": 0, "prefills": 0,
             "prefill_tokens": 0, "prefill_s_max": 0.0, "tokens": 0, "recoveries": 0,
+            "decode_s": 0.0, "prefill_s": 0.0, "command_s": 0.0, "idle_s": 0.0,
         }
 
     # ---------------------------------------------------------------------------------------------------------
@@ -251,6 +163,14 @@ class Scheduler:
             return {"running": len(self._rows) + len(self._prefilling), "prefilling": len(self._prefilling),
                     "waiting": len(self._waiting)}
 
+    def counters(self) -> dict[str, float]:
+        """The counters now (any thread), an idle wait under way included (what /metrics exports)."""
+        with self._cond:
+            stats = dict(self.stats)
+            if self._idle_since is not None:
+                stats["idle_s"] += time.perf_counter() - self._idle_since
+        return stats
+
     def summary(self) -> dict[str, float]:
         """The counters, with the means they imply: rows per decode step and prefill tokens per step."""
         stats = dict(self.stats)
@@ -264,8 +184,12 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._has_work():
-                    self._cond.wait()
+                if not self._stopping and not self._has_work():
+                    self._idle_since = time.perf_counter()
+                    while not self._stopping and not self._has_work():
+                        self._cond.wait()
+                    self.stats["idle_s"] += time.perf_counter() - self._idle_since
+                    self._idle_since = None
                 if self._stopping:
                     return
             self.step()
@@ -277,14 +201,18 @@ class Scheduler:
         exact schedule.
         """
         try:
+            start = time.perf_counter()
             self._run_commands()  # outside inference mode: new adapter weights must be ordinary tensors
+            self.stats["command_s"] += time.perf_counter() - start
             with torch.inference_mode():
                 self._drop_cancelled()
                 self._admit()
                 if self._prefilling:
                     self._prefill_step()
                 if self._rows:
+                    start = time.perf_counter()
                     self._decode()
+                    self.stats["decode_s"] += time.perf_counter() - start
                 self.stats["steps"] += 1
         except Exception:  # never let the thread die: fail what is running and carry on
             logger.exception("scheduler step failed")
@@ -340,7 +268,9 @@ class Scheduler:
             self._prefill_group(plan.group)
         for job, tokens in plan.chunks:
             self._prefill_chunk(job, tokens)
-        self.stats["prefill_s_max"] = max(self.stats["prefill_s_max"], time.perf_counter() - start)
+        took = time.perf_counter() - start
+        self.stats["prefill_s"] += took
+        self.stats["prefill_s_max"] = max(self.stats["prefill_s_max"], took)
 
     def _prefill_group(self, group: list[PrefillJob]) -> None:
         """Prefill whole contexts together (left-padded, one forward); each one's first token, then the batch."""
