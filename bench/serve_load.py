@@ -21,7 +21,7 @@ configuration: tokens/s, its fraction of the bound, p50/p99 latency and time to 
 evictions, peak RSS of the serving process (VmHWM, reset when the load starts). Writes serve_load.json, .md and
 .png into --out.
 
-    python bench/serve_load.py --out bench/results        # the full run (~21 min on 2 quiet cores)
+    python bench/serve_load.py --out bench/results        # the full run (~35 min on 2 quiet cores)
     python bench/serve_load.py --quick --out /tmp/sl      # small sizes (a few minutes on the real model)
     python bench/serve_load.py --render bench/results/serve_load.json   # the markdown table again
 """
@@ -67,12 +67,13 @@ ENGINE_METRICS = {"decode_s": "peftkit_decode_seconds_total", "prefill_s": "peft
                   "change_s": "peftkit_adapter_change_seconds_total", "idle_s": "peftkit_scheduler_idle_seconds_total",
                   "decode_steps": "peftkit_decode_steps_total", "decode_rows": "peftkit_decode_rows_total",
                   "prefill_tokens": "peftkit_prefill_tokens_total", "steps": "peftkit_scheduler_steps_total"}
-# The full run is sized for ~25 minutes on 2 quiet cores; --quick for the test. Each client sends `requests` in a
-# closed loop, so the batch fills and drains once per run: with more requests per client the ramp and the tail
-# weigh less. The one-at-a-time server gets the first `serial_requests` of each client (its rate is measured on
-# fewer requests, since one at a time they take 5x as long).
+# The full run is sized for ~35 minutes on 2 quiet cores; --quick for the test. The clients (workers) take
+# clients x requests requests from one queue in a closed loop, so the batch fills once and drains once per run,
+# when the queue runs dry: with more requests the ramp and the tail weigh less (with 4 per client the batch
+# averaged 13.3 rows of 16 over a run, the last requests finishing one by one). The one-at-a-time server gets the
+# first `serial_requests` x clients (its rate is measured on fewer requests, since one at a time they take 5x as long).
 SIZES = {
-    "full": dict(counts=[1, 8, 64, 512], clients=16, requests=4, serial_requests=1, max_tokens=32, max_batch=16,
+    "full": dict(counts=[1, 8, 64, 512], clients=16, requests=8, serial_requests=1, max_tokens=32, max_batch=16,
                  max_adapters=16, bound_steps=8, prompts_per_adapter=1),
     "quick": dict(counts=[1, 8], clients=4, requests=2, serial_requests=1, max_tokens=8, max_batch=4, max_adapters=4,
                   bound_steps=3, prompts_per_adapter=2),

@@ -336,3 +336,56 @@ def test_an_adapter_added_in_eval_mode_runs_no_dropout():
     assert torch.equal(logits(pm, X), logits(pm, X))
     pm.train()
     assert pm.base_model.model.layers[0].self_attn.v_proj.lora_dropout["late"].training
+
+
+def test_replace_adapter_reuses_the_layers_of_one_layout():
+    """replace_adapter puts a new adapter in an old one's layers and slot when both have one layout: its outputs
+    (alone and in a mixed batch) equal the new adapter loaded on its own, the other adapters are untouched, a
+    different alpha gives the new scale; another layout is refused with nothing changed, bad values raise with
+    the old adapter intact."""
+    config = lambda r=4, alpha=8, targets=("q_proj", "v_proj"): pk.LoraConfig(  # noqa: E731
+        r=r, lora_alpha=alpha, target_modules=list(targets), inference_mode=True)
+
+    def files(seed: int, **kw) -> tuple[pk.LoraConfig, dict[str, torch.Tensor]]:  # an adapter as a file holds it
+        donor = pk.get_peft_model(tiny_llama(), config(**kw), "x")
+        randomize_b(donor, "x", seed=seed)
+        return donor.peft_config["x"], {k: v.clone() for k, v in donor.adapter_tensors("x").items()}
+
+    def alone(cfg, tensors) -> torch.Tensor:
+        ref = pk.PeftModel.from_tensors(tiny_llama(), "x", cfg, tensors).eval()
+        return logits(ref, X)
+
+    pm = pk.get_peft_model(tiny_llama(), config(), "a")
+    for name, seed in (("b", 2), ("c", 3)):
+        pm.add_adapter(name, config())
+        randomize_b(pm, name, seed=seed)
+    randomize_b(pm, "a", seed=1)
+    pm.eval()
+    pm.set_adapter("b")
+    before_b = logits(pm, X)
+    layer = next(m for m in pm.modules() if isinstance(m, LoraLayer))
+    assert_mixed_equals_solo(pm, ["a", "b", "c"])
+    A_of_a = layer.lora_A["a"]
+
+    new_config, new_tensors = files(seed=5, alpha=32)  # same shapes, another scale
+    assert pm.replace_adapter("a", "n", new_config, new_tensors)
+    assert list(pm.peft_config) == ["n", "b", "c"] and pm._slots.names == ["n", "b", "c"]
+    assert layer.lora_A["n"] is A_of_a and "a" not in layer.r and layer.scaling["n"] == 32 / 4  # its modules, reused
+    pm.set_adapter("n")
+    assert (logits(pm, X) - alone(new_config, new_tensors)).abs().max().item() < 1e-6
+    pm.set_adapter("b")
+    assert torch.equal(logits(pm, X), before_b)
+    assert_mixed_equals_solo(pm, ["n", "b", "c"])
+
+    other_config, other_tensors = files(seed=6, r=2)  # another layout: refused, nothing changed
+    assert not pm.replace_adapter("c", "o", other_config, other_tensors)
+    assert list(pm.peft_config) == ["n", "b", "c"]
+    broken = {k: v.clone() for k, v in new_tensors.items()}
+    next(v for k, v in broken.items() if "lora_B" in k)[0, 0] = float("nan")
+    pm.set_adapter("c")
+    before_c = logits(pm, X)
+    with pytest.raises(ValueError, match="NaN"):
+        pm.replace_adapter("c", "o", new_config, broken)
+    assert list(pm.peft_config) == ["n", "b", "c"] and layer.scaling["c"] == 8 / 4
+    assert torch.equal(logits(pm, X), before_c)
+    assert_mixed_equals_solo(pm, ["c", "n", "b"])

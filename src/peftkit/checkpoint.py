@@ -149,6 +149,16 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
     return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
 
 
+def read_adapter_folder(
+    directory: str | os.PathLike, is_trainable: bool = False
+) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:
+    """An adapter folder's config (set up for inference unless ``is_trainable``), tensors and weights file path."""
+    config = read_config(directory)
+    config.inference_mode = not is_trainable
+    source = os.path.join(directory, WEIGHTS_NAME)
+    return config, load_tensors(source), source
+
+
 def read_config(directory: str | os.PathLike) -> PeftConfig:
     path = Path(directory) / CONFIG_NAME
     for folder in (Path(directory), Path(directory).parent):  # a subfolder adapter is saved with its parent

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, quant
+from .adapter_loading import AdapterLoading
 from .base_layers import has_quantized_layers
 from .families import classifier_modules
 from .memory import MemoryFootprint, memory_footprint
@@ -26,7 +27,7 @@ from .tuners import mixed_prompts
 from .tuners.layer import FREE_SLOT, AdapterLayer, MixedBatch, ModulesToSaveWrapper, Slots, module_tree
 from .tying import untie
 
-class PeftModel(nn.Module):
+class PeftModel(AdapterLoading, nn.Module):
     """A base model plus adapters. Create with :func:`get_peft_model` or :meth:`PeftModel.from_pretrained`."""
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
@@ -399,100 +400,6 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         checkpoint.save_adapters(save_directory, {n: (self.peft_config[n], self.adapter_tensors(n)) for n in names})
-
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add an adapter from a folder written by peftkit or HF PEFT, checking every key and shape."""
-        config, tensors, source = _read_adapter_folder(model_id, is_trainable)
-        self.add_adapter_from_tensors(adapter_name, config, tensors, source)
-
-    @classmethod
-    def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-    ) -> "PeftModel":
-        """Wrap ``model`` with the adapter saved in ``model_id`` (by peftkit or HF PEFT)."""
-        config, tensors, source = _read_adapter_folder(model_id, is_trainable)
-        peft_model = cls.from_tensors(model, adapter_name, config, tensors, source)
-        if not is_trainable:
-            peft_model.eval()
-        return peft_model
-
-    @classmethod
-    def from_tensors(
-        cls, model: nn.Module, adapter_name: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
-        source: str | os.PathLike = "tensors",
-    ) -> "PeftModel":
-        """Wrap ``model`` with one adapter holding ``tensors``; on any error ``model`` is handed back exactly as it
-        was (see :meth:`add_adapter_from_tensors`)."""
-        # built without __init__, which adds its adapter unchecked: the first adapter must be undoable as well
-        peft_model = cls.__new__(cls)
-        nn.Module.__init__(peft_model)
-        peft_model._hold(model)
-        peft_model.add_adapter_from_tensors(adapter_name, config, tensors, source)
-        return peft_model
-
-    def add_adapter_from_tensors(
-        self, adapter_name: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
-        source: str | os.PathLike = "tensors",
-    ) -> None:
-        """Add adapter ``adapter_name`` holding ``tensors`` (HF PEFT file keys), all or nothing.
-
-        Every load goes through here (:meth:`from_pretrained`, :meth:`load_adapter`, the server), so files are
-        checked the same way everywhere: the config first, then, once the adapter is injected, every key, shape and
-        value (floating point and finite: :func:`peftkit.checkpoint.copy_checked`) before anything is copied. On any
-        error the half-added adapter is taken out again and the model (adapters, parameters, outputs) is exactly as
-        before, so a refused load never leaves a broken model behind. ``source`` names the tensors in errors (the
-        file they came from).
-        """
-        tuner = tuner_for(config)
-        tuner.check_loadable(config)
-        with self._undone_on_error(adapter_name, config):
-            self._add_adapter(adapter_name, config)
-            optional = tuner.optional_tensors(self.base_model, adapter_name, config)
-            checkpoint.copy_checked(self.adapter_tensors(adapter_name), tensors, source, optional)
-
-    @contextmanager
-    def _undone_on_error(self, adapter_name: str, config: PeftConfig) -> Iterator[None]:
-        """Run a block that adds ``adapter_name``; if it raises, restore the model to what it was before the block:
-        the adapter's traces removed, the active set and every parameter's ``requires_grad`` as they were."""
-        existed = adapter_name in self.peft_config  # add_adapter refuses it then, before changing anything
-        layers = [layer for _, layer in self.adapter_layers()]
-        # the model's own parameters and the adapters' that adding one may change (_apply_active's `only`)
-        flags = [(p, p.requires_grad) for _, m in module_tree(self.base_model) for p in m._parameters.values() if p is not None]
-        active = list(self._active)
-        try:
-            yield
-        except BaseException:
-            if not existed:
-                self._take_out(adapter_name, config, keep=layers)
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            self._active = active
-            raise
-
-    def _take_out(self, adapter_name: str, config: PeftConfig, keep: list[AdapterLayer]) -> None:
-        """Remove a half-added adapter wherever it got: its entries in adapter layers, the layers made for it (each
-        replaced by the module it wrapped, so module and parameter names are as before) and the tuner's own state."""
-        kept = {id(layer) for layer in keep}
-        # innermost first: unwrapping an outer layer first would leave an inner one's path dangling
-        for name, layer in reversed(list(self.adapter_layers())):
-            layer.delete_adapter(adapter_name)
-            if id(layer) not in kept:
-                parent, child = get_submodule_parent(self.base_model, name)
-                setattr(parent, child, layer.base_layer)
-        tuner_for(config).delete_adapter(self.base_model, adapter_name)
-        self.peft_config.pop(adapter_name, None)
-        self._slots.free(adapter_name)
-        self._mixed_layers = ((), [])
-
-
-def _read_adapter_folder(
-    model_id: str | os.PathLike, is_trainable: bool
-) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:
-    """An adapter folder's config (set up for inference unless ``is_trainable``), tensors and weights file path."""
-    config = checkpoint.read_config(model_id)
-    config.inference_mode = not is_trainable
-    source = os.path.join(model_id, checkpoint.WEIGHTS_NAME)
-    return config, checkpoint.load_tensors(source), source
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:

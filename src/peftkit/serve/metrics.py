@@ -112,6 +112,8 @@ class _Resident(Collector):
         yield GaugeMetricFamily("peftkit_adapters_resident", "Adapters attached to the model", len(resident))
         yield GaugeMetricFamily("peftkit_adapters_resident_peak", "The most adapters attached at once so far",
                                 max(self.residency.peak, len(resident)))
+        yield CounterMetricFamily("peftkit_adapter_reuses", "Loads that took over an evicted adapter's layers (same "
+                                  "layout: nothing built or taken apart)", self.residency.reused)
         yield GaugeMetricFamily("peftkit_adapters_resident_bytes", "Bytes of every resident adapter's tensors",
                                 sum(a.bytes for a in resident))
         per = GaugeMetricFamily("peftkit_adapter_resident_bytes", "Bytes of one resident adapter's tensors",

@@ -11,7 +11,7 @@ How a ``model`` is resolved (:meth:`AdapterLoader.resolve`, on the event loop):
    concurrent request for the name awaits that same task, and a client that goes away does not cancel it for the
    others. The load reads the folder on a worker thread (:func:`read_adapter`), then the scheduler thread, between
    decode steps, evicts least recently used idle adapters if the budget needs room and attaches the new one
-   (:meth:`Residency.attach_evicting`). Decoding of other rows goes on during the read.
+   (:meth:`Residency.attach_evicting`), in the place of an evicted one of the same layout when there is one. Decoding of other rows goes on during the read.
 
 When the budget is full of adapters in use, the load waits for one to become idle (woken whenever a request
 releases its hold), up to ``wait_s``; then the request gets 503 ``adapter_budget_full`` with Retry-After. Waiting
@@ -33,7 +33,8 @@ from .. import checkpoint
 from ..tuners.base import BASE
 from .metrics import ServeMetrics
 from .protocol import APIError, busy
-from .registry import AdapterConflict, AdapterInfo, AdapterPathError, AdapterRegistry, read_adapter, resolve_adapter_path
+from .registry import (AdapterConflict, AdapterInfo, AdapterPathError, AdapterRegistry, layout_of, read_adapter,
+                       resolve_adapter_path)
 from .residency import NoRoom, Residency
 from .scheduler import QueueFull
 
@@ -160,12 +161,13 @@ class AdapterLoader:
                 config, tensors = await asyncio.to_thread(read_adapter, folder)
             except (OSError, ValueError, TypeError) as err:
                 raise self._refused(name, err, requested) from None
-            new_bytes = self.registry.tensor_bytes(tensors)
+            new_bytes, layout = self.registry.tensor_bytes(tensors), layout_of(config, tensors)
             waited = False
             while True:
                 freed = self._freed  # taken before trying, so a release in between is not missed
                 command = self.scheduler.call(lambda: self.residency.attach_evicting(
-                    lambda: self.registry.attach(name, config, tensors, str(folder), pinned=pinned), new_bytes))
+                    lambda: self.registry.attach(name, config, tensors, str(folder), pinned=pinned), new_bytes,
+                    layout, lambda old: self.registry.replace(old, name, config, tensors, str(folder), pinned)))
                 try:
                     info, evicted = await asyncio.wrap_future(command)
                     break

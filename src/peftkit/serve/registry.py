@@ -47,6 +47,12 @@ class AdapterInfo:
     created: int  # unix time it was loaded
     bytes: int = 0  # what its tensors take on the model's device (see AdapterRegistry.tensor_bytes)
     pinned: bool = True  # named at start or posted by an admin: never evicted to make room (serve/residency.py)
+    layout: int | None = None  # layout_of its config and tensors: adapters of one layout can take each other's place
+
+
+def layout_of(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> int:
+    """A fingerprint of an adapter's shape: its method and every tensor's key and shape (not the values)."""
+    return hash((type(config).__name__, frozenset((key, tuple(t.shape)) for key, t in tensors.items())))
 
 
 def resolve_adapter_path(root: str | os.PathLike, requested: str) -> Path:
@@ -65,9 +71,7 @@ def resolve_adapter_path(root: str | os.PathLike, requested: str) -> Path:
 
 def read_adapter(path: str | os.PathLike) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """An adapter folder's config and tensors, read from disk (runs off the scheduler and event-loop threads)."""
-    config = checkpoint.read_config(path)
-    config.inference_mode = True
-    tensors = checkpoint.load_tensors(Path(path) / checkpoint.WEIGHTS_NAME)
+    config, tensors, _ = checkpoint.read_adapter_folder(path)
     return config, tensors
 
 
@@ -147,8 +151,21 @@ class AdapterRegistry:
             self.peft.eval()  # (later adapters are made in the model's mode)
         else:
             self.peft.add_adapter_from_tensors(name, config, tensors, source)
-        info = AdapterInfo(name=name, path=str(path), created=int(time.time()),
-                           bytes=self.tensor_bytes(tensors), pinned=pinned)
+        return self._record(name, config, tensors, path, pinned)
+
+    def replace(self, old: str, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str,
+                pinned: bool = True) -> AdapterInfo | None:
+        """Attach ``name`` in the place of ``old`` (hidden for removal, no request using it), reusing its layers
+        (:meth:`PeftModel.replace_adapter`); None, with nothing changed, when their layouts differ."""
+        source = str(Path(path) / checkpoint.WEIGHTS_NAME)
+        if self.peft is None or not self.peft.replace_adapter(old, name, config, tensors, source):
+            return None
+        return self._record(name, config, tensors, path, pinned)
+
+    def _record(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str,
+                pinned: bool) -> AdapterInfo:
+        info = AdapterInfo(name=name, path=str(path), created=int(time.time()), bytes=self.tensor_bytes(tensors),
+                           pinned=pinned, layout=layout_of(config, tensors))
         with self._lock:
             self._adapters[name] = info
         return info

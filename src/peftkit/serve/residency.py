@@ -67,6 +67,7 @@ class Residency:
         self.budget = budget
         self.busy = busy  # whether the scheduler has a live row (running, prefilling, waiting) for an adapter
         self.peak = 0  # the most adapters attached at once, measured after each load's evictions
+        self.reused = 0  # loads that took over an evicted adapter's layers (attach_evicting's ``replace``)
         self._lock = threading.Lock()
         self._holds: Counter[str] = Counter()
         self._clock = itertools.count(1)
@@ -97,35 +98,47 @@ class Residency:
     # ---------------------------------------------------------------------------------------------------------
     # Loading (scheduler thread)
 
-    def attach_evicting(self, attach: Callable[[], AdapterInfo], new_bytes: int) -> tuple[AdapterInfo, list[AdapterInfo]]:
+    def attach_evicting(self, attach: Callable[[], AdapterInfo], new_bytes: int, layout: int | None = None,
+                        replace: Callable[[str], AdapterInfo | None] | None = None) -> tuple[AdapterInfo, list[AdapterInfo]]:
         """Make room for an adapter of ``new_bytes`` and attach it with ``attach()``: the attached adapter's info,
         and the adapters evicted for it.
 
-        Victims are chosen (least recently used idle ones first) and hidden from new requests before ``attach``
-        runs, and detached only once it succeeded: a refused folder leaves every adapter where it was. Raises
-        :class:`NoRoom` when idle adapters cannot make enough room.
+        Victims are chosen (least recently used idle ones first, see :meth:`_choose` for ``layout``) and hidden from
+        new requests before the new adapter goes in, and detached only once it is: a refused folder leaves every
+        adapter where it was. The new adapter takes the first victim's place with ``replace(victim)`` when their
+        layouts allow (its layers are reused, nothing is built), else ``attach()`` adds it. Raises :class:`NoRoom`
+        when idle adapters cannot make enough room.
         """
         with self._lock:
-            victims = self._choose(new_bytes)
+            victims = self._choose(new_bytes, layout)
             hidden = [info for info in victims if self._hide(info.name)]
         if len(hidden) < len(victims):  # an admin removal of one of them is under way: try again shortly
             for info in hidden:
                 self.registry.restore(info)
             raise NoRoom("an adapter chosen for eviction is being removed right now", lasting=False)
         try:
-            info = attach()
+            info = replace(hidden[0].name) if replace is not None and hidden else None
+            replaced = info is not None
+            info = info or attach()
         except BaseException:
             for victim in hidden:
                 self.registry.restore(victim)
             raise
         for victim in hidden:
-            self.registry.detach(victim.name)
+            if not (replaced and victim is hidden[0]):
+                self.registry.detach(victim.name)
             self.registry.release(victim.name)
+        self.reused += replaced
         self.peak = max(self.peak, self.registry.attached())
         return info, hidden
 
-    def _choose(self, new_bytes: int) -> list[AdapterInfo]:
-        """The idle adapters to evict (least recently used first) so that one more of ``new_bytes`` fits."""
+    def _choose(self, new_bytes: int, layout: int | None = None) -> list[AdapterInfo]:
+        """The idle adapters to evict (least recently used first) so that one more of ``new_bytes`` fits.
+
+        With ``layout``: if one idle adapter of that layout, among the older half of the idle ones, makes room on
+        its own, it goes instead of the least recently used one, so the new adapter can take over its layers. Not
+        strictly LRU then, but never a recently used adapter; with adapters of one layout (one recipe, the usual
+        fleet) it is LRU exactly."""
         resident = self.registry.models()
         count, total = len(resident) + 1, sum(a.bytes for a in resident) + new_bytes
         if self.fits(count, total):
@@ -136,8 +149,13 @@ class Residency:
             raise NoRoom(f"this adapter ({new_bytes / MIB:.2f} MiB) and the {len(pinned)} pinned adapter(s) "
                          f"({(pinned_bytes - new_bytes) / MIB:.2f} MiB) do not fit in {self.budget.describe()}; "
                          "raise the budget or DELETE a pinned adapter", lasting=True)
+        lru = sorted((a for a in resident if not a.pinned), key=lambda a: self._last_used.get(a.name, 0))
+        idle = [a for a in lru if not self._holds[a.name] and not self.busy(a.name)]
+        same = next((a for a in idle[: (len(idle) + 1) // 2] if layout is not None and a.layout == layout), None)
+        if same is not None and self.fits(count - 1, total - same.bytes):
+            return [same]
         victims = []
-        for info in sorted((a for a in resident if not a.pinned), key=lambda a: self._last_used.get(a.name, 0)):
+        for info in lru:
             if self.fits(count, total):
                 break
             if self._holds[info.name] or self.busy(info.name):

@@ -305,6 +305,12 @@ class Tuner:
     def delete_adapter(self, model: nn.Module, adapter_name: str) -> None:
         """Drop state this method keeps outside adapter layers (its layers' adapters are removed already)."""
 
+    def reuse(self, model: nn.Module, old: str, new: str, config: PeftConfig) -> bool:
+        """Rename adapter ``old`` to ``new`` in place, set up as ``config`` says, if ``config`` gives every layer the
+        same shapes ``old`` has; False, with nothing changed, if not (the default: this method never reuses, and
+        :meth:`PeftModel.replace_adapter` falls back to deleting and adding)."""
+        return False
+
     def unload(self, model: nn.Module) -> None:
         """Undo changes made outside adapter layers (hooks, patched attributes) when the model is unloaded."""
 

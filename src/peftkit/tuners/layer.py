@@ -43,6 +43,9 @@ class Slots:
         free = next((k for k, n in enumerate(self.names) if n is None), len(self.names))
         self.names[free : free + 1] = [name]
 
+    def rename(self, old: str, new: str) -> None:
+        self.names = [new if n == old else n for n in self.names]
+
     def free(self, name: str) -> None:
         self.names = [None if n == name else n for n in self.names]
         while self.names and self.names[-1] is None:
@@ -143,6 +146,14 @@ class AdapterLayer(nn.Module, abc.ABC):
                 del store[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         self.revision += 1
+
+    def rename_adapter(self, old: str, new: str) -> None:
+        """Give adapter ``old``'s entries the name ``new`` (its tensors and modules stay as they are)."""
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if old in store:
+                store[new] = store.pop(old)
+        self.active_adapters = [new if n == old else n for n in self.active_adapters]
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights."""

@@ -140,6 +140,11 @@ class _LoraLayerBase:
         self.r.pop(adapter_name, None)
         self.scaling.pop(adapter_name, None)
 
+    def rename_adapter(self, old: str, new: str) -> None:
+        super().rename_adapter(old, new)
+        self.r.pop(old, None)
+        self.scaling.pop(old, None)
+
     def stack_sources(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         return self.factor_tensors(adapter_name)
 
@@ -361,6 +366,23 @@ class LoraTuner(Tuner):
         combination_type: str, configs: list[PeftConfig],
     ) -> LoraConfig:
         return add_weighted_lora(list(self.layers(model)), adapters, weights, adapter_name, combination_type, configs[0])
+
+    def reuse(self, model: nn.Module, old: str, new: str, config: LoraConfig) -> bool:
+        """Every layer of ``old`` keeps its factors under the name ``new``, with ``config``'s scale (and dropout), when
+        ``config`` gives each of them the rank it has now."""
+        layers = [(name, layer) for name, layer in self.layers(model) if old in layer.r]
+        if any(config.rank_and_alpha(name)[0] != layer.r[old] for name, layer in layers):
+            return False
+        for name, layer in layers:
+            layer.rename_adapter(old, new)
+            layer._add_rank(new, config, name)
+            if isinstance(layer, LoraLayer):
+                dropout = layer.lora_dropout.pop(old)
+                if getattr(dropout, "p", 0.0) != config.lora_dropout:
+                    dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+                    dropout.train(layer.training)
+                layer.lora_dropout[new] = dropout
+        return True
 
     def optional_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
         # HF PEFT saves the full embedding matrix of LoRA-wrapped embeddings (in case the vocabulary was resized)
