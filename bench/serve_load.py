@@ -62,6 +62,7 @@ PROMPTS = [
     "Why is the sky blue?",
 ]
 LOADS_METRIC, EVICTIONS_METRIC = "peftkit_adapter_loads_total", "peftkit_adapter_evictions_total"
+REUSES_METRIC = "peftkit_adapter_reuses_total"  # loads that took over an evicted adapter's layers
 # the scheduler's own counters over a run (serve/metrics.py): where the batched server's time went
 ENGINE_METRICS = {"decode_s": "peftkit_decode_seconds_total", "prefill_s": "peftkit_prefill_seconds_total",
                   "change_s": "peftkit_adapter_change_seconds_total", "idle_s": "peftkit_scheduler_idle_seconds_total",
@@ -114,7 +115,7 @@ def serve_run(server: ServerProcess, plan, expected, size) -> dict:
     records, wall = run_load(server.url, plan, size["max_tokens"], timeout=1800)
     after = server.metrics()
     counts = {key: None if after is None else metric_total(after, name) - metric_total(before, name)
-              for key, name in (("adapter_loads", LOADS_METRIC), ("evictions", EVICTIONS_METRIC))}
+              for key, name in (("adapter_loads", LOADS_METRIC), ("evictions", EVICTIONS_METRIC), ("reuses", REUSES_METRIC))}
     engine = {} if after is None else {key: metric_total(after, name) - metric_total(before, name)
                                        for key, name in ENGINE_METRICS.items()}
     return summarize(records, wall, expected) | counts | {"engine": engine} | {

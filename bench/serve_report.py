@@ -163,14 +163,15 @@ def _engine_table(report: dict) -> list[str]:
     lines = ["", "Where each server run's time went (the scheduler thread's own counters from /metrics over the run; "
              "rest = wall - the four, i.e. admission, bookkeeping and waiting for the GIL):", "",
              "| adapters | popularity | config | wall (s) | decode (s) | steps x mean rows | ms per step | prefill (s) | "
-             "prefill tokens | adapter changes (s) | idle (s) | rest (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "prefill tokens | adapter changes (s) | loads (of which reused an evicted adapter's layers) | idle (s) | rest (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         e = r["engine"]
         rest = r["wall_s"] - e["decode_s"] - e["prefill_s"] - e["change_s"] - e["idle_s"]
         lines.append(f"| {r['adapters']} | {r['popularity']} | {r['config']} | {r['wall_s']:.1f} | {e['decode_s']:.1f} | "
                      f"{e['decode_steps']:.0f} x {e['decode_rows'] / e['decode_steps']:.1f} | "
                      f"{1e3 * e['decode_s'] / e['decode_steps']:.0f} | {e['prefill_s']:.1f} | {e['prefill_tokens']:.0f} | "
-                     f"{e['change_s']:.1f} | {e['idle_s']:.1f} | {rest:.1f} |")
+                     f"{e['change_s']:.1f} | {_f(r.get('adapter_loads'), 0)} ({_f(r.get('reuses'), 0)}) | {e['idle_s']:.1f} | {rest:.1f} |")
     return lines
 
 

@@ -262,6 +262,7 @@ def test_serve_load_quick(tmp_path: Path) -> None:
             key = (count, config)
             resident[key] = resident.get(key, 0) + r["adapter_loads"] - r["evictions"]
             assert 1 <= resident[key] <= size["max_adapters"] and r["evictions"] >= 0
+            assert 0 <= r["reuses"] <= r["evictions"]  # a reuse takes one evicted adapter's place
             first = {client[0][0] for client in plan_for(count, popularity)}
             needed = used if config == "batched" else first
             assert r["adapter_loads"] >= (1 if popularity == "uniform" else len(needed))  # uniform follows zipf: some resident

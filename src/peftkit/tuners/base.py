@@ -148,7 +148,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     heads, names = set(), head_names()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
+    for name, module in module_tree(model):  # (not into adapters' own storage: a walk per load, see module_tree)
         if head is not None and module is head:
             heads.add(name)
         elif name.split(".")[-1] in names:
