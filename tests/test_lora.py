@@ -379,6 +379,7 @@ def test_replace_adapter_reuses_the_layers_of_one_layout():
 
     other_config, other_tensors = files(seed=6, r=2)  # another layout: refused, nothing changed
     assert not pm.replace_adapter("c", "o", other_config, other_tensors)
+    assert not pm.replace_adapter("c", "a.b", new_config, new_tensors)  # a name add_adapter refuses (and explains)
     assert list(pm.peft_config) == ["n", "b", "c"]
     broken = {k: v.clone() for k, v in new_tensors.items()}
     next(v for k, v in broken.items() if "lora_B" in k)[0, 0] = float("nan")

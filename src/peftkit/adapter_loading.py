@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .tuners.base import PeftConfig, get_submodule_parent, tuner_for
+from .tuners.base import PeftConfig, get_submodule_parent, tuner_for, valid_adapter_name
 from .tuners.layer import AdapterLayer, module_tree
 
 if TYPE_CHECKING:
@@ -111,11 +111,13 @@ class AdapterLoading:
                         source: str | os.PathLike = "tensors") -> bool:
         """Adapter ``old`` becomes ``new``, holding ``tensors``, in ``old``'s own layers and mixed-batch slot, when
         both have one layout (one method, the same keys and shapes, :meth:`Tuner.reuse`); False, with nothing
-        changed, when not. Values are checked as by :meth:`add_adapter_from_tensors` first: a refused file leaves
-        ``old`` as it was. Why: a server evicting ``old`` for ``new`` would otherwise take every layer's modules
-        apart and build them again on its serving thread (~0.1 s for all-linear LoRA on SmolLM2-135M)."""
+        changed, when not (nor for a name :meth:`add_adapter` would refuse: it then says why). Values are checked as
+        by :meth:`add_adapter_from_tensors`: a refused file leaves ``old`` as it was. Why: a server evicting ``old``
+        for ``new`` would otherwise take every layer's modules apart and build them again on its serving thread
+        (~0.1 s for all-linear LoRA on SmolLM2-135M; ~20 ms this way)."""
         was = self.peft_config.get(old)
-        if (was is None or new in self.peft_config or type(config) is not type(was) or self.merged_adapters
+        if (was is None or new in self.peft_config or not valid_adapter_name(new)
+                or type(config) is not type(was) or self.merged_adapters
                 or config.modules_to_save or was.modules_to_save or "SEQ_CLS" in (config.task_type, was.task_type)):
             return False
         current = self.adapter_tensors(old)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
@@ -22,7 +21,7 @@ from .base_layers import has_quantized_layers
 from .families import classifier_modules
 from .memory import MemoryFootprint, memory_footprint
 from .merge_report import merge_report
-from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for
+from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for, valid_adapter_name
 from .tuners import mixed_prompts
 from .tuners.layer import FREE_SLOT, AdapterLayer, MixedBatch, ModulesToSaveWrapper, Slots, module_tree
 from .tying import untie
@@ -80,7 +79,7 @@ class PeftModel(AdapterLoading, nn.Module):
         config = copy.copy(config)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter it first or pick another name")
-        if not adapter_name or adapter_name == BASE or not re.fullmatch(r"[\w\-]+", adapter_name):
+        if not valid_adapter_name(adapter_name):
             raise ValueError(f"adapter name {adapter_name!r} must be non-empty letters, digits, '_' or '-', and not {BASE!r}")
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None

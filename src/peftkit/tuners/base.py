@@ -27,6 +27,12 @@ from ..tying import warn_if_tied
 from .layer import AdapterLayer, ModulesToSaveWrapper, model_layer, module_tree
 
 BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
+
+
+def valid_adapter_name(name: str) -> bool:
+    """Adapter names are non-empty letters, digits, '_' or '-' (they become module keys and file folders), and not
+    the base model's ``BASE``."""
+    return bool(name) and name != BASE and re.fullmatch(r"[\w\-]+", name) is not None
 FILE_PREFIX = "base_model.model."  # HF PEFT's key prefix for module parameters in adapter files
 
 # Fields HF PEFT writes that carry no meaning for loading weights here.
