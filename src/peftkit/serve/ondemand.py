@@ -11,7 +11,8 @@ How a ``model`` is resolved (:meth:`AdapterLoader.resolve`, on the event loop):
    concurrent request for the name awaits that same task, and a client that goes away does not cancel it for the
    others. The load reads the folder on a worker thread (:func:`read_adapter`), then the scheduler thread, between
    decode steps, evicts least recently used idle adapters if the budget needs room and attaches the new one
-   (:meth:`Residency.attach_evicting`), in the place of an evicted one of the same layout when there is one. Decoding of other rows goes on during the read.
+   (:meth:`Residency.attach_evicting`), in the place of an evicted one of the same layout when there is one.
+   Decoding of other rows goes on during the read.
 
 When the budget is full of adapters in use, the load waits for one to become idle (woken whenever a request
 releases its hold), up to ``wait_s``; then the request gets 503 ``adapter_budget_full`` with Retry-After. Waiting

@@ -27,12 +27,6 @@ from ..tying import warn_if_tied
 from .layer import AdapterLayer, ModulesToSaveWrapper, model_layer, module_tree
 
 BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
-
-
-def valid_adapter_name(name: str) -> bool:
-    """Adapter names are non-empty letters, digits, '_' or '-' (they become module keys and file folders), and not
-    the base model's ``BASE``."""
-    return bool(name) and name != BASE and re.fullmatch(r"[\w\-]+", name) is not None
 FILE_PREFIX = "base_model.model."  # HF PEFT's key prefix for module parameters in adapter files
 
 # Fields HF PEFT writes that carry no meaning for loading weights here.
@@ -147,6 +141,12 @@ def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
         if found:
             return int(found.group(1))
     return None
+
+
+def valid_adapter_name(name: str) -> bool:
+    """Adapter names are non-empty letters, digits, '_' or '-' (they become module keys and file folders), and not
+    the base model's ``BASE``."""
+    return bool(name) and name != BASE and re.fullmatch(r"[\w\-]+", name) is not None
 
 
 def output_head_names(model: nn.Module) -> set[str]:

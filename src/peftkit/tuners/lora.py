@@ -245,6 +245,11 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
         if adapter_name in self.lora_dropout:
             del self.lora_dropout[adapter_name]
 
+    def rename_adapter(self, old: str, new: str) -> None:
+        super().rename_adapter(old, new)
+        if old in self.lora_dropout:
+            self.lora_dropout[new] = self.lora_dropout.pop(old)
+
 
 class LoraEmbedding(_LoraLayerBase, StackedAdapterLayer):
     """LoRA on ``nn.Embedding``: h = E[x] + (alpha / r) (A^T[x]) B^T, with A: r x vocab (zeros), B: dim x r (normal).
@@ -376,12 +381,9 @@ class LoraTuner(Tuner):
         for name, layer in layers:
             layer.rename_adapter(old, new)
             layer._add_rank(new, config, name)
-            if isinstance(layer, LoraLayer):
-                dropout = layer.lora_dropout.pop(old)
-                if getattr(dropout, "p", 0.0) != config.lora_dropout:
-                    dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-                    dropout.train(layer.training)
-                layer.lora_dropout[new] = dropout
+            if isinstance(layer, LoraLayer) and getattr(layer.lora_dropout[new], "p", 0.0) != config.lora_dropout:
+                dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+                layer.lora_dropout[new] = dropout.train(layer.training)
         return True
 
     def optional_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
