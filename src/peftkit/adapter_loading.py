@@ -114,7 +114,7 @@ class AdapterLoading:
         changed, when not (nor for a name :meth:`add_adapter` would refuse: it then says why). Values are checked as
         by :meth:`add_adapter_from_tensors`: a refused file leaves ``old`` as it was. Why: a server evicting ``old``
         for ``new`` would otherwise take every layer's modules apart and build them again on its serving thread
-        (~0.1 s for all-linear LoRA on SmolLM2-135M; ~20 ms this way)."""
+        (detach + attach of an all-linear LoRA on SmolLM2-135M with 16 resident: 84 ms; this way 42 ms)."""
         was = self.peft_config.get(old)
         if (was is None or new in self.peft_config or not valid_adapter_name(new)
                 or type(config) is not type(was) or self.merged_adapters
