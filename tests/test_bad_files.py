@@ -59,6 +59,15 @@ def test_non_finite_weights_are_refused_with_the_key(tmp_path, bad):
     assert torch.equal(logits(model), before)  # handed back unchanged
 
 
+def test_huge_but_finite_weights_load(tmp_path):
+    """The finiteness check looks at every tensor's norm first; a norm that overflows float32 from finite values
+    (near its limit) must not refuse the file: those tensors are checked value by value."""
+    saved(tmp_path)
+    rewrite(tmp_path, KEY, torch.full((64, 4), 3e38))
+    pm = pk.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(pm.adapter_tensors("default")[KEY], torch.full((64, 4), 3e38))
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool])
 def test_non_float_weights_are_refused_not_cast(tmp_path, dtype):
     saved(tmp_path)

@@ -8,6 +8,7 @@ from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
 from torch import nn
 
 import peftkit as pk
+from peftkit.tuners.layer import MixedBatch
 from peftkit.tuners.lora import LoraEmbedding, LoraLayer
 
 
@@ -195,6 +196,26 @@ def test_mixed_batch_equals_solo_runs():
             pm.set_adapter(name)
             solo = logits(pm, x[row : row + 1])
         assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, name
+
+
+def test_mixed_batch_of_one_adapter_equals_solo_without_the_per_row_gather():
+    """Every row on one adapter (a server with one adapter, or a batch of one): the layers use that slot's factors
+    directly instead of gathering a copy per row, and layers the adapter does not target stay the base's."""
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "a")
+    pm.add_adapter("b", pk.LoraConfig(r=8, lora_alpha=4, target_modules="all-linear"))
+    pm.add_adapter("c", pk.LoraConfig(r=2, target_modules=["k_proj"]))
+    for i, name in enumerate(pm.peft_config):
+        randomize_b(pm, name, seed=i + 1)
+    pm.eval()
+    assert MixedBatch.build(("__base__", "a", "b"), [2, 2], torch.device("cpu")).single == 2
+    assert MixedBatch.build(("__base__", "a", "b"), [2, 1], torch.device("cpu")).single is None
+    x = torch.randint(0, 128, (3, 7))
+    for name in ("a", "b", "c"):
+        pm.set_adapter(name)
+        assert (logits(pm, x, adapter_names=[name] * 3) - logits(pm, x)).abs().max().item() < 1e-5, name
+    with pm.disable_adapter():
+        base = logits(pm, x)
+    assert torch.equal(logits(pm, x, adapter_names=["__base__"] * 3), base)
 
 
 def test_mixed_batch_sees_weights_changed_in_place_and_new_adapters():

@@ -64,11 +64,13 @@ class MixedBatch:
 
     ``rows[k]``: the rows that use ``order[k]`` (a tensor on the model's device) or None when no row does. Built
     once from the host-side choice (:meth:`build`), so that no layer asks the device which rows it has: a
-    ``nonzero()`` per adapter per layer would stop the host until the GPU catches up, at every layer."""
+    ``nonzero()`` per adapter per layer would stop the host until the GPU catches up, at every layer.
+    ``single``: the one slot every row uses, when they all use one (a layer may then skip the per-row gather)."""
 
     order: tuple[str, ...]
     index: torch.Tensor
     rows: tuple[torch.Tensor | None, ...]
+    single: int | None = None
 
     @classmethod
     def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device) -> "MixedBatch":
@@ -77,7 +79,8 @@ class MixedBatch:
         for row, k in enumerate(choice):
             members[k].append(row)
         rows = tuple(torch.tensor(m, dtype=torch.long, device=device) if m else None for m in members)
-        return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows)
+        single = choice[0] if choice and len(set(choice)) == 1 else None
+        return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows, single)
 
 
 class AdapterLayer(nn.Module, abc.ABC):
@@ -116,6 +119,11 @@ class AdapterLayer(nn.Module, abc.ABC):
     @property
     def adapter_names(self) -> list[str]:
         return list(getattr(self, self.adapter_attrs[0]).keys())
+
+    @property
+    def has_adapters(self) -> bool:
+        """Whether any adapter is left here (asked in every forward: cheaper than listing the names)."""
+        return len(getattr(self, self.adapter_attrs[0])) > 0
 
     @abc.abstractmethod
     def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
@@ -181,7 +189,7 @@ class AdapterLayer(nn.Module, abc.ABC):
         """True when forward should be the base layer alone (adapters off, or merged, or none active; in a mixed
         batch: none left in this layer, e.g. after deleting the only adapter that targeted it)."""
         if self.mixed is not None:
-            return not self.adapter_names
+            return not self.has_adapters
         return self.disabled or bool(self.merged_adapters) or not self.active_adapters
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -238,9 +246,11 @@ class StackCache:
     cost a server 0.2-0.3 s per load on its first step with 16 adapters, and a fresh copy of all of them each time).
 
     The check runs in every forward of every layer, so it is kept cheap: the slots' keys and source tensors are
-    looked up again only when the order or the layer's :meth:`StackedAdapterLayer.stack_signature` changes; otherwise
-    their version counters (bumped by every in-place write: optimizer steps, loading, merging) and storage pointers
-    (changed by ``.to()``) tell which slots' values moved. Stacks hold one spare slot per :attr:`HEADROOM`
+    assembled again only when the order or the layer's :meth:`StackedAdapterLayer.stack_signature` changes, from a
+    memo per adapter name that only a new name, or a deleted or renamed one (:meth:`forget`), looks up afresh (looking
+    up every slot's tensors in every layer after each load cost a server 20-45 ms on the next step with 16 adapters);
+    otherwise their version counters (bumped by every in-place write: optimizer steps, loading, merging) and storage
+    pointers (changed by ``.to()``) tell which slots' values moved. Stacks hold one spare slot per :attr:`HEADROOM`
     adapters, so adding adapters one by one rebuilds them every few adds (amortized: each add copies a few slots),
     while a server at its budget reuses freed slots and never rebuilds; a new adapter that does not fit (more slots,
     a larger rank) makes the layer build them all again. The stacks cost (slots) x (the largest rank per layer) x
@@ -251,27 +261,51 @@ class StackCache:
 
     def __init__(self) -> None:
         self.structure: tuple | None = None
+        self.entries: dict[str, tuple[Any, tuple[torch.Tensor, ...]]] = {}  # name -> (slot key, source tensors)
         self.keys: list = []
         self.sources: list[tuple[torch.Tensor, ...]] = []
+        self.state: list[tuple[int, int]] = []  # (version, storage) of every source, slot after slot
         self.built: list = []  # (key, state) of each slot the stacks hold now
         self.value: tuple = ()
 
     FREE = (None, ())  # what a free slot's entry in ``built`` is
 
+    def forget(self, name: str) -> None:
+        """``name``'s tensors are no longer what the memo holds (the adapter was deleted or renamed)."""
+        self.entries.pop(name, None)
+
     def get(self, layer: StackedAdapterLayer, order: tuple[str, ...]) -> tuple:
         # (the revision changes when an adapter is deleted: a new one of the same name is then a new slot entry)
         structure = (order, layer.stack_signature(), layer.revision)
         if structure != self.structure:
-            names = set(layer.adapter_names)
-            self.keys = [(n, layer.slot_signature(n)) if n in names else None for n in order]
-            self.sources = [layer.stack_sources(n) if n in names else () for n in order]
+            self._assemble(layer, order)
             self.structure = structure
-        built = [(key, tuple((t._version, t.data_ptr()) for t in sources)) for key, sources in zip(self.keys, self.sources)]
-        built += [self.FREE] * (len(self.built) - len(built))  # slots past the last adapter are free
-        if built != self.built:
-            with torch.no_grad():  # mixed batches are for inference
-                self._update(layer, order, built)
+        state = [(t._version, t.data_ptr()) for sources in self.sources for t in sources]
+        if state != self.state:  # (one flat comparison per step; which slots moved is worked out only when one did)
+            built, at = [], 0
+            for key, sources in zip(self.keys, self.sources):
+                built.append((key, tuple(state[at : at + len(sources)])))
+                at += len(sources)
+            built += [self.FREE] * (len(self.built) - len(built))  # slots past the last adapter are free
+            if built != self.built:
+                with torch.no_grad():  # mixed batches are for inference
+                    self._update(layer, order, built)
+            self.state = state
         return self.value
+
+    def _assemble(self, layer: StackedAdapterLayer, order: tuple[str, ...]) -> None:
+        """Each slot's key and source tensors for ``order``, looking up only names the memo lacks or whose key moved."""
+        names = set(layer.adapter_names)
+        for name in [n for n in self.entries if n not in names]:
+            del self.entries[name]
+        for name in order:
+            if name in names:
+                key = (name, layer.slot_signature(name))
+                if self.entries.get(name, (None,))[0] != key:
+                    self.entries[name] = (key, layer.stack_sources(name))
+        self.keys = [self.entries[n][0] if n in names else None for n in order]
+        self.sources = [self.entries[n][1] if n in names else () for n in order]
+        self.state = []  # (compared afresh against the slots' built state)
 
     def _update(self, layer: StackedAdapterLayer, order: tuple[str, ...], built: list) -> None:
         capacity = len(self.built)
@@ -298,8 +332,17 @@ class StackedAdapterLayer(AdapterLayer):
         super().__init__(base_layer)
         self._stacks = StackCache()
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._stacks.forget(adapter_name)
+
+    def rename_adapter(self, old: str, new: str) -> None:
+        super().rename_adapter(old, new)
+        self._stacks.forget(old)
+        self._stacks.forget(new)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.bypass() or not self.adapter_names:  # (a layer whose adapters were all deleted stays wrapped)
+        if self.bypass() or not self.has_adapters:  # (a layer whose adapters were all deleted stays wrapped)
             return self.base_layer(x, *args, **kwargs)
         if self.mixed is not None:
             return self.mixed_forward(x, self._stacks.get(self, self.mixed.order), args, kwargs)

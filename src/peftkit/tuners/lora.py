@@ -234,6 +234,12 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
 
     def mixed_forward(self, x: torch.Tensor, stacks: tuple, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        single = self.mixed.single
+        if single is not None and x.shape[0] == self.mixed.index.numel():  # one slot for every row: no gather
+            if self.mixed.order[single] not in self.r:  # the base, or an adapter that does not target this layer
+                return result
+            h = F.linear(x.to(stacks[0].dtype), stacks[0][single])  # (rank-padded, scale folded into B)
+            return result + F.linear(h, stacks[1][single]).to(result.dtype)
         a = self.rows(stacks[0], x.shape[0])  # (batch, r_max, in)
         b = self.rows(stacks[1], x.shape[0])  # (batch, out, r_max), scale folded in
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
