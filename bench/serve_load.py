@@ -67,7 +67,8 @@ REUSES_METRIC = "peftkit_adapter_reuses_total"  # loads that took over an evicte
 ENGINE_METRICS = {"decode_s": "peftkit_decode_seconds_total", "prefill_s": "peftkit_prefill_seconds_total",
                   "change_s": "peftkit_adapter_change_seconds_total", "idle_s": "peftkit_scheduler_idle_seconds_total",
                   "decode_steps": "peftkit_decode_steps_total", "decode_rows": "peftkit_decode_rows_total",
-                  "prefill_tokens": "peftkit_prefill_tokens_total", "steps": "peftkit_scheduler_steps_total"}
+                  "prefill_tokens": "peftkit_prefill_tokens_total", "steps": "peftkit_scheduler_steps_total",
+                  "fused": "peftkit_fused_prefills_total"}
 # The full run is sized for ~35 minutes on 2 quiet cores; --quick for the test. The clients (workers) take
 # clients x requests requests from one queue in a closed loop, so the batch fills once and drains once per run,
 # when the queue runs dry: with more requests the ramp and the tail weigh less (with 4 per client the batch

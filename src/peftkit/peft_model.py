@@ -23,7 +23,7 @@ from .memory import MemoryFootprint, memory_footprint
 from .merge_report import merge_report
 from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for, valid_adapter_name
 from .tuners import mixed_prompts
-from .tuners.layer import FREE_SLOT, AdapterLayer, MixedBatch, ModulesToSaveWrapper, Slots, module_tree
+from .tuners.layer import FREE_SLOT, AdapterLayer, MixedBatch, ModulesToSaveWrapper, Slots, StackedAdapterLayer, module_tree
 from .tying import untie
 
 class PeftModel(AdapterLoading, nn.Module):
@@ -315,13 +315,14 @@ class PeftModel(AdapterLoading, nn.Module):
     # Running
 
     @contextmanager
-    def _mixed_batch(self, adapter_names: list[str], batch_size: int | None) -> Iterator[None]:
+    def _mixed_batch(self, adapter_names: list[str], batch_size: int | None, per_token: bool = False) -> Iterator[None]:
         if self.training:
             raise RuntimeError("adapter_names (mixed-adapter batches) is for inference: call model.eval() first")
         if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list of adapter names, one per row")
         if batch_size is not None and len(adapter_names) != batch_size:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
+            what = "tokens" if per_token else "rows"
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} {what}")
         order = self._slots.order(BASE)
         slot = {n: k for k, n in enumerate(order) if n != FREE_SLOT}
         unknown = sorted({n for n in adapter_names if n not in slot})
@@ -330,7 +331,10 @@ class PeftModel(AdapterLoading, nn.Module):
         layers = self._layers_for_mixed_batches()
         if any(layer.merged_adapters for layer in layers):
             raise RuntimeError(f"adapters {self.merged_adapters} are merged; unmerge_adapter() before mixed batches")
-        mixed = MixedBatch.build(order, [slot[n] for n in adapter_names], self.device)
+        if per_token and not self.takes_per_token():
+            raise ValueError("per-token adapter_names need adapters of the stacked kinds only (LoRA, (IA)^3, "
+                             "bottleneck), not modules_to_save or selective layers")
+        mixed = MixedBatch.build(order, [slot[n] for n in adapter_names], self.device, per_token)
         for layer in layers:
             layer.mixed = mixed
         try:
@@ -338,6 +342,11 @@ class PeftModel(AdapterLoading, nn.Module):
         finally:
             for layer in layers:
                 layer.mixed = None
+
+    def takes_per_token(self) -> bool:
+        """Whether ``forward(per_token=True)`` can run: every adapter layer is of a stacked kind (LoRA, (IA)^3,
+        bottleneck), which sees each token as a row."""
+        return all(isinstance(layer, StackedAdapterLayer) for layer in self._layers_for_mixed_batches())
 
     def _layers_for_mixed_batches(self) -> list[AdapterLayer]:
         """The adapter layers, found once per set of adapters (forgotten when one is added or deleted): walking the
@@ -354,17 +363,22 @@ class PeftModel(AdapterLoading, nn.Module):
             kwargs = tuner_for(self.peft_config[name]).prepare_inputs(self, name, kwargs, generate)
         return kwargs
 
-    def _context(self, adapter_names: list[str] | None, args: tuple, kwargs: dict[str, Any]):
+    def _context(self, adapter_names: list[str] | None, args: tuple, kwargs: dict[str, Any], per_token: bool = False):
         if adapter_names is None:
             return nullcontext()
         first = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-        return self._mixed_batch(adapter_names, first.shape[0] if torch.is_tensor(first) else None)
+        count = (first.shape[0] * first.shape[1] if per_token else first.shape[0]) if torch.is_tensor(first) else None
+        return self._mixed_batch(adapter_names, count, per_token)
 
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, per_token: bool = False, **kwargs: Any) -> Any:
         """The base model's forward with adapters; ``adapter_names`` picks one adapter (or ``"__base__"``) per row,
         of any methods (prompt and prefix tuning rows get their virtual fronts: :mod:`peftkit.tuners.mixed_prompts`,
-        which also says what a mixed batch returns)."""
-        with self._context(adapter_names, args, kwargs):
+        which also says what a mixed batch returns). ``per_token``: ``adapter_names`` has one entry per token of a
+        single sequence instead (a fused serving step, :mod:`peftkit.serve.fused`; stacked methods only)."""
+        if per_token and adapter_names is not None and mixed_prompts.Fronts.plan(self, adapter_names) is not None:
+            raise ValueError("per-token adapter_names cannot hold prompt or prefix tuning adapters (their virtual "
+                             "tokens need a batch of rows)")
+        with self._context(adapter_names, args, kwargs, per_token):
             if adapter_names is not None:
                 return mixed_prompts.forward(self, adapter_names, args, kwargs)
             return self.base_model(*args, **self._prepare_inputs(kwargs, generate=False))

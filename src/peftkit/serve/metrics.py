@@ -135,7 +135,9 @@ _ENGINE = {
     "steps": ("peftkit_scheduler_steps", "Scheduler iterations (commands, admissions, a prefill chunk, a decode step)"),
     "decode_steps": ("peftkit_decode_steps", "Decode steps (one forward for every running row)"),
     "decode_rows": ("peftkit_decode_rows", "Rows over all decode steps (/ decode steps = the mean batch)"),
-    "decode_s": ("peftkit_decode_seconds", "Seconds in decode steps (forward and sampling)"),
+    "decode_s": ("peftkit_decode_seconds", "Seconds in decode steps (forward and sampling; a fused step's prompts "
+                 "included)"),
+    "fused": ("peftkit_fused_prefills", "Prompts prefilled inside a decode step's forward (fused steps)"),
     "prefill_tokens": ("peftkit_prefill_tokens", "Prompt tokens prefilled, padding included"),
     "prefill_s": ("peftkit_prefill_seconds", "Seconds in prefill forwards"),
     "command_s": ("peftkit_adapter_change_seconds", "Seconds the scheduler spent attaching and removing adapters "

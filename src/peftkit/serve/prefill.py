@@ -24,9 +24,10 @@ a long prompt of L tokens is in after at most ceil(L / (budget / 2)) steps, a sh
 
 When a newcomer's last chunk has run, its logits give its first token and its cache joins the decode batch.
 
-Why not put newcomers' tokens in the decode step's own forward ("fused" prefill)? Batched HF attention needs
-rectangular inputs: the decode rows would be padded to the chunk's length, multiplying their compute by it on the
-CPU, where there is no varlen attention kernel to avoid that. Two forwards per step cost the sum of their work.
+When rows are decoding, the scheduler does not run the group's forward here: its prompts go into the decode
+step's own forward as one flat sequence beside the decode tokens (:mod:`peftkit.serve.fused`), so the weights are
+read once for both; the budget and the order above still decide which newcomers go. Long prompts' chunks, groups
+while nothing decodes, and newcomers whose adapters add virtual tokens are prefilled in forwards of their own.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from ..hf_compat import with_cache
 from ..peft_model import PeftModel
 from ..tuners.base import BASE, PeftConfig
 from ..tuners.mixed_prompts import Fronts, right_align
+from .fused import FusedCache, FusedLayout, fused_attention_on
 
 
 class AdapterPathError(ValueError):
@@ -96,6 +97,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._adapters: dict[str, AdapterInfo] = {}
         self._pending: set[str] = set()  # names with a load or removal under way
+        self.fusable = True  # fused prefill-and-decode steps (serve/fused.py); off for good if the model refuses one
 
     # ---------------------------------------------------------------------------------------------------------
     # Names (any thread)
@@ -224,6 +226,38 @@ class AdapterRegistry:
         if fronts is None:
             return logits, attention_mask
         return logits, right_align(cache, fronts.mask(attention_mask))
+
+    def fused_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: FusedLayout,
+                      adapter_names: list[str], keep: torch.Tensor) -> torch.Tensor:
+        """One flat sequence of decode tokens and whole prompts (:mod:`peftkit.serve.fused`), ``adapter_names`` one
+        per token; the logits (len(keep), vocab) at the token positions ``keep``. Every cache in ``layout`` grows."""
+        cache = FusedCache(layout, self.model.config)
+        tokens = input_ids.shape[1]
+        # a 4D mask is passed to attention as it is (fused_attention ignores it and masks each part itself)
+        mask = torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device=self.device)
+        inputs = with_cache({"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}, self.model, cache)
+        try:
+            with self.precision.autocast(self.device), fused_attention_on(self.model):
+                if self.peft is None:
+                    out = self.model(**inputs, use_cache=True, logits_to_keep=keep, fused=layout)
+                else:
+                    out = self.peft(**inputs, adapter_names=adapter_names, per_token=True, use_cache=True,
+                                    logits_to_keep=keep, fused=layout)
+            if layout.attended != len(layout.caches[0].layers if layout.caches else layout.batch_cache.layers):
+                # a model whose attention does not go through transformers' attention interface attended over the
+                # raw new keys: never use those logits
+                raise RuntimeError(f"{type(self.model).__name__}'s attention does not take fused steps")
+        except Exception:
+            self.fusable = False  # a model that fails one fused step is prefilled apart from now on (the caller recovers)
+            raise
+        return out.logits[0].float()
+
+    def can_fuse(self, adapter_names: list[str]) -> bool:
+        """Whether rows of ``adapter_names`` can share a fused forward: none adds virtual tokens (prompt or prefix
+        tuning prefill apart), every adapter layer takes a per-token batch, and the model's attention took one."""
+        if not self.fusable:
+            return False
+        return self.peft is None or (Fronts.plan(self.peft, adapter_names) is None and self.peft.takes_per_token())
 
     def forward(self, *, adapter_names: list[str], cache: Any, **inputs: Any) -> torch.Tensor:
         """Logits at the last position, (batch, vocab), each row through its own adapter; ``cache`` grows in place."""

@@ -10,7 +10,9 @@ Each loop iteration of the scheduler thread:
    prompts together in one forward, long ones alone in chunks); a request whose prompt is all in now samples its
    first token and its row joins the running :class:`~peftkit.serve.batch.KVBatch`;
 5. runs one decode step for all running rows, each with its own adapter (``adapter_names``, the mixed-adapter
-   path), samples one token per row and retires rows that finished.
+   path), samples one token per row and retires rows that finished. When rows are running, this step's short
+   prompts go into the same forward (a *fused* step, :mod:`peftkit.serve.fused`: the weights are read once for
+   both) unless an adapter involved adds virtual tokens.
 
 So the running rows wait at most one chunk's forward between tokens however long the newcomers' prompts are.
 
@@ -33,7 +35,8 @@ import torch
 from ..device import pin
 from ..tuners.base import BASE
 from .batch import KVBatch, left_pad
-from .prefill import PrefillJob, PrefillPlan, plan_step
+from .fused import FusedLayout
+from .prefill import PrefillJob, PrefillPlan, group_cost, plan_step
 from .sampling import apply_penalties, sample_token, token_logprobs, unusable_rows
 from .sequence import Sequence
 
@@ -57,6 +60,11 @@ class ModelHost(Protocol):
                 adapter_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...  # logits, the cache's mask
 
     def new_cache(self) -> Any: ...
+
+    def can_fuse(self, adapter_names: list[str]) -> bool: ...  # whether these rows may share a fused forward
+
+    def fused_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: FusedLayout,
+                      adapter_names: list[str], keep: torch.Tensor) -> torch.Tensor: ...  # logits at ``keep``
 
     def has_adapter(self, name: str) -> bool: ...
 
@@ -88,7 +96,7 @@ class Scheduler:
         # /metrics exports, so a load test can say where a server's time went.
         self.stats: dict[str, float] = {
             "steps": 0, "decode_steps": 0, "decode_rows": 0, "mixed_steps": 0, "max_rows": 0, "prefills": 0,
-            "prefill_tokens": 0, "prefill_s_max": 0.0, "tokens": 0, "recoveries": 0,
+            "prefill_tokens": 0, "prefill_s_max": 0.0, "tokens": 0, "recoveries": 0, "fused": 0,
             "decode_s": 0.0, "prefill_s": 0.0, "command_s": 0.0, "idle_s": 0.0,
         }
 
@@ -207,11 +215,10 @@ class Scheduler:
             with torch.inference_mode():
                 self._drop_cancelled()
                 self._admit()
-                if self._prefilling:
-                    self._prefill_step()
+                fuse = self._prefill_step() if self._prefilling else []
                 if self._rows:
                     start = time.perf_counter()
-                    self._decode()
+                    self._decode(fuse)
                     self.stats["decode_s"] += time.perf_counter() - start
                 self.stats["steps"] += 1
         except Exception:  # never let the thread die: fail what is running and carry on
@@ -259,18 +266,23 @@ class Scheduler:
                     seq.admitted_at = time.monotonic()
                 self._prefilling.append(PrefillJob(seq))
 
-    def _prefill_step(self) -> None:
-        """This step's prefill work (:func:`~peftkit.serve.prefill.plan_step`): the group, then the chunks."""
+    def _prefill_step(self) -> list[PrefillJob]:
+        """This step's prefill work (:func:`~peftkit.serve.prefill.plan_step`): the group, then the chunks. Returns
+        the group instead of prefilling it when it can go into the decode step's forward (:meth:`_decode`)."""
         plan: PrefillPlan = plan_step(self._prefilling, self.prefill_chunk)
-        self.stats["prefill_tokens"] += plan.cost  # before running it: a joined row's context grows
+        fuse = plan.group if plan.group and self._rows and self.host.can_fuse(
+            [s.adapter for s in self._rows] + [j.seq.adapter for j in plan.group]) else []
+        # counted before running: a joined row's context grows (a fused group has no padding)
+        self.stats["prefill_tokens"] += plan.cost - (group_cost(fuse) - sum(j.remaining for j in fuse))
         start = time.perf_counter()
-        if plan.group:
+        if plan.group and not fuse:
             self._prefill_group(plan.group)
         for job, tokens in plan.chunks:
             self._prefill_chunk(job, tokens)
         took = time.perf_counter() - start
         self.stats["prefill_s"] += took
         self.stats["prefill_s_max"] = max(self.stats["prefill_s_max"], took)
+        return fuse
 
     def _prefill_group(self, group: list[PrefillJob]) -> None:
         """Prefill whole contexts together (left-padded, one forward); each one's first token, then the batch."""
@@ -336,15 +348,20 @@ class Scheduler:
             done = {id(j) for j in jobs}
             self._prefilling = [j for j in self._prefilling if id(j) not in done]
 
-    def _decode(self) -> None:
+    def _decode(self, fuse: list[PrefillJob]) -> None:
+        """One decode step for the running rows; with ``fuse``, those newcomers' whole contexts go into the same
+        forward, and then each samples its first token and joins the batch."""
         assert self._batch is not None
         rows = self._rows
         try:
             inputs = self._batch.step_inputs()
-            logits = self.host.forward(
-                input_ids=pin(torch.tensor([[s.output_ids[-1]] for s in rows], dtype=torch.long), self.host.device),
-                cache=self._batch.cache, adapter_names=[s.adapter for s in rows], **inputs,
-            )
+            if fuse:
+                logits, joining = self._fused_forward(rows, [j.seq for j in fuse], inputs["attention_mask"])
+            else:
+                logits = self.host.forward(
+                    input_ids=pin(torch.tensor([[s.output_ids[-1]] for s in rows], dtype=torch.long), self.host.device),
+                    cache=self._batch.cache, adapter_names=[s.adapter for s in rows], **inputs,
+                )
         except Exception:
             # The shared cache may be half-updated. Start every row again on its own from its tokens so far:
             # the ones that still fail alone get the error, the others carry on unchanged.
@@ -359,9 +376,30 @@ class Scheduler:
         self.stats["decode_rows"] += len(rows)
         self.stats["mixed_steps"] += len({s.adapter for s in rows}) > 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
-        finished = self._sample(rows, logits)
+        finished = self._sample(rows, logits[: len(rows)])
         if finished:
             self._retire([i for i in range(len(rows)) if i not in finished])
+        for k, job in enumerate(fuse):  # (after the retirements: a finished row's place is free for them)
+            self.stats["fused"] += 1
+            self._join([job], joining[k], logits[len(rows) + k : len(rows) + k + 1])
+
+    def _fused_forward(self, rows: list[Sequence], newcomers: list[Sequence],
+                       mask: torch.Tensor) -> tuple[torch.Tensor, list[KVBatch]]:
+        """The decode tokens of ``rows`` and the whole contexts of ``newcomers`` as one flat sequence
+        (:mod:`peftkit.serve.fused`): logits of the rows, then of each newcomer's last token; each newcomer's own
+        one-row batch, to join. ``mask``: the running batch's mask for this step."""
+        assert self._batch is not None
+        device, lengths = self.host.device, [len(s.context) for s in newcomers]
+        ids = [s.output_ids[-1] for s in rows] + [t for s in newcomers for t in s.context]
+        names = [s.adapter for s in rows] + [s.adapter for s, n in zip(newcomers, lengths) for _ in range(n)]
+        positions = torch.cat([self._batch.lengths, *(torch.arange(n, device=device) for n in lengths)])
+        ends = [len(rows) - 1 + sum(lengths[: k + 1]) for k in range(len(lengths))]
+        layout = FusedLayout(len(rows), self._batch.cache, mask, lengths, [self.host.new_cache() for _ in newcomers])
+        logits = self.host.fused_forward(pin(torch.tensor([ids], dtype=torch.long), device), positions[None], layout,
+                                         names, pin(torch.tensor([*range(len(rows)), *ends], dtype=torch.long), device))
+        joining = [KVBatch(cache, torch.ones(1, n, dtype=torch.bool, device=device), torch.tensor([n], device=device))
+                   for cache, n in zip(layout.caches, lengths)]
+        return logits, joining
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> set[int]:
         """Sample one token per row; returns the rows that finished (or failed)."""

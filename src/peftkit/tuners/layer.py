@@ -65,22 +65,48 @@ class MixedBatch:
     ``rows[k]``: the rows that use ``order[k]`` (a tensor on the model's device) or None when no row does. Built
     once from the host-side choice (:meth:`build`), so that no layer asks the device which rows it has: a
     ``nonzero()`` per adapter per layer would stop the host until the GPU catches up, at every layer.
-    ``single``: the one slot every row uses, when they all use one (a layer may then skip the per-row gather)."""
+    ``single``: the one slot every row uses, when they all use one (a layer may then skip the per-row gather).
+    ``per_token``: the choice is per token of a single flat sequence (a fused serving step, :mod:`peftkit.serve.
+    fused`): layers then see each token as a row. ``segments`` then cut those rows into (start, stop, slot): a
+    run of rows on one slot (a prompt), or ``slot`` None for rows of mixed slots (the decode tokens), so a layer
+    may treat a run with its slot's weights once instead of gathering a copy per token."""
 
     order: tuple[str, ...]
     index: torch.Tensor
     rows: tuple[torch.Tensor | None, ...]
     single: int | None = None
+    per_token: bool = False
+    segments: tuple[tuple[int, int, int | None], ...] = ()
 
     @classmethod
-    def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device) -> "MixedBatch":
+    def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device, per_token: bool = False) -> "MixedBatch":
         """From ``choice`` (row b uses ``order[choice[b]]``, a host list), with the index tensors on ``device``."""
         members: list[list[int]] = [[] for _ in order]
         for row, k in enumerate(choice):
             members[k].append(row)
         rows = tuple(torch.tensor(m, dtype=torch.long, device=device) if m else None for m in members)
         single = choice[0] if choice and len(set(choice)) == 1 else None
-        return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows, single)
+        return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows, single, per_token,
+                   segments(choice) if per_token else ())
+
+
+def segments(choice: list[int], shortest_run: int = 2) -> tuple[tuple[int, int, int | None], ...]:
+    """``choice`` cut into maximal runs of one slot at least ``shortest_run`` long, (start, stop, slot), and the rows
+    between them, (start, stop, None)."""
+    out: list[tuple[int, int, int | None]] = []
+    start = 0
+    while start < len(choice):
+        stop = start
+        while stop < len(choice) and choice[stop] == choice[start]:
+            stop += 1
+        if stop - start >= shortest_run:
+            out.append((start, stop, choice[start]))
+        elif out and out[-1][2] is None:
+            out[-1] = (out[-1][0], stop, None)
+        else:
+            out.append((start, stop, None))
+        start = stop
+    return tuple(out)
 
 
 class AdapterLayer(nn.Module, abc.ABC):
@@ -344,6 +370,9 @@ class StackedAdapterLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.bypass() or not self.has_adapters:  # (a layer whose adapters were all deleted stays wrapped)
             return self.base_layer(x, *args, **kwargs)
+        if self.mixed is not None and self.mixed.per_token:  # one flat sequence: each token is a row
+            out = self.mixed_forward(x.reshape(-1, 1, *x.shape[2:]), self._stacks.get(self, self.mixed.order), args, kwargs)
+            return out.reshape(*x.shape[:2], *out.shape[2:])
         if self.mixed is not None:
             return self.mixed_forward(x, self._stacks.get(self, self.mixed.order), args, kwargs)
         return self.active_forward(x, self.active_adapters, args, kwargs)

@@ -240,11 +240,26 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
                 return result
             h = F.linear(x.to(stacks[0].dtype), stacks[0][single])  # (rank-padded, scale folded into B)
             return result + F.linear(h, stacks[1][single]).to(result.dtype)
+        if self.mixed.segments and x.shape[0] == self.mixed.index.numel():  # a fused step: prompts are runs
+            delta = torch.cat([self._segment_delta(x[start:stop], stacks, start, stop, slot)
+                               for start, stop, slot in self.mixed.segments])
+            return result + delta.to(result.dtype)
         a = self.rows(stacks[0], x.shape[0])  # (batch, r_max, in)
         b = self.rows(stacks[1], x.shape[0])  # (batch, out, r_max), scale folded in
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
         delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
         return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def _segment_delta(self, x: torch.Tensor, stacks: tuple, start: int, stop: int, slot: int | None) -> torch.Tensor:
+        """The update of rows start:stop (``x``): through ``slot``'s factors at once, or row by row (slot None)."""
+        A, B = stacks
+        x = x.to(A.dtype)
+        if slot is not None:
+            return F.linear(F.linear(x, A[slot]), B[slot])
+        index = self.mixed.index[start:stop]
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(x3, A.index_select(0, index).transpose(1, 2)), B.index_select(0, index).transpose(1, 2))
+        return delta.reshape(*x.shape[:-1], self.out_features)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

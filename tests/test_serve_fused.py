@@ -1,0 +1,148 @@
+"""Fused steps (serve/fused.py): newcomers' prompts in the same forward as the running rows' next tokens must give
+what a decode step and a prefill apart give, keep every answer equal to solo generation, and fall back to separate
+prefills whenever a fused forward cannot be trusted."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_serve import _scheduler, _seq, adapters_dir, prompt_ids, ref, solo, tok  # noqa: F401  (fixtures)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import peftkit as pk
+from peftkit.serve.batch import KVBatch, left_pad
+from peftkit.serve.fused import RAGGED, FusedLayout
+from peftkit.serve.registry import AdapterRegistry
+from peftkit.tuners.base import BASE
+
+METHODS = {  # one adapter of each stacked method, two LoRA shapes
+    "lora-qv": lambda: pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    "lora-all": lambda: pk.LoraConfig(r=8, lora_alpha=4, target_modules="all-linear", init_lora_weights=False),
+    "ia3": lambda: pk.IA3Config(),
+    "houlsby": lambda: pk.BottleneckConfig(variant="houlsby", reduction_factor=8),
+}
+
+
+def _registry() -> AdapterRegistry:
+    class Tok:
+        eos_token_id, pad_token_id = 2, 0
+
+    registry = AdapterRegistry(tiny_llama(), Tok(), "tiny")
+    source = tiny_llama(seed=1)
+    for k, (name, make) in enumerate(METHODS.items()):
+        pm = pk.get_peft_model(source, make(), name)
+        with torch.no_grad():  # away from the identity init, so every adapter changes the output
+            g = torch.Generator().manual_seed(k)
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        registry.attach(name, pm.peft_config[name], {n: t.clone() for n, t in pm.adapter_tensors(name).items()}, "mem")
+        source = pm.unload()
+    return registry
+
+
+def test_a_fused_step_gives_the_decode_step_and_the_prefills_apart():
+    registry = _registry()
+    rows = ["lora-qv", "ia3", BASE, "houlsby", "lora-all", "lora-qv"]
+    prompts = [[5, 9, 11, 3, 7][: 3 + i % 3] for i in range(len(rows))]
+    newcomers = [("lora-all", [4, 8, 15, 16, 23, 42]), ("houlsby", [7, 7, 1]), ("ia3", [3, 1, 4, 1, 5]), (BASE, [9, 2])]
+    with torch.inference_mode():
+        ids, mask = left_pad(prompts, registry.pad_id)
+        cache = registry.new_cache()
+        logits, cache_mask = registry.prefill(ids, mask, cache, rows)
+        batch = KVBatch(cache, cache_mask, cache_mask.sum(dim=1))
+        apart = copy.deepcopy(batch)
+        step = logits.argmax(dim=-1, keepdim=True)
+        decoded = registry.forward(input_ids=step, cache=apart.cache, adapter_names=rows, **apart.step_inputs())
+        alone = [registry.prefill(*left_pad([p], registry.pad_id), registry.new_cache(), [name]) for name, p in newcomers]
+        lengths = [len(p) for _, p in newcomers]
+        layout = FusedLayout(len(rows), batch.cache, batch.step_inputs()["attention_mask"], lengths,
+                             [registry.new_cache() for _ in newcomers])
+        names = rows + [name for name, p in newcomers for _ in p]
+        flat = torch.tensor([step[:, 0].tolist() + [t for _, p in newcomers for t in p]])
+        positions = torch.cat([batch.lengths, *(torch.arange(n) for n in lengths)])[None]
+        ends = torch.tensor(lengths).cumsum(0) + len(rows) - 1
+        fused = registry.fused_forward(flat, positions, layout, names, torch.cat([torch.arange(len(rows)), ends]))
+    assert layout.attended == 2  # both layers' attention went through fused_attention
+    assert (fused[: len(rows)] - decoded).abs().max().item() < 1e-6
+    for k, (logits_alone, _) in enumerate(alone):
+        assert (fused[len(rows) + k] - logits_alone[0]).abs().max().item() < 1e-5, newcomers[k][0]
+    for mine, theirs in zip(batch.cache.layers, apart.cache.layers):
+        assert (mine.keys - theirs.keys).abs().max().item() < 1e-6
+    # prompt tuning adds virtual tokens: a step with such a row is never fused
+    pm = pk.get_peft_model(tiny_llama(seed=2), pk.PromptTuningConfig(num_virtual_tokens=2), "prompt")
+    registry.attach("prompt", pm.peft_config["prompt"], dict(pm.adapter_tensors("prompt")), "mem")
+    assert registry.can_fuse(rows + [BASE]) and not registry.can_fuse(rows + ["prompt"])
+
+
+def _jobs():
+    return [("a", "Once upon a time", 12), (BASE, "The capital of France", 5), ("b", "x", 9),
+            ("c", "A much longer prompt than the others", 7), ("a", "Hi", 10)]
+
+
+def _run(sched, tok, jobs) -> list:
+    seqs = [_seq(tok, adapter, prompt_ids(tok, p), n)[0] for adapter, p, n in jobs]
+    sched.submit(seqs[0], seqs[1])
+    sched.step()  # no rows yet: the two prefilled together apart, then one decode step
+    sched.step()
+    sched.submit(seqs[2], seqs[3])
+    sched.step()  # both into the running step's forward
+    sched.submit(seqs[4])
+    while sched.load["running"] or sched.load["waiting"]:
+        sched.step()
+    return seqs
+
+
+def test_the_scheduler_fuses_newcomers_and_answers_equal_solo(adapters_dir, tok, solo):
+    sched, _ = _scheduler(adapters_dir, tok, max_batch_size=8)
+    jobs = _jobs()
+    seqs = _run(sched, tok, jobs)
+    for seq, (adapter, p, n) in zip(seqs, jobs):
+        assert tuple(seq.output_ids) == solo(adapter, prompt_ids(tok, p), n), adapter
+    assert sched.stats["fused"] == 3 and sched.stats["recoveries"] == 0
+
+
+def test_a_failed_fused_step_sends_every_row_back_to_prefill(adapters_dir, tok, solo):
+    sched, registry = _scheduler(adapters_dir, tok, max_batch_size=8)
+    fused_forward, calls = registry.fused_forward, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+        return fused_forward(*args, **kwargs)
+
+    registry.fused_forward = failing_once
+    jobs = _jobs()
+    seqs = _run(sched, tok, jobs)
+    for seq, (adapter, p, n) in zip(seqs, jobs):
+        assert tuple(seq.output_ids) == solo(adapter, prompt_ids(tok, p), n), adapter
+    assert sched.stats["recoveries"] == 1
+
+
+def test_a_model_whose_attention_ignores_the_layout_is_never_fused(adapters_dir, tok, solo, monkeypatch):
+    """If the model's attention did not go through fused_attention (another implementation, custom code), its logits
+    would be computed over the wrong keys: the registry notices, refuses them and never fuses again."""
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, RAGGED,
+                        lambda module, q, k, v, mask, fused=None, **kw: sdpa_attention_forward(module, q, k, v, None, **kw))
+    sched, registry = _scheduler(adapters_dir, tok, max_batch_size=8)
+    jobs = _jobs()
+    seqs = _run(sched, tok, jobs)
+    for seq, (adapter, p, n) in zip(seqs, jobs):
+        assert tuple(seq.output_ids) == solo(adapter, prompt_ids(tok, p), n), adapter
+    assert not registry.fusable and sched.stats["fused"] == 0 and sched.stats["recoveries"] == 1
+
+
+def test_per_token_forward_refuses_prompt_tuning_and_counts_tokens():
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    pm.add_adapter("p", pk.PromptTuningConfig(num_virtual_tokens=2))
+    pm.eval()
+    x = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="per-token adapter_names cannot hold prompt or prefix tuning"):
+        pm(input_ids=x, adapter_names=["a", "p", "a"], per_token=True)
+    with pytest.raises(ValueError, match="adapter_names has 2 entries but the batch has 3 tokens"):
+        pm(input_ids=x, adapter_names=["a", "a"], per_token=True)
