@@ -379,15 +379,16 @@ class Scheduler:
         finished = self._sample(rows, logits[: len(rows)])
         if finished:
             self._retire([i for i in range(len(rows)) if i not in finished])
-        for k, job in enumerate(fuse):  # (after the retirements: a finished row's place is free for them)
-            self.stats["fused"] += 1
-            self._join([job], joining[k], logits[len(rows) + k : len(rows) + k + 1])
+        if fuse:  # (after the retirements: a finished row's place is free for them)
+            self.stats["fused"] += len(fuse)
+            self._join(fuse, joining, logits[len(rows) :])
 
     def _fused_forward(self, rows: list[Sequence], newcomers: list[Sequence],
-                       mask: torch.Tensor) -> tuple[torch.Tensor, list[KVBatch]]:
+                       mask: torch.Tensor) -> tuple[torch.Tensor, KVBatch]:
         """The decode tokens of ``rows`` and the whole contexts of ``newcomers`` as one flat sequence
-        (:mod:`peftkit.serve.fused`): logits of the rows, then of each newcomer's last token; each newcomer's own
-        one-row batch, to join. ``mask``: the running batch's mask for this step."""
+        (:mod:`peftkit.serve.fused`): logits of the rows, then of each newcomer's last token; the newcomers' rows
+        as one batch, to join (gathered among themselves first: one copy of the running cache to join them all).
+        ``mask``: the running batch's mask for this step."""
         assert self._batch is not None
         device, lengths = self.host.device, [len(s.context) for s in newcomers]
         ids = [s.output_ids[-1] for s in rows] + [t for s in newcomers for t in s.context]
@@ -397,8 +398,14 @@ class Scheduler:
         layout = FusedLayout(len(rows), self._batch.cache, mask, lengths, [self.host.new_cache() for _ in newcomers])
         logits = self.host.fused_forward(pin(torch.tensor([ids], dtype=torch.long), device), positions[None], layout,
                                          names, pin(torch.tensor([*range(len(rows)), *ends], dtype=torch.long), device))
-        joining = [KVBatch(cache, torch.ones(1, n, dtype=torch.bool, device=device), torch.tensor([n], device=device))
-                   for cache, n in zip(layout.caches, lengths)]
+        joining = None
+        for cache, n in zip(layout.caches, lengths):
+            row = KVBatch(cache, torch.ones(1, n, dtype=torch.bool, device=device), torch.tensor([n], device=device))
+            if joining is None:
+                joining = row
+            else:
+                joining.extend(row)
+        assert joining is not None
         return logits, joining
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> set[int]:
