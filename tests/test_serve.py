@@ -422,14 +422,20 @@ def test_errors_reach_the_openai_client_typed(client, server):
 
 def test_a_failing_request_gets_an_error_and_the_others_do_not(server, client, tok, solo, monkeypatch):
     _, state = server
-    poison, forward = 4242, state.registry.forward
+    poison, forward, fused_forward = 4242, state.registry.forward, state.registry.fused_forward
 
     def faulty(**inputs):
         if (inputs["input_ids"] == poison).any():
             raise RuntimeError("poisoned row")
         return forward(**inputs)
 
+    def faulty_fused(input_ids, *args):  # a newcomer may arrive while rows decode: its prompt is then in their forward
+        if (input_ids == poison).any():
+            raise RuntimeError("poisoned row")
+        return fused_forward(input_ids, *args)
+
     monkeypatch.setattr(state.registry, "forward", faulty)
+    monkeypatch.setattr(state.registry, "fused_forward", faulty_fused)
 
     def bad(stream: bool):
         if not stream:

@@ -10,6 +10,7 @@ the last one unwraps it again (a PeftModel always has at least one adapter).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,9 @@ from ..peft_model import PeftModel
 from ..tuners.base import BASE, PeftConfig
 from ..tuners.mixed_prompts import Fronts, right_align
 from .fused import FusedCache, FusedLayout, fused_attention_on
+
+
+logger = logging.getLogger("peftkit.serve")
 
 
 class AdapterPathError(ValueError):
@@ -247,8 +251,10 @@ class AdapterRegistry:
                 # a model whose attention does not go through transformers' attention interface attended over the
                 # raw new keys: never use those logits
                 raise RuntimeError(f"{type(self.model).__name__}'s attention does not take fused steps")
-        except Exception:
-            self.fusable = False  # a model that fails one fused step is prefilled apart from now on (the caller recovers)
+        except Exception as err:
+            # a model that fails one fused step is prefilled apart from now on (the scheduler recovers this step)
+            logger.warning("fused step failed (%s: %s); newcomers are prefilled apart from now on", type(err).__name__, err)
+            self.fusable = False
             raise
         return out.logits[0].float()
 
