@@ -79,6 +79,29 @@ def test_a_fused_step_gives_the_decode_step_and_the_prefills_apart():
     assert registry.can_fuse(rows + [BASE]) and not registry.can_fuse(rows + ["prompt"])
 
 
+def test_a_fused_step_without_adapters_is_the_plain_model_s():
+    """No adapter loaded: the registry serves the plain model, and a fused step still gives the steps apart."""
+    class Tok:
+        eos_token_id, pad_token_id = 2, 0
+
+    registry = AdapterRegistry(tiny_llama(), Tok(), "tiny")
+    rows = [BASE, BASE]
+    with torch.inference_mode():
+        cache = registry.new_cache()
+        logits, cache_mask = registry.prefill(*left_pad([[1, 2, 3], [4, 5]], registry.pad_id), cache, rows)
+        batch = KVBatch(cache, cache_mask, cache_mask.sum(dim=1))
+        apart = copy.deepcopy(batch)
+        step = logits.argmax(dim=-1, keepdim=True)
+        decoded = registry.forward(input_ids=step, cache=apart.cache, adapter_names=rows, **apart.step_inputs())
+        alone, _ = registry.prefill(*left_pad([[7, 8, 9, 10]], registry.pad_id), registry.new_cache(), [BASE])
+        layout = FusedLayout(2, batch.cache, batch.step_inputs()["attention_mask"], [4], [registry.new_cache()])
+        fused = registry.fused_forward(torch.tensor([step[:, 0].tolist() + [7, 8, 9, 10]]),
+                                       torch.cat([batch.lengths, torch.arange(4)])[None], layout, rows + [BASE] * 4,
+                                       torch.tensor([0, 1, 5]))
+    assert registry.peft is None and layout.attended == 2
+    assert (fused[:2] - decoded).abs().max().item() < 1e-6 and (fused[2] - alone[0]).abs().max().item() < 1e-5
+
+
 def _jobs():
     return [("a", "Once upon a time", 12), (BASE, "The capital of France", 5), ("b", "x", 9),
             ("c", "A much longer prompt than the others", 7), ("a", "Hi", 10)]
