@@ -15,7 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import peftkit as pk
 from peftkit.serve.batch import KVBatch, left_pad
-from peftkit.serve.fused import RAGGED, FusedLayout
+from peftkit.serve.fused import RAGGED, FusedLayout, FusionGate, LayoutIgnored
 from peftkit.serve.registry import AdapterRegistry
 from peftkit.tuners.base import BASE
 
@@ -131,20 +131,53 @@ def test_the_scheduler_fuses_newcomers_and_answers_equal_solo(adapters_dir, tok,
 
 def test_a_failed_fused_step_sends_every_row_back_to_prefill(adapters_dir, tok, solo):
     sched, registry = _scheduler(adapters_dir, tok, max_batch_size=8)
-    fused_forward, calls = registry.fused_forward, []
+    forward, calls = registry.peft.forward, []
 
-    def failing_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("transient")
-        return fused_forward(*args, **kwargs)
+    def failing_once(*args, **kwargs):  # inside the fused forward: the registry's gate sees the failure
+        if kwargs.get("per_token"):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("transient")
+        return forward(*args, **kwargs)
 
-    registry.fused_forward = failing_once
-    jobs = _jobs()
-    seqs = _run(sched, tok, jobs)
+    registry.peft.forward = failing_once
+    registry.fusion = FusionGate(pause=1)  # a transient failure: prefill apart once, then fuse again
+    jobs = _jobs() + [("b", "Another one", 4)]
+    seqs = [_seq(tok, adapter, prompt_ids(tok, p), n)[0] for adapter, p, n in jobs]
+    sched.submit(seqs[0], seqs[1])
+    sched.step()
+    sched.step()
+    sched.submit(seqs[2], seqs[3])
+    sched.step()  # the fused step fails: every row goes back to prefill, together, apart from any decode step
+    assert sched.stats["recoveries"] == 1 and registry.fusion.paused == 1
+    sched.step()
+    sched.submit(seqs[4])
+    sched.step()  # fusion paused: prefilled apart
+    sched.submit(seqs[5])
+    sched.step()  # fused again
+    while sched.load["running"] or sched.load["waiting"]:
+        sched.step()
     for seq, (adapter, p, n) in zip(seqs, jobs):
         assert tuple(seq.output_ids) == solo(adapter, prompt_ids(tok, p), n), adapter
-    assert sched.stats["recoveries"] == 1
+    assert len(calls) == 2 and sched.stats["recoveries"] == 1 and sched.stats["fused"] == 1 and registry.fusable
+
+
+def test_the_fusion_gate_pauses_after_failures_and_shuts_after_lasting_ones():
+    gate = FusionGate(pause=2, max_failures=3)
+    gate.failed(RuntimeError("out of memory"))
+    assert [gate.open() for _ in range(3)] == [False, False, True]  # paused for 2 candidate steps
+    gate.failed(RuntimeError("again"))
+    assert [gate.open() for _ in range(5)] == [False] * 4 + [True]  # twice as long for a second failure in a row
+    gate.succeeded()
+    gate.failed(RuntimeError("a later one"))  # a success in between: the count starts again
+    assert gate.paused == 2 and not gate.off
+    gate.failed(RuntimeError("2"))
+    gate.failed(RuntimeError("3"))
+    assert gate.off and not gate.open()  # max_failures in a row
+    for lasting in (LayoutIgnored("attention ignored the layout"), TypeError("unexpected keyword argument 'fused'")):
+        gate = FusionGate()
+        gate.failed(lasting)
+        assert gate.off and not gate.open()
 
 
 def test_a_model_whose_attention_ignores_the_layout_is_never_fused(adapters_dir, tok, solo, monkeypatch):

@@ -100,6 +100,46 @@ def fused_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 AttentionInterface.register(RAGGED, fused_attention)
 
 
+class LayoutIgnored(RuntimeError):
+    """The model's attention did not go through :func:`fused_attention`: its fused steps can never be trusted."""
+
+
+class FusionGate:
+    """Whether the next step may be fused (asked by the scheduler's thread before each step that could be).
+
+    A model that cannot take fused steps (attention that ignores the layout, :class:`LayoutIgnored`; a forward that
+    refuses the ``fused`` argument, ``TypeError``) is never fused again. Any other failure, say out of memory under
+    a burst, pauses fusion for ``pause`` candidate steps, doubling with each failure in a row, and ``max_failures``
+    in a row turn it off for good: a transient failure costs a few prefills apart instead of the speed-up until
+    restart, and a step that keeps failing is not retried forever. (Each failed step costs a recovery: its rows
+    are prefilled again, see the scheduler.)"""
+
+    def __init__(self, pause: int = 16, max_failures: int = 4) -> None:
+        self.pause, self.max_failures = pause, max_failures
+        self.failures = 0  # in a row
+        self.paused = 0  # candidate steps still to prefill apart
+        self.off = False
+
+    def open(self) -> bool:
+        """Whether this candidate step may be fused (a paused gate counts the step towards reopening)."""
+        if self.off:
+            return False
+        if self.paused:
+            self.paused -= 1
+            return False
+        return True
+
+    def failed(self, err: Exception) -> None:
+        self.failures += 1
+        if isinstance(err, (LayoutIgnored, TypeError)) or self.failures >= self.max_failures:
+            self.off = True
+        else:
+            self.paused = self.pause * 2 ** (self.failures - 1)
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+
 @contextmanager
 def fused_attention_on(model: torch.nn.Module) -> Iterator[None]:
     """Run ``model``'s attention through :func:`fused_attention` inside the block (the scheduler thread is the only

@@ -27,7 +27,7 @@ from ..hf_compat import with_cache
 from ..peft_model import PeftModel
 from ..tuners.base import BASE, PeftConfig
 from ..tuners.mixed_prompts import Fronts, right_align
-from .fused import FusedCache, FusedLayout, fused_attention_on
+from .fused import FusedCache, FusedLayout, FusionGate, LayoutIgnored, fused_attention_on
 
 
 logger = logging.getLogger("peftkit.serve")
@@ -101,7 +101,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._adapters: dict[str, AdapterInfo] = {}
         self._pending: set[str] = set()  # names with a load or removal under way
-        self.fusable = True  # fused prefill-and-decode steps (serve/fused.py); off for good if the model refuses one
+        self.fusion = FusionGate()  # fused prefill-and-decode steps (serve/fused.py), paused or off after failures
 
     # ---------------------------------------------------------------------------------------------------------
     # Names (any thread)
@@ -250,20 +250,28 @@ class AdapterRegistry:
             if layout.attended != len(layout.caches[0].layers if layout.caches else layout.batch_cache.layers):
                 # a model whose attention does not go through transformers' attention interface attended over the
                 # raw new keys: never use those logits
-                raise RuntimeError(f"{type(self.model).__name__}'s attention does not take fused steps")
+                raise LayoutIgnored(f"{type(self.model).__name__}'s attention does not take fused steps")
         except Exception as err:
-            # a model that fails one fused step is prefilled apart from now on (the scheduler recovers this step)
-            logger.warning("fused step failed (%s: %s); newcomers are prefilled apart from now on", type(err).__name__, err)
-            self.fusable = False
+            # newcomers are prefilled apart for a while, or for good (FusionGate); the scheduler recovers this step
+            self.fusion.failed(err)
+            logger.warning("fused step failed (%s: %s); newcomers are prefilled apart %s", type(err).__name__, err,
+                           "from now on" if self.fusion.off else f"for the next {self.fusion.paused} steps that could fuse")
             raise
+        self.fusion.succeeded()
         return out.logits[0].float()
 
+    @property
+    def fusable(self) -> bool:
+        """Whether fused steps are still possible at all (not turned off for good)."""
+        return not self.fusion.off
+
     def can_fuse(self, adapter_names: list[str]) -> bool:
-        """Whether rows of ``adapter_names`` can share a fused forward: none adds virtual tokens (prompt or prefix
-        tuning prefill apart), every adapter layer takes a per-token batch, and the model's attention took one."""
-        if not self.fusable:
+        """Whether rows of ``adapter_names`` can share a fused forward now: none adds virtual tokens (prompt or prefix
+        tuning prefill apart), every adapter layer takes a per-token batch, and fusion is not paused or off
+        (:class:`~peftkit.serve.fused.FusionGate`). Asked once per step that could fuse."""
+        if self.peft is not None and not (Fronts.plan(self.peft, adapter_names) is None and self.peft.takes_per_token()):
             return False
-        return self.peft is None or (Fronts.plan(self.peft, adapter_names) is None and self.peft.takes_per_token())
+        return self.fusion.open()
 
     def forward(self, *, adapter_names: list[str], cache: Any, **inputs: Any) -> torch.Tensor:
         """Logits at the last position, (batch, vocab), each row through its own adapter; ``cache`` grows in place."""
