@@ -42,6 +42,30 @@ def test_round_trip_and_selected_adapters(tmp_path):
         assert torch.equal(other.eval()(input_ids=X).logits, expected)
 
 
+def test_a_load_overwrites_every_weight_it_skipped_initialising():
+    """Loads create the adapter's weights without initialising them (their values come from the file): every one
+    must end up equal to the file's, for LoRA on linear and embedding layers and for bottleneck adapters, while
+    adding an adapter to train still initialises (LoRA's B starts at zero)."""
+    from peftkit.tuners.layer import Uninitialised
+
+    for config in (pk.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False),
+                   pk.BottleneckConfig(variant="pfeiffer", reduction_factor=4)):
+        source = pk.get_peft_model(tiny_llama(), config, "x")
+        with torch.no_grad():
+            for p in source.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape))
+        tensors = {k: v.clone() for k, v in source.adapter_tensors("x").items()}
+        loaded = pk.PeftModel.from_tensors(tiny_llama(), "x", source.peft_config["x"], tensors)
+        assert any(isinstance(m, Uninitialised) for m in loaded.modules())  # (the path under test was taken)
+        assert set(loaded.adapter_tensors("x")) == set(tensors)
+        for key, value in loaded.adapter_tensors("x").items():
+            assert torch.equal(value, tensors[key]), key
+    trained = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert not any(isinstance(m, Uninitialised) for m in trained.modules())
+    assert all(float(m.lora_B["default"].weight.abs().sum()) == 0 for m in trained.modules() if hasattr(m, "lora_B"))
+
+
 def test_shape_mismatch_names_file_and_key(tmp_path):
     saved(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

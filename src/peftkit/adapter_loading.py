@@ -69,7 +69,7 @@ class AdapterLoading:
         tuner = tuner_for(config)
         tuner.check_loadable(config)
         with self._undone_on_error(adapter_name, config):
-            self._add_adapter(adapter_name, config)
+            self._add_adapter(adapter_name, config, init=False)  # (copy_checked fills every new tensor or refuses)
             optional = tuner.optional_tensors(self.base_model, adapter_name, config)
             checkpoint.copy_checked(self.adapter_tensors(adapter_name), tensors, source, optional)
 

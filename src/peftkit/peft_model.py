@@ -74,8 +74,9 @@ class PeftModel(AdapterLoading, nn.Module):
         with self._undone_on_error(adapter_name, config):
             self._add_adapter(adapter_name, config)
 
-    def _add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
-        """:meth:`add_adapter` without the rollback (callers run it inside :meth:`_undone_on_error`)."""
+    def _add_adapter(self, adapter_name: str, config: PeftConfig, init: bool = True) -> None:
+        """:meth:`add_adapter` without the rollback (callers run it inside :meth:`_undone_on_error`); ``init=False``
+        leaves the new weights uninitialised for a caller that overwrites every one (a load)."""
         config = copy.copy(config)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter it first or pick another name")
@@ -91,7 +92,7 @@ class PeftModel(AdapterLoading, nn.Module):
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
         self._mixed_layers = ((), [])  # the module tree changes: find the adapter layers again
-        tuner_for(config).inject(self.base_model, config, adapter_name)
+        tuner_for(config).inject(self.base_model, config, adapter_name, init=init)
         if config.modules_to_save:
             self._wrap_modules_to_save(config, adapter_name)
         self.peft_config[adapter_name] = config

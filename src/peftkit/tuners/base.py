@@ -255,8 +255,9 @@ class Tuner:
         """Wrap one targeted module (override to choose a layer class by module type)."""
         return self.layer_cls(module)
 
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-        """Add adapter ``adapter_name`` to every module ``config`` targets, wrapping modules seen for the first time.
+    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str, init: bool = True) -> None:
+        """Add adapter ``adapter_name`` to every module ``config`` targets, wrapping modules seen for the first time
+        (``init=False``: its values are loaded next, see :meth:`AdapterLayer.update_layer`).
 
         A module that holds another method's adapters gets this method's layer around that one (LoRA rows and
         (IA)^3 rows on one ``v_proj``): each layer leaves rows and active sets that are not its own to the layer
@@ -272,7 +273,7 @@ class Tuner:
                 layer = self.make_layer(module, config, name)
                 parent, child = get_submodule_parent(model, name)
                 setattr(parent, child, layer)
-            layer.update_layer(adapter_name, config, name)
+            layer.update_layer(adapter_name, config, name, init=init)
 
     def target_names(self, model: nn.Module, config: PeftConfig) -> list[str]:
         return find_targets(model, config)

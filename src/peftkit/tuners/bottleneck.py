@@ -46,7 +46,7 @@ from .base import (
     is_linear,
     register,
 )
-from .layer import StackedAdapterLayer, model_layer
+from .layer import StackedAdapterLayer, Uninitialised, model_layer
 
 NON_LINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
 VARIANTS = ("houlsby", "pfeiffer")
@@ -110,17 +110,19 @@ class BottleneckLayer(StackedAdapterLayer):
         self.adapter_dropout = nn.ModuleDict()
         self.non_linearity: dict[str, str] = {}
 
-    def update_layer(self, adapter_name: str, config: BottleneckConfig, module_name: str) -> None:
+    def update_layer(self, adapter_name: str, config: BottleneckConfig, module_name: str, init: bool = True) -> None:
         m = config.bottleneck_for(self.features, module_name)
         device, dtype = self.kind.device(self.model_layer), self.kind.compute_dtype(self.model_layer)
-        down = nn.Linear(self.features, m, device=device, dtype=dtype)
-        up = nn.Linear(m, self.features, device=device, dtype=dtype)
-        with torch.no_grad():
-            std = config.init_scale
-            nn.init.trunc_normal_(down.weight, std=std, a=-2 * std, b=2 * std)
-            nn.init.zeros_(down.bias)
-            nn.init.zeros_(up.weight)
-            nn.init.zeros_(up.bias)
+        make = nn.Linear if init else Uninitialised
+        down = make(self.features, m, device=device, dtype=dtype)
+        up = make(m, self.features, device=device, dtype=dtype)
+        if init:
+            with torch.no_grad():
+                std = config.init_scale
+                nn.init.trunc_normal_(down.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.zeros_(down.bias)
+                nn.init.zeros_(up.weight)
+                nn.init.zeros_(up.bias)
         self.adapter_down[adapter_name] = down
         self.adapter_up[adapter_name] = up
         # p = 0 skips dropout entirely instead of running an identity that still copies

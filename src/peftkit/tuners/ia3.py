@@ -95,7 +95,7 @@ class IA3Layer(StackedAdapterLayer):
         self.in_features, self.out_features = self.kind.features(self.model_layer)
         self.ia3_l = nn.ParameterDict()
 
-    def update_layer(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
+    def update_layer(self, adapter_name: str, config: IA3Config, module_name: str, init: bool = True) -> None:
         if config.is_feedforward(module_name) != self.is_feedforward:
             side = "input (feed-forward)" if self.is_feedforward else "output"
             raise ValueError(

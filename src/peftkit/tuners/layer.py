@@ -32,6 +32,15 @@ if TYPE_CHECKING:  # (tuners.base imports this module)
 FREE_SLOT = ""  # a name in MixedBatch.order that no adapter has: a free slot (its adapter was deleted)
 
 
+class Uninitialised(nn.Linear):
+    """``nn.Linear`` without torch's default (Kaiming) initialisation, for adapter weights that are loaded right
+    after (``update_layer(init=False)``): that init cost ~35 us per weight, ~10 ms of each adapter load with 100
+    LoRA layers on SmolLM2-135M, for values the file overwrites."""
+
+    def reset_parameters(self) -> None:
+        return None
+
+
 class Slots:
     """Each adapter's slot in mixed batches (``MixedBatch.order``): the lowest free one when it is added, kept until it
     is deleted, so the layers' stacks change one slot per load or deletion instead of being rebuilt (StackCache)."""
@@ -152,8 +161,10 @@ class AdapterLayer(nn.Module, abc.ABC):
         return len(getattr(self, self.adapter_attrs[0])) > 0
 
     @abc.abstractmethod
-    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
-        """Create the parameters of adapter ``adapter_name`` for this layer."""
+    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str, init: bool = True) -> None:
+        """Create the parameters of adapter ``adapter_name`` for this layer; ``init=False`` when every one of them is
+        about to be overwritten (a load: :meth:`PeftModel.add_adapter_from_tensors` copies the whole file in), so a
+        method may leave them uninitialised instead of spending time on values nobody reads."""
 
     def adapter_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
         for attr in self.adapter_attrs:
@@ -432,7 +443,7 @@ class ModulesToSaveWrapper(AdapterLayer):
         super().__init__(base_layer)
         self.modules_to_save = nn.ModuleDict()
 
-    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
+    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str, init: bool = True) -> None:
         self.modules_to_save[adapter_name] = copy.deepcopy(self.base_layer)
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ from .base import (
     find_targets,
     register,
 )
-from .layer import StackedAdapterLayer, model_layer, module_tree
+from .layer import StackedAdapterLayer, Uninitialised, model_layer, module_tree
 
 
 # why lora_alpha must be positive: the update is (alpha / r) B A, so alpha = 0 zeroes every LoRA gradient
@@ -193,13 +193,15 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
 
-    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str, init: bool = True) -> None:
         r, device, dtype = self._add_rank(adapter_name, config, module_name)
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        make = nn.Linear if init else Uninitialised  # (the same draws as HF PEFT's when initialised)
+        self.lora_A[adapter_name] = make(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter_name] = make(r, self.out_features, bias=False, device=device, dtype=dtype)
         # p = 0 skips dropout entirely instead of running an identity that still copies
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+        if init:
+            self.reset_lora_parameters(adapter_name, config.init_lora_weights)
 
     def reset_lora_parameters(self, adapter_name: str, init: bool | str) -> None:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -286,14 +288,17 @@ class LoraEmbedding(_LoraLayerBase, StackedAdapterLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str, init: bool = True) -> None:
         r, device, dtype = self._add_rank(adapter_name, config, module_name)
         vocab, dim = self.kind.features(self.model_layer)
-        A = torch.zeros(r, vocab, dtype=dtype, device=device)
+        A = torch.empty(r, vocab, dtype=dtype, device=device)
         B = torch.empty(dim, r, dtype=dtype, device=device)
-        nn.init.normal_(B)
-        if config.init_lora_weights is False:
-            nn.init.normal_(A)
+        if init:
+            nn.init.normal_(B)
+            if config.init_lora_weights is False:
+                nn.init.normal_(A)
+            else:
+                nn.init.zeros_(A)
         self.lora_embedding_A[adapter_name] = nn.Parameter(A)
         self.lora_embedding_B[adapter_name] = nn.Parameter(B)
 
@@ -444,7 +449,7 @@ def add_weighted_lora(
         new_A, new_B = _combine(layer, present, combination_type, svd_rank)
         rank = new_A.shape[0]
         ranks[module_name] = rank
-        layer.update_layer(adapter_name, LoraConfig(r=rank, lora_alpha=rank), module_name)
+        layer.update_layer(adapter_name, LoraConfig(r=rank, lora_alpha=rank), module_name, init=False)
         target_A, target_B = layer.factor_tensors(adapter_name)
         with torch.no_grad():
             target_A.copy_(new_A)

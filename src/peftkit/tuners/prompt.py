@@ -117,7 +117,7 @@ class PromptLearningTuner(Tuner, abc.ABC):
     def make_encoder(self, model: nn.Module, config: PromptLearningConfig) -> nn.Module:
         """The module that produces this adapter's virtual tokens (or per-layer keys and values)."""
 
-    def inject(self, model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> None:
+    def inject(self, model: nn.Module, config: PromptLearningConfig, adapter_name: str, init: bool = True) -> None:
         config.fill_from_model(model)
         encoder = self.make_encoder(model, config)
         device = next(model.parameters()).device

@@ -98,7 +98,7 @@ class SelectiveLayer(AdapterLayer):
         self.selected = nn.ModuleDict()
         self._originals: dict[str, torch.Tensor] = {}  # base values from before the first merge
 
-    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
+    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str, init: bool = True) -> None:
         # which parameters to copy is decided across the whole model (tied weights, layer indices), so the tuner picks
         # them and calls add_selection; a config alone does not say what to create in one module
         raise TypeError(f"{type(self).__name__} adapters are added by BitFitTuner / SelectiveTuner, which call add_selection")
@@ -213,7 +213,7 @@ class _SelectiveTunerBase(Tuner, abc.ABC):
     def choose(self, model: nn.Module, config: PeftConfig) -> dict[str, list[str]]:
         """module path -> names of its parameters this adapter trains."""
 
-    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    def inject(self, model: nn.Module, config: PeftConfig, adapter_name: str, init: bool = True) -> None:
         for path, params in self.choose(model, config).items():
             module = model.get_submodule(path)
             if not isinstance(module, SelectiveLayer):
