@@ -50,6 +50,9 @@ class PeftModel(AdapterLoading, nn.Module):
         self._disabled = False  # inside disable_adapter(): the base model alone
         self._mixed_layers: tuple[tuple[str, ...], list[AdapterLayer]] = ((), [])
         self._slots = Slots()  # each adapter's slot in mixed batches (tuners/layer.py)
+        # a server's choice: frozen adapters' weights live only in the mixed-batch stacks (LoRA), so they exist once;
+        # their parameters are then views of slots, built under inference mode: not for autograd, saving or merging
+        self.hold_in_slots = False
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -335,7 +338,7 @@ class PeftModel(AdapterLoading, nn.Module):
         if per_token and not self.takes_per_token():
             raise ValueError("per-token adapter_names need adapters of the stacked kinds only (LoRA, (IA)^3, "
                              "bottleneck), not modules_to_save or selective layers")
-        mixed = MixedBatch.build(order, [slot[n] for n in adapter_names], self.device, per_token)
+        mixed = MixedBatch.build(order, [slot[n] for n in adapter_names], self.device, per_token, self.hold_in_slots)
         for layer in layers:
             layer.mixed = mixed
         try:

@@ -155,6 +155,7 @@ class AdapterRegistry:
         if self.peft is None:  # the first adapter wraps the plain model
             self.peft = PeftModel.from_tensors(self.model, name, config, tensors, source)
             self.peft.eval()  # (later adapters are made in the model's mode)
+            self.peft.hold_in_slots = True  # (inference only: each adapter's weights exist once, in its slot)
         else:
             self.peft.add_adapter_from_tensors(name, config, tensors, source)
         return self._record(name, config, tensors, path, pinned)

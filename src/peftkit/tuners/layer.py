@@ -78,7 +78,9 @@ class MixedBatch:
     ``per_token``: the choice is per token of a single flat sequence (a fused serving step, :mod:`peftkit.serve.
     fused`): layers then see each token as a row. ``segments`` then cut those rows into (start, stop, slot): a
     run of rows on one slot (a prompt), or ``slot`` None for rows of mixed slots (the decode tokens), so a layer
-    may treat a run with its slot's weights once instead of gathering a copy per token."""
+    may treat a run with its slot's weights once instead of gathering a copy per token. ``hold_in_slots``: frozen
+    adapters' weights may become views of their slots in the stacks (:attr:`PeftModel.hold_in_slots`, a server's
+    choice), so they exist once."""
 
     order: tuple[str, ...]
     index: torch.Tensor
@@ -86,9 +88,11 @@ class MixedBatch:
     single: int | None = None
     per_token: bool = False
     segments: tuple[tuple[int, int, int | None], ...] = ()
+    hold_in_slots: bool = False
 
     @classmethod
-    def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device, per_token: bool = False) -> "MixedBatch":
+    def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device, per_token: bool = False,
+              hold_in_slots: bool = False) -> "MixedBatch":
         """From ``choice`` (row b uses ``order[choice[b]]``, a host list), with the index tensors on ``device``."""
         members: list[list[int]] = [[] for _ in order]
         for row, k in enumerate(choice):
@@ -96,7 +100,7 @@ class MixedBatch:
         rows = tuple(torch.tensor(m, dtype=torch.long, device=device) if m else None for m in members)
         single = choice[0] if choice and len(set(choice)) == 1 else None
         return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows, single, per_token,
-                   segments(choice) if per_token else ())
+                   segments(choice) if per_token else (), hold_in_slots)
 
 
 def segments(choice: list[int], shortest_run: int = 2) -> tuple[tuple[int, int, int | None], ...]:
@@ -317,18 +321,29 @@ class StackCache:
         if structure != self.structure:
             self._assemble(layer, order)
             self.structure = structure
-        state = [(t._version, t.data_ptr()) for sources in self.sources for t in sources]
+        state = self._state()
         if state != self.state:  # (one flat comparison per step; which slots moved is worked out only when one did)
-            built, at = [], 0
-            for key, sources in zip(self.keys, self.sources):
-                built.append((key, tuple(state[at : at + len(sources)])))
-                at += len(sources)
-            built += [self.FREE] * (len(self.built) - len(built))  # slots past the last adapter are free
+            built = self._built(state)
             if built != self.built:
                 with torch.no_grad():  # mixed batches are for inference
                     self._update(layer, order, built)
+                moved = self._state()  # an update may move sources: a layer that holds an adapter in its slot
+                if moved != state:
+                    state = moved
+                    self.built[: len(order)] = self._built(state)[: len(order)]
             self.state = state
         return self.value
+
+    def _state(self) -> list[tuple[int, int]]:
+        return [(t._version, t.data_ptr()) for sources in self.sources for t in sources]
+
+    def _built(self, state: list[tuple[int, int]]) -> list:
+        """Each slot's (key, state of its sources), then a free entry for each slot past the last adapter."""
+        built, at = [], 0
+        for key, sources in zip(self.keys, self.sources):
+            built.append((key, tuple(state[at : at + len(sources)])))
+            at += len(sources)
+        return built + [self.FREE] * (len(self.built) - len(built))
 
     def _assemble(self, layer: StackedAdapterLayer, order: tuple[str, ...]) -> None:
         """Each slot's key and source tensors for ``order``, looking up only names the memo lacks or whose key moved."""

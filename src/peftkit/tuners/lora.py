@@ -98,22 +98,25 @@ def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _stack_factors(layer: LoraLayer | LoraEmbedding, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors of every adapter in ``order`` stacked for one batched matmul: A (n, r_max, in) and
-    B * (alpha / r) (n, out, r_max), ranks zero-padded to r_max, all zeros for an adapter this layer lacks
-    (``layer.factor_tensors`` gives the per-adapter A: r x in, B: out x r)."""
+def _stack_factors(layer: LoraLayer | LoraEmbedding, order: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """The factors of every adapter in ``order`` stacked for one batched matmul: A (n, r_max, in), B (n, out, r_max)
+    and each one's scale alpha / r (n,), ranks zero-padded to r_max, all zeros for an adapter this layer lacks
+    (``layer.factor_tensors`` gives the per-adapter A: r x in, B: out x r). The scale stays apart from B so that a
+    server's adapters can live in their slots (:meth:`_LoraLayerBase.hold_in_slot`)."""
     names = [n for n in order if n in layer.r]
     r_max = max([layer.r[n] for n in names], default=1)
     first_A, first_B = layer.factor_tensors(next(iter(layer.r)))
     A = first_A.new_zeros(len(order), r_max, first_A.shape[1])
     B = first_A.new_zeros(len(order), first_B.shape[0], r_max)
+    scale = first_A.new_zeros(len(order))
     for i, name in enumerate(order):
         if name in layer.r:
             r = layer.r[name]
             A_name, B_name = layer.factor_tensors(name)
             A[i, :r] = A_name
-            B[i, :, :r] = B_name * layer.scaling[name]
-    return A, B
+            B[i, :, :r] = B_name
+            scale[i] = layer.scaling[name]
+    return A, B, scale
 
 
 class _LoraLayerBase:
@@ -151,25 +154,53 @@ class _LoraLayerBase:
     def stack_signature(self) -> tuple:
         return tuple(self.r.items()), tuple(self.scaling.items())
 
-    def build_stacks(self, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        return _stack_factors(self, order)
+    def build_stacks(self, order: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        stacks = _stack_factors(self, order)
+        if self.mixed is not None and self.mixed.hold_in_slots:
+            for slot, name in enumerate(order):
+                self.hold_in_slot(stacks, slot, name)
+        return stacks
 
     def slot_signature(self, adapter_name: str) -> tuple[int, float]:
         return self.r[adapter_name], self.scaling[adapter_name]
 
     def fill_slot(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
-        """Slot ``slot`` of (A, B) := this adapter's factors zero-padded to the stacks' rank (zeros if absent)."""
-        A, B = stacks
+        """Slot ``slot`` of (A, B, scale) := this adapter's factors zero-padded to the stacks' rank and its scale
+        (zeros if absent); nothing to copy when its factors already live there."""
+        A, B, scale = stacks
         r = self.r.get(adapter_name, 0)
         if r > A.shape[1]:
             return False
-        A[slot].zero_()
-        B[slot].zero_()
-        if r:
-            A_name, B_name = self.factor_tensors(adapter_name)
-            A[slot, :r] = A_name
-            B[slot, :, :r] = B_name * self.scaling[adapter_name]
+        if not (r and self._held_at(stacks, slot, adapter_name)):
+            A[slot].zero_()
+            B[slot].zero_()
+            if r:
+                A_name, B_name = self.factor_tensors(adapter_name)
+                A[slot, :r] = A_name
+                B[slot, :, :r] = B_name
+        scale[slot] = self.scaling.get(adapter_name, 0.0)
+        if self.mixed is not None and self.mixed.hold_in_slots:
+            self.hold_in_slot(stacks, slot, adapter_name)
         return True
+
+    def hold_in_slot(self, stacks: tuple, slot: int, adapter_name: str) -> None:
+        """Make the adapter's factors views of its slot, which already holds their values, so that its weights exist
+        once (vLLM keeps a server's adapters only in such stacked slots): a server's loaded adapters took as much
+        memory again as their padded slots. Loading into the factors (a reused adapter's layers,
+        :meth:`PeftModel.replace_adapter`) then writes its slot directly. Frozen adapters only: a trained one's
+        parameters stay its own."""
+        if adapter_name not in self.r:
+            return
+        r = self.r[adapter_name]
+        A_name, B_name = self.factor_tensors(adapter_name)
+        if A_name.requires_grad or B_name.requires_grad or self._held_at(stacks, slot, adapter_name):
+            return
+        A_name.data = stacks[0][slot, :r]
+        B_name.data = stacks[1][slot, :, :r]
+
+    def _held_at(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
+        A_name, B_name = self.factor_tensors(adapter_name)
+        return A_name.data_ptr() == stacks[0][slot].data_ptr() and B_name.data_ptr() == stacks[1][slot].data_ptr()
 
 
 def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
@@ -238,29 +269,33 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         single = self.mixed.single
         if single is not None and x.shape[0] == self.mixed.index.numel():  # one slot for every row: no gather
-            if self.mixed.order[single] not in self.r:  # the base, or an adapter that does not target this layer
+            name = self.mixed.order[single]
+            if name not in self.r:  # the base, or an adapter that does not target this layer
                 return result
-            h = F.linear(x.to(stacks[0].dtype), stacks[0][single])  # (rank-padded, scale folded into B)
+            h = F.linear(x.to(stacks[0].dtype), stacks[0][single]) * self.scaling[name]  # (rank-padded)
             return result + F.linear(h, stacks[1][single]).to(result.dtype)
         if self.mixed.segments and x.shape[0] == self.mixed.index.numel():  # a fused step: prompts are runs
             delta = torch.cat([self._segment_delta(x[start:stop], stacks, start, stop, slot)
                                for start, stop, slot in self.mixed.segments])
             return result + delta.to(result.dtype)
-        a = self.rows(stacks[0], x.shape[0])  # (batch, r_max, in)
-        b = self.rows(stacks[1], x.shape[0])  # (batch, out, r_max), scale folded in
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
-        return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+        delta = self._gathered_delta(x, stacks, self.mixed.index)
+        return result + delta.to(result.dtype)
 
     def _segment_delta(self, x: torch.Tensor, stacks: tuple, start: int, stop: int, slot: int | None) -> torch.Tensor:
         """The update of rows start:stop (``x``): through ``slot``'s factors at once, or row by row (slot None)."""
-        A, B = stacks
-        x = x.to(A.dtype)
-        if slot is not None:
-            return F.linear(F.linear(x, A[slot]), B[slot])
-        index = self.mixed.index[start:stop]
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(x3, A.index_select(0, index).transpose(1, 2)), B.index_select(0, index).transpose(1, 2))
+        if slot is None:
+            return self._gathered_delta(x, stacks, self.mixed.index[start:stop])
+        A, B, _ = stacks
+        return F.linear(F.linear(x.to(A.dtype), A[slot]) * self.scaling.get(self.mixed.order[slot], 0.0), B[slot])
+
+    def _gathered_delta(self, x: torch.Tensor, stacks: tuple, index: torch.Tensor) -> torch.Tensor:
+        """The update of each row b of ``x`` through slot ``index[b]``: its factors gathered, two batched matmuls."""
+        A, B, scale = stacks
+        if index.numel() != x.shape[0]:
+            raise ValueError(f"adapter_names has {index.numel()} entries but the batch has {x.shape[0]} rows")
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
+        h = torch.bmm(x3, A.index_select(0, index).transpose(1, 2)) * scale.index_select(0, index)[:, None, None]
+        delta = torch.bmm(h, B.index_select(0, index).transpose(1, 2))  # (batch, tokens, out)
         return delta.reshape(*x.shape[:-1], self.out_features)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -330,7 +365,8 @@ class LoraEmbedding(_LoraLayerBase, StackedAdapterLayer):
         rows = self.rows(torch.arange(A_T.shape[0], device=x.device), x.shape[0])
         h = A_T[rows.view(-1, *([1] * (x.dim() - 1))), x]  # (batch, ..., r_max): each row's own table
         b = stacks[1].index_select(0, rows)
-        delta = torch.bmm(h.reshape(x.shape[0], -1, h.shape[-1]), b.transpose(1, 2))
+        h = h.reshape(x.shape[0], -1, h.shape[-1]) * stacks[2].index_select(0, rows)[:, None, None]
+        delta = torch.bmm(h, b.transpose(1, 2))
         return result + delta.reshape(result.shape)
 
 

@@ -1,0 +1,103 @@
+"""A server's LoRA adapters live only in the mixed-batch stacks (PeftModel.hold_in_slots): each frozen adapter's
+factors become views of its slot, so its weights exist once, and every output stays what it was."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from test_lora import X, assert_mixed_equals_solo, logits, randomize_b
+
+import peftkit as pk
+from peftkit.tuners.lora import LoraEmbedding, LoraLayer
+
+SHAPES = {  # three layouts: the stacks pad each layer to its largest rank
+    "qv": dict(r=4, target_modules=["q_proj", "v_proj"]),
+    "all": dict(r=8, lora_alpha=4, target_modules="all-linear"),
+    "emb": dict(r=2, target_modules=["embed_tokens", "k_proj"]),
+}
+
+
+def _model(names: list[str], hold: bool, factory=tiny_llama) -> pk.PeftModel:
+    pm = None
+    for k, name in enumerate(names):
+        config = pk.LoraConfig(**SHAPES[name], inference_mode=True)
+        if pm is None:
+            pm = pk.get_peft_model(factory(), config, name)
+        else:
+            pm.add_adapter(name, config)
+        randomize_b(pm, name, seed=k + 1)
+    assert pm is not None
+    pm.eval()
+    pm.hold_in_slots = hold
+    return pm
+
+
+def _held(pm: pk.PeftModel) -> list[tuple[str, bool]]:
+    """(adapter, whether both its factors share storage with the layer's stacks), for every LoRA layer."""
+    out = []
+    for _, layer in pm.adapter_layers():
+        if isinstance(layer, (LoraLayer, LoraEmbedding)) and layer._stacks.value:
+            storage = {t.untyped_storage().data_ptr() for t in layer._stacks.value}
+            for name in layer.adapter_names:
+                out.append((name, all(t.untyped_storage().data_ptr() in storage for t in layer.factor_tensors(name))))
+    return out
+
+
+def _mixed(pm: pk.PeftModel, names: list[str]) -> torch.Tensor:
+    with torch.inference_mode():
+        return pm(input_ids=X, adapter_names=names).logits
+
+
+def test_held_adapters_give_the_same_outputs_and_share_the_stacks_storage():
+    rows = ["qv", "all", "emb"]
+    plain, held = _model(rows, hold=False), _model(rows, hold=True)
+    assert torch.allclose(_mixed(plain, rows), _mixed(held, rows), atol=1e-6)
+    assert all(shared for _, shared in _held(held)) and not any(shared for _, shared in _held(plain))
+    assert_mixed_equals_solo(held, rows)  # each adapter alone (through its viewed factors) still equals its row
+    twice = _mixed(held, list(reversed(rows)))  # steady: the slots are not rewritten, nothing drifts
+    assert torch.allclose(twice, _mixed(plain, list(reversed(rows))), atol=1e-6)
+
+
+def test_a_load_into_held_layers_writes_the_slot_and_a_rebuild_moves_them():
+    held = _model(["qv", "all"], hold=True)
+    _mixed(held, ["qv", "all", "qv"])
+    donor = _model(["qv"], hold=False)
+    randomize_b(donor, "qv", seed=9)
+    tensors = {k: v.clone() for k, v in donor.adapter_tensors("qv").items()}
+    assert held.replace_adapter("qv", "new", donor.peft_config["qv"], tensors)  # its layers, reused: a slot write
+    got = _mixed(held, ["new", "all", "new"])
+    donor.set_adapter("qv")
+    assert (got[0] - logits(donor, X[:1])[0]).abs().max().item() < 1e-5
+    # enough adapters that every layer builds its stacks again: the held factors move to the new stacks
+    for k in range(12):
+        held.add_adapter(f"more{k}", pk.LoraConfig(**SHAPES["all"], inference_mode=True))
+        randomize_b(held, f"more{k}", seed=20 + k)
+    rows = ["new", "all", "more11"]
+    plain = _mixed(held, rows)
+    assert all(shared for _, shared in _held(held))
+    assert_mixed_equals_solo(held, rows)
+    assert torch.allclose(_mixed(held, rows), plain, atol=0)
+
+
+def test_trainable_adapters_and_other_bases_keep_their_own_parameters():
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]), "trained")
+    pm.add_adapter("frozen", pk.LoraConfig(r=4, target_modules=["q_proj"], inference_mode=True))
+    randomize_b(pm, "trained", 1)
+    randomize_b(pm, "frozen", 2)
+    pm.eval()
+    pm.hold_in_slots = True
+    _mixed(pm, ["trained", "frozen", "trained"])
+    assert dict(_held(pm)) == {"trained": False, "frozen": True}
+    # GPT-2's fused qkv Conv1D (fan-in-fan-out): held the same way, same outputs
+    rows = ["a", "b", "a"]
+    gpt = []
+    for hold in (False, True):  # (each built whole: tiny_gpt2 seeds the draws of its adapters' A)
+        model = pk.get_peft_model(tiny_gpt2(), pk.LoraConfig(r=4, target_modules=["c_attn"], inference_mode=True), "a")
+        model.add_adapter("b", pk.LoraConfig(r=2, target_modules=["c_attn", "c_proj"], inference_mode=True))
+        randomize_b(model, "a", 1)
+        randomize_b(model, "b", 2)
+        model.eval()
+        model.hold_in_slots = hold
+        gpt.append(model)
+    assert torch.allclose(_mixed(gpt[0], rows), _mixed(gpt[1], rows), atol=1e-6)
+    assert all(shared for _, shared in _held(gpt[1]))
