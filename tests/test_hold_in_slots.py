@@ -101,3 +101,21 @@ def test_trainable_adapters_and_other_bases_keep_their_own_parameters():
         gpt.append(model)
     assert torch.allclose(_mixed(gpt[0], rows), _mixed(gpt[1], rows), atol=1e-6)
     assert all(shared for _, shared in _held(gpt[1]))
+
+
+def test_a_reserved_capacity_builds_the_stacks_once_for_the_whole_budget():
+    """A server's --max-adapters (PeftModel.slot_capacity): the stacks get the base's slot and one per adapter of the
+    budget at their first build, and adapters arriving up to the budget fill slots in place."""
+    pm = _model(["qv"], hold=True)
+    pm.slot_capacity = 6
+    layer = next(layer for _, layer in pm.adapter_layers() if isinstance(layer, LoraLayer))
+    _mixed(pm, ["qv", "qv", "qv"])
+    first = layer._stacks.value
+    assert first[0].shape[0] == 7  # base + 6
+    for k in range(5):
+        pm.add_adapter(f"n{k}", pk.LoraConfig(**SHAPES["qv"], inference_mode=True))
+        randomize_b(pm, f"n{k}", seed=30 + k)
+        rows = ["qv", f"n{k}", "qv"]
+        _mixed(pm, rows)
+        assert all(a is b for a, b in zip(layer._stacks.value, first))  # never built again
+    assert_mixed_equals_solo(pm, ["n4", "n0", "qv"])

@@ -53,6 +53,9 @@ class PeftModel(AdapterLoading, nn.Module):
         # a server's choice: frozen adapters' weights live only in the mixed-batch stacks (LoRA), so they exist once;
         # their parameters are then views of slots, built under inference mode: not for autograd, saving or merging
         self.hold_in_slots = False
+        # a server's budget of adapters: the mixed-batch stacks get that many slots at once instead of growing (and
+        # being built again, all slots copied) every few adapters while the server fills its budget
+        self.slot_capacity: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -338,7 +341,8 @@ class PeftModel(AdapterLoading, nn.Module):
         if per_token and not self.takes_per_token():
             raise ValueError("per-token adapter_names need adapters of the stacked kinds only (LoRA, (IA)^3, "
                              "bottleneck), not modules_to_save or selective layers")
-        mixed = MixedBatch.build(order, [slot[n] for n in adapter_names], self.device, per_token, self.hold_in_slots)
+        mixed = MixedBatch.build(order, [slot[n] for n in adapter_names], self.device, per_token, self.hold_in_slots,
+                                 self.slot_capacity)
         for layer in layers:
             layer.mixed = mixed
         try:

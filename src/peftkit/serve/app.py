@@ -373,7 +373,7 @@ def create_app(
     Everything runs on ``model``'s device, under ``precision``'s autocast (None: float32). ``prefill_chunk``: prompt
     tokens prefilled per scheduler step at most (:mod:`peftkit.serve.prefill`).
     """
-    registry = AdapterRegistry(model, tokenizer, base_name, precision)
+    registry = AdapterRegistry(model, tokenizer, base_name, precision, slot_capacity=budget.max_adapters)
     for name, path in (adapters or {}).items():
         _attach_at_start(registry, name, path)
     scheduler = Scheduler(registry, max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk)

@@ -84,8 +84,10 @@ class AdapterRegistry:
     """The model and its adapters. ``forward``, ``attach`` and ``detach`` run on the scheduler thread only; the
     name lookups are safe from any thread."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str, precision: Precision | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str, precision: Precision | None = None,
+                 slot_capacity: int | None = None) -> None:
         model.eval()
+        self.slot_capacity = slot_capacity  # the budget's adapters (--max-adapters): stacks sized once for them
         self.model = model
         self.device = next(model.parameters()).device  # adapters attach beside their base layers, on this device
         self.precision = precision or Precision(torch.float32, "default")
@@ -156,6 +158,7 @@ class AdapterRegistry:
             self.peft = PeftModel.from_tensors(self.model, name, config, tensors, source)
             self.peft.eval()  # (later adapters are made in the model's mode)
             self.peft.hold_in_slots = True  # (inference only: each adapter's weights exist once, in its slot)
+            self.peft.slot_capacity = self.slot_capacity
         else:
             self.peft.add_adapter_from_tensors(name, config, tensors, source)
         return self._record(name, config, tensors, path, pinned)

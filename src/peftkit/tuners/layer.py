@@ -80,7 +80,8 @@ class MixedBatch:
     run of rows on one slot (a prompt), or ``slot`` None for rows of mixed slots (the decode tokens), so a layer
     may treat a run with its slot's weights once instead of gathering a copy per token. ``hold_in_slots``: frozen
     adapters' weights may become views of their slots in the stacks (:attr:`PeftModel.hold_in_slots`, a server's
-    choice), so they exist once."""
+    choice), so they exist once. ``capacity``: adapters the stacks should have slots for from their first build (a
+    server's budget, :attr:`PeftModel.slot_capacity`), so that they are not built again as adapters arrive."""
 
     order: tuple[str, ...]
     index: torch.Tensor
@@ -89,10 +90,11 @@ class MixedBatch:
     per_token: bool = False
     segments: tuple[tuple[int, int, int | None], ...] = ()
     hold_in_slots: bool = False
+    capacity: int | None = None
 
     @classmethod
     def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device, per_token: bool = False,
-              hold_in_slots: bool = False) -> "MixedBatch":
+              hold_in_slots: bool = False, capacity: int | None = None) -> "MixedBatch":
         """From ``choice`` (row b uses ``order[choice[b]]``, a host list), with the index tensors on ``device``."""
         members: list[list[int]] = [[] for _ in order]
         for row, k in enumerate(choice):
@@ -100,7 +102,7 @@ class MixedBatch:
         rows = tuple(torch.tensor(m, dtype=torch.long, device=device) if m else None for m in members)
         single = choice[0] if choice and len(set(choice)) == 1 else None
         return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows, single, per_token,
-                   segments(choice) if per_token else (), hold_in_slots)
+                   segments(choice) if per_token else (), hold_in_slots, capacity)
 
 
 def segments(choice: list[int], shortest_run: int = 2) -> tuple[tuple[int, int, int | None], ...]:
@@ -365,6 +367,8 @@ class StackCache:
         dirty = [k for k, b in enumerate(built) if k >= capacity or b != self.built[k]]
         if not (self.value and len(built) <= capacity and all(layer.fill_slot(self.value, k, slots[k]) for k in dirty)):
             capacity = len(order) + max(1, len(order) // self.HEADROOM)
+            reserved = layer.mixed.capacity if layer.mixed is not None and layer.mixed.capacity else 0
+            capacity = max(capacity, reserved + 1)  # (+ the base's slot)
             self.value = layer.build_stacks(order + (FREE_SLOT,) * (capacity - len(order)))
         self.built = built[: len(order)] + [self.FREE] * (capacity - len(order))
 
