@@ -49,7 +49,7 @@ from peftkit.device import resolve_precision  # noqa: E402
 from serve_adapters import chat_ids, link_subset, lora_names, solo_references, write_lora_adapters, write_mixed_adapters  # noqa: E402
 from serve_baselines import combine_bounds, decode_bound, run_hf_baseline  # noqa: E402
 from serve_clients import ServerProcess, make_plan, metric_total, run_load  # noqa: E402
-from serve_report import markdown, plot, summarize, verdicts  # noqa: E402
+from serve_report import AGAIN, markdown, plot, summarize, verdicts  # noqa: E402
 
 PROMPTS = [
     "Write one sentence about the sea.",
@@ -205,6 +205,10 @@ def write_loads(model, tmp: Path, size: dict, args: argparse.Namespace) -> tuple
     if mixed:
         plan = make_plan(mixed, "uniform", size["clients"], size["requests"], PROMPTS, args.seed, size["prompts_per_adapter"])
         loads.append((len(mixed), "mixed methods", mixed_dir, plan))
+    if loads and loads[0][1] == "single":
+        # the one-adapter load once more at the end, on fresh servers: the many-adapter goal is a ratio to it, and
+        # on a shared VM one run of it can be off by a fifth (BENCHMARKS.md); the goal is judged on the two's mean
+        loads.append((loads[0][0], AGAIN, loads[0][2], loads[0][3]))
     return loads, {n: every / n for n in names} | {n: mixed_dir / n for n in mixed}
 
 
