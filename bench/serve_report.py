@@ -76,8 +76,9 @@ def verdicts(report: dict) -> dict:
     ones = [r["tokens_per_s"] for r in (single, _run(report, counts[0], AGAIN, "batched")) if r]
     one = statistics.mean(ones) if ones else None
     peaks: dict[int, float] = {}
-    for r in batched:  # (the first run of each count: the one-adapter run again at the end does not replace it)
-        peaks.setdefault(r["adapters"], r["peak_rss_mib"])
+    for r in batched:  # each count's highest run (the one-adapter run again at the end is a throughput reference)
+        if r["popularity"] != AGAIN:
+            peaks[r["adapters"]] = max(peaks.get(r["adapters"], 0.0), r["peak_rss_mib"])
     growth = max(peaks.values()) - min(peaks.values()) if len(peaks) > 1 else None  # needs two adapter counts
     # what the budget may hold: max_adapters adapters (each at most the largest) and the mixed-batch stacks: the base
     # row and max_adapters slots plus StackCache's headroom (one per 8), each slot padded to the largest rank per layer

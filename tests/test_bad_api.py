@@ -87,6 +87,17 @@ def test_get_peft_model_on_a_peft_model_is_refused():
     assert list(pm.peft_config) == ["default"]
 
 
+@pytest.mark.parametrize("name", ["train", "training", "to", "keys", "forward", "a.b", ""])
+def test_adapter_names_pytorch_or_files_cannot_take_are_refused_in_one_line(name):
+    """A name that is a method of PyTorch's module containers would fail deep inside nn.ModuleDict (KeyError
+    "attribute 'train' already exists"); it is refused up front, saying why, and the model is unchanged."""
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=f"adapter name {name!r} must be non-empty letters.*not a name PyTorch modules use"):
+        pm.add_adapter(name, pk.LoraConfig(r=4, target_modules=["v_proj"]))
+    assert list(pm.peft_config) == ["default"]
+    pm.add_adapter("train2", pk.LoraConfig(r=4, target_modules=["v_proj"]))  # (only the exact names are taken)
+
+
 def test_from_pretrained_on_a_peft_model_is_refused(tmp_path):
     pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]))
     pm.save_pretrained(tmp_path)

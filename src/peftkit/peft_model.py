@@ -87,7 +87,8 @@ class PeftModel(AdapterLoading, nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter it first or pick another name")
         if not valid_adapter_name(adapter_name):
-            raise ValueError(f"adapter name {adapter_name!r} must be non-empty letters, digits, '_' or '-', and not {BASE!r}")
+            raise ValueError(f"adapter name {adapter_name!r} must be non-empty letters, digits, '_' or '-', not {BASE!r} and "
+                             "not a name PyTorch modules use (train, eval, to, keys, ...); pick another name")
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
         if config.task_type == "SEQ_CLS" and config.modules_to_save is None:

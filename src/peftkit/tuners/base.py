@@ -145,8 +145,12 @@ def _layer_index(name: str, patterns: list[str] | str | None) -> int | None:
 
 def valid_adapter_name(name: str) -> bool:
     """Adapter names are non-empty letters, digits, '_' or '-' (they become module keys and file folders), and not
-    the base model's ``BASE``."""
-    return bool(name) and name != BASE and re.fullmatch(r"[\w\-]+", name) is not None
+    the base model's ``BASE`` nor an attribute of PyTorch's module containers (``train``, ``to``, ``keys``: the
+    adapter's ``nn.ModuleDict`` entries could not take them)."""
+    return bool(name) and name != BASE and re.fullmatch(r"[\w\-]+", name) is not None and name not in _CONTAINER_ATTRS
+
+
+_CONTAINER_ATTRS = frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))  # (instance attributes too: `training`)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
