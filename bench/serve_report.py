@@ -205,6 +205,10 @@ def plot(report: dict, path: Path) -> None:
                         if b["popularity"] in (popularity, "single") and "tokens_per_s" in b)
         if points:
             speed.plot(*zip(*points), "k-" if popularity == "zipf" else "k--", alpha=0.5, label=f"decode bound, {popularity}")
+    again = [(r["adapters"], r["tokens_per_s"]) for r in report["runs"]
+             if r["popularity"] == AGAIN and r["config"] == "batched" and "tokens_per_s" in r]
+    if again:  # the one-adapter reference measured again at the end: how far one run of it can move
+        speed.plot(*zip(*again), "k*", markersize=10, label="batched, one adapter, again at the end")
     for ax, title in ((speed, "generated tokens/s"), (memory, "peak RSS of the serving process (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("adapters on disk")
