@@ -119,3 +119,16 @@ def test_a_reserved_capacity_builds_the_stacks_once_for_the_whole_budget():
         _mixed(pm, rows)
         assert all(a is b for a, b in zip(layer._stacks.value, first))  # never built again
     assert_mixed_equals_solo(pm, ["n4", "n0", "qv"])
+
+
+def test_a_held_adapter_saves_the_same_file(tmp_path):
+    """Held factors are views of their slots (B's not even contiguous): saving copies them out as they are."""
+    from safetensors.torch import load_file
+
+    plain, held = _model(["qv", "all"], hold=False), _model(["qv", "all"], hold=True)
+    _mixed(held, ["qv", "all", "qv"])
+    assert all(shared for _, shared in _held(held))
+    for model, folder in ((plain, tmp_path / "plain"), (held, tmp_path / "held")):
+        model.save_pretrained(folder, selected_adapters=["all"])
+    mine, theirs = load_file(tmp_path / "held" / "all" / "adapter_model.safetensors"), load_file(tmp_path / "plain" / "all" / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -51,7 +51,8 @@ class PeftModel(AdapterLoading, nn.Module):
         self._mixed_layers: tuple[tuple[str, ...], list[AdapterLayer]] = ((), [])
         self._slots = Slots()  # each adapter's slot in mixed batches (tuners/layer.py)
         # a server's choice: frozen adapters' weights live only in the mixed-batch stacks (LoRA), so they exist once;
-        # their parameters are then views of slots, built under inference mode: not for autograd, saving or merging
+        # their parameters are then views of slots (saving copies them out as usual), and when the stacks were built
+        # under torch.inference_mode, as a server builds them, inference tensors that autograd refuses
         self.hold_in_slots = False
         # a server's budget of adapters: the mixed-batch stacks get that many slots at once instead of growing (and
         # being built again, all slots copied) every few adapters while the server fills its budget
