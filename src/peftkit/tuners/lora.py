@@ -227,7 +227,7 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str, init: bool = True) -> None:
         r, device, dtype = self._add_rank(adapter_name, config, module_name)
-        make = nn.Linear if init else Uninitialised  # (the same draws as HF PEFT's when initialised)
+        make = nn.Linear if init else Uninitialised  # (initialised: the same random draws as before this option)
         self.lora_A[adapter_name] = make(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[adapter_name] = make(r, self.out_features, bias=False, device=device, dtype=dtype)
         # p = 0 skips dropout entirely instead of running an identity that still copies
