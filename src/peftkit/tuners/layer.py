@@ -276,11 +276,11 @@ def module_tree(root: nn.Module, into_adapters: bool = True) -> Iterator[tuple[s
         stack.extend((f"{name}.{k}" if name else k, m) for k, m in reversed(children))
 
 
-def gather_rows(stack: torch.Tensor, mixed: MixedBatch, batch: int) -> torch.Tensor:
-    """Per-row weights ``stack[index]``, checking the mixed batch matches the input's batch size."""
-    if mixed.index.numel() != batch:
-        raise ValueError(f"adapter_names has {mixed.index.numel()} entries but the batch has {batch} rows")
-    return stack.index_select(0, mixed.index)
+def gather_rows(stack: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-row weights ``stack[index]``, checking the index matches the input's batch size."""
+    if index.numel() != batch:
+        raise ValueError(f"adapter_names has {index.numel()} entries but the batch has {batch} rows")
+    return stack.index_select(0, index)
 
 
 class StackCache:
@@ -447,7 +447,7 @@ class StackedAdapterLayer(AdapterLayer):
 
     def rows(self, stack: torch.Tensor, batch: int) -> torch.Tensor:
         """Each row's entry of ``stack``: ``stack[mixed.index]``."""
-        return gather_rows(stack, self.mixed, batch)
+        return gather_rows(stack, self.mixed.index, batch)
 
 
 class ModulesToSaveWrapper(AdapterLayer):

@@ -34,7 +34,7 @@ from .base import (
     find_targets,
     register,
 )
-from .layer import StackedAdapterLayer, Uninitialised, model_layer, module_tree
+from .layer import StackedAdapterLayer, Uninitialised, gather_rows, model_layer, module_tree
 from .lora_combine import add_weighted_lora
 
 
@@ -291,12 +291,9 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
 
     def _gathered_delta(self, x: torch.Tensor, stacks: tuple, index: torch.Tensor) -> torch.Tensor:
         """The update of each row b of ``x`` through slot ``index[b]``: its factors gathered, two batched matmuls."""
-        A, B, scale = stacks
-        if index.numel() != x.shape[0]:
-            raise ValueError(f"adapter_names has {index.numel()} entries but the batch has {x.shape[0]} rows")
+        A, B, scale = (gather_rows(stack, index, x.shape[0]) for stack in stacks)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
-        h = torch.bmm(x3, A.index_select(0, index).transpose(1, 2)) * scale.index_select(0, index)[:, None, None]
-        delta = torch.bmm(h, B.index_select(0, index).transpose(1, 2))  # (batch, tokens, out)
+        delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)) * scale[:, None, None], B.transpose(1, 2))
         return delta.reshape(*x.shape[:-1], self.out_features)
 
     def delete_adapter(self, adapter_name: str) -> None:
