@@ -249,9 +249,9 @@ class Scheduler:
         with self._cond:
             self._waiting = deque(s for s in self._waiting if not s.cancelled.is_set())
             self._prefilling = [j for j in self._prefilling if not j.seq.cancelled.is_set()]
-        keep = [i for i, s in enumerate(self._rows) if not s.cancelled.is_set()]
-        if len(keep) < len(self._rows):
-            self._retire(keep)
+        gone = {i for i, s in enumerate(self._rows) if s.cancelled.is_set()}
+        if gone:
+            self._retire(gone)
 
     def _admit(self) -> None:
         """Move waiting requests into the prefilling set while running + prefilling rows fit in the batch."""
@@ -335,9 +335,10 @@ class Scheduler:
         """Jobs whose whole context is in ``batch``: sample each one's next token; the unfinished join the rows."""
         seqs = [j.seq for j in jobs]
         finished = self._sample(seqs, logits)
-        live = [i for i in range(len(seqs)) if i not in finished]
-        if live and len(live) < len(seqs):
-            batch.select(live)
+        if len(finished) == len(seqs):
+            live = []
+        else:  # the rows the batch keeps, in its order
+            live = batch.drop(finished) if finished else list(range(len(seqs)))
         with self._cond:  # rows first, then out of prefilling: a concurrent submit may over-count, never under-count
             if live:
                 if self._batch is None:
@@ -378,7 +379,7 @@ class Scheduler:
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         finished = self._sample(rows, logits[: len(rows)])
         if finished:
-            self._retire([i for i in range(len(rows)) if i not in finished])
+            self._retire(finished)
         if fuse:  # (after the retirements: a finished row's place is free for them)
             self.stats["fused"] += len(fuse)
             self._join(fuse, joining, logits[len(rows) :])
@@ -456,10 +457,10 @@ class Scheduler:
         if rows:
             apply_penalties(logits, rows, [seqs[i].counts for i in rows], [seqs[i].params for i in rows])
 
-    def _retire(self, keep: list[int]) -> None:
-        self._rows = [self._rows[i] for i in keep]
-        if not self._rows:
-            self._batch = None
+    def _retire(self, gone: set[int]) -> None:
+        """Remove the rows ``gone`` from the batch (the batch chooses the remaining rows' new order)."""
+        if len(gone) == len(self._rows):
+            self._rows, self._batch = [], None
         else:
             assert self._batch is not None
-            self._batch.select(keep)
+            self._rows = [self._rows[i] for i in self._batch.drop(gone)]
