@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import functools
-
 from torch import nn
 
 from .kind import FullPrecisionKind
@@ -22,21 +20,13 @@ class Conv1DKind(FullPrecisionKind):
     fan_in_fan_out = True
 
     def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, _conv1d())
+        from transformers.pytorch_utils import Conv1D
+
+        return isinstance(module, Conv1D)
 
     def features(self, module: nn.Module) -> tuple[int, int]:
         in_features, out_features = module.weight.shape
         return in_features, out_features
-
-
-@functools.cache
-def _conv1d() -> type:
-    """transformers' Conv1D, imported on first use and kept: the import statement through transformers' lazy
-    module cost 163 us per call, and layer code asks for its base layer's kind several times per adapter per layer
-    (most of an adapter load's 20-35 ms on a server)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
 
 
 class EmbeddingKind(FullPrecisionKind):

