@@ -83,19 +83,24 @@ def test_a_decode_step_writes_in_place_and_stale_storage_never_shows():
     batch = _batch(rows)
     slab = batch.cache.layers[0]
     assert isinstance(slab, SlabLayer)
-    storage = slab._k.data_ptr()
-    for _ in range(20):  # within the spare columns: no reallocation
+
+    def step() -> None:
         for layer in batch.cache.layers:
-            layer.update(torch.randn(3, HEADS, 1, DIM), torch.randn(3, HEADS, 1, DIM))
+            layer.update(torch.randn(batch.size, HEADS, 1, DIM), torch.randn(batch.size, HEADS, 1, DIM))
         batch.advance()
-    assert slab._k.data_ptr() == storage and batch.width == 50
+
+    step()  # a prefill's storage has no spare room: the first step makes some (a quarter of the width, >= 16)
+    storage = slab._k.data_ptr()
+    for _ in range(15):
+        step()
+    assert slab._k.data_ptr() == storage and batch.width == 46  # written in place
 
     def poison(rows: slice, columns: slice) -> None:  # what an earlier row that overflowed may have left there
         for layer in batch.cache.layers:
             layer._k[rows, :, columns] = float("nan")
             layer._v[rows, :, columns] = float("inf")
 
-    assert batch.drop({0}) == [2, 1] and batch.width == 27  # the last row moved into the first's place
+    assert batch.drop({0}) == [2, 1] and batch.width == 23  # the last row moved into the first's place
     poison(slice(2, 3), slice(None))
     batch.extend(_batch([_row(3)]))  # into the left row's storage, narrower: its padding is written
     _check_finite(batch)

@@ -13,10 +13,11 @@ columns, which all rows share. That lets requests of any length join and leave b
 
 Each layer's keys and values live in a :class:`SlabLayer`: storage with spare rows and columns, of which the
 batch is a view. A decode step writes its one new column in place, a join writes the newcomers' rows, a leave
-moves one row per row that left; storage is reallocated only when it runs out (doubling rows; columns with half
-the width spare), and once every so many steps when the window has slid to its end. Before, each decode step
-concatenated every layer's whole cache into new tensors and each join and leave copied it all again: 5-9% of a
-server's scheduler thread under a 64-adapter load (py-spy), and a steady churn of multi-megabyte allocations.
+moves one row per row that left. Storage is reallocated only when it runs out: rows double (up to the batch's
+largest size), columns get a quarter of the width spare, so once every so many steps the window, sliding right as
+rows leave, is copied back to the start. Before, each decode step concatenated every layer's whole cache into new
+tensors, and each join and leave copied it all again: 5-9% of a server's scheduler thread under a 64-adapter
+load (py-spy), and a steady churn of multi-megabyte allocations.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from ..device import pin
 
 
 def spare_columns(width: int) -> int:
-    """Columns a slab keeps free after ``width`` live ones: half the width (at least 32), so reallocations are
-    once per that many steps and the storage is at most 1.5x the live cache plus 32 columns."""
-    return max(32, width // 2)
+    """Columns a slab makes free after ``width`` live ones when it reallocates: a quarter of the width (at least
+    16), so it reallocates once per that many steps (copying the cache once: amortized, 4 columns per step instead
+    of all of them) and holds at most 1.25x the live cache plus 16 columns."""
+    return max(16, width // 4)
 
 
 class SlabLayer(DynamicLayer):
@@ -41,13 +43,11 @@ class SlabLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.rows, self.start, self.end = keys.shape[0], 0, 0
         self.heads, self.dim = keys.shape[1], keys.shape[3]
-        self._k = self._v = keys.new_empty(0, self.heads, 0, self.dim)
-        self._relayout(keys.shape[0], 0, keys.shape[2])
-        self._k[: self.rows, :, : keys.shape[2]] = keys
-        self._v[: self.rows, :, : values.shape[2]] = values
-        self.end = keys.shape[2]
+        # a prefill's own tensors become the storage, without spare room: most newcomers' rows are joined to the
+        # running batch right away, and the running batch makes room at its first step
+        self._k, self._v = keys.contiguous(), values.contiguous()
+        self.rows, self.start, self.end = keys.shape[0], 0, keys.shape[2]
         self._views()
 
     @property
@@ -58,18 +58,18 @@ class SlabLayer(DynamicLayer):
         self.keys = self._k[: self.rows, :, self.start : self.end]
         self.values = self._v[: self.rows, :, self.start : self.end]
 
-    def _relayout(self, rows: int, left: int, right: int) -> None:
-        """New storage for at least ``rows`` rows, with the live columns moved to start at ``left`` and room for
-        ``right`` more after them (plus :func:`spare_columns`)."""
+    def _relayout(self, rows: int, left: int, right: int, max_rows: int | None = None) -> None:
+        """New storage for at least ``rows`` rows (doubling, up to ``max_rows`` when given), with the live columns
+        moved to start at ``left`` and room for ``right`` more after them (plus :func:`spare_columns`)."""
         old_k, old_v, width = self._k, self._v, self.width
-        row_cap = max(rows, 2 * old_k.shape[0]) if rows > old_k.shape[0] else old_k.shape[0]
+        row_cap = old_k.shape[0]
+        if rows > row_cap:
+            row_cap = max(rows, min(2 * row_cap, max_rows or 2 * row_cap))
         cols = left + width + right + spare_columns(left + width + right)
-        shape = (row_cap, self.heads, cols, self.dim)
-        self._k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self._v = torch.empty(shape, dtype=self.dtype, device=self.device)
-        if width:
-            self._k[: self.rows, :, left : left + width] = old_k[: self.rows, :, self.start : self.end]
-            self._v[: self.rows, :, left : left + width] = old_v[: self.rows, :, self.start : self.end]
+        self._k = torch.empty(row_cap, self.heads, cols, self.dim, dtype=self.dtype, device=self.device)
+        self._v = torch.empty(row_cap, self.heads, cols, self.dim, dtype=self.dtype, device=self.device)
+        self._k[: self.rows, :, left : left + width] = old_k[: self.rows, :, self.start : self.end]
+        self._v[: self.rows, :, left : left + width] = old_v[: self.rows, :, self.start : self.end]
         self.start, self.end = left, left + width
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +85,12 @@ class SlabLayer(DynamicLayer):
         self._views()
         return self.keys, self.values
 
-    def join(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+    def join(self, keys: torch.Tensor, values: torch.Tensor, width: int, max_rows: int | None = None) -> None:
         """Add ``keys``' rows (right-aligned, left-padded with zeros) after this layer's, both at ``width`` columns
-        (at least either's own width)."""
+        (at least either's own width); ``max_rows``: the most rows this cache will hold (room is made up to it)."""
         rows = self.rows + keys.shape[0]
         if rows > self._k.shape[0] or self.end - width < 0:
-            self._relayout(rows, width - self.width, 0)
+            self._relayout(rows, width - self.width, 1, max_rows)
         start = self.end - width
         for store, new in ((self._k, keys), (self._v, values)):
             store[: self.rows, :, start : self.start] = 0  # the running rows' new padding
@@ -168,13 +168,14 @@ class KVBatch:
             layer.move_rows(list(zip(movers, holes)), keep, trim)
         return order
 
-    def extend(self, other: "KVBatch") -> None:
-        """Append ``other``'s rows after this batch's, left-padding whichever cache is narrower."""
+    def extend(self, other: "KVBatch", max_rows: int | None = None) -> None:
+        """Append ``other``'s rows after this batch's, left-padding whichever cache is narrower; ``max_rows``: the
+        most rows this batch will hold (growing storage doubles its rows up to that)."""
         width = max(self.width, other.width)
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)], dim=0)
         self.lengths = torch.cat([self.lengths, other.lengths])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.join(theirs.keys, theirs.values, width)
+            mine.join(theirs.keys, theirs.values, width, max_rows)
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -344,7 +344,7 @@ class Scheduler:
                 if self._batch is None:
                     self._batch = batch
                 else:
-                    self._batch.extend(batch)
+                    self._batch.extend(batch, self.max_batch_size)
                 self._rows = self._rows + [seqs[i] for i in live]
             done = {id(j) for j in jobs}
             self._prefilling = [j for j in self._prefilling if id(j) not in done]
@@ -405,7 +405,7 @@ class Scheduler:
             if joining is None:
                 joining = row
             else:
-                joining.extend(row)
+                joining.extend(row, len(newcomers))
         assert joining is not None
         return logits, joining
 
