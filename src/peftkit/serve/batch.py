@@ -164,8 +164,9 @@ class KVBatch:
         self.lengths = self.lengths.index_select(0, index)
         trim = self.width - int(self.mask.sum(dim=1).max()) if keep else self.width  # one sync, when rows leave
         self.mask = self.mask[:, trim:]
+        moves = list(zip(movers, holes))
         for layer in self.cache.layers:
-            layer.move_rows(list(zip(movers, holes)), keep, trim)
+            layer.move_rows(moves, keep, trim)
         return order
 
     def extend(self, other: "KVBatch", max_rows: int | None = None) -> None:

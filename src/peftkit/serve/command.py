@@ -105,12 +105,11 @@ def tune_malloc(arenas: int = 1, mmap_threshold: int = 256 * 1024) -> None:
     larger blocks from its heap, which a long-lived block placed above freed ones keeps from shrinking. A server
     frees blocks of every size from 256 KiB to 1 MiB each step (per-row adapter weights gathered for mixed rows,
     activations of fused steps of varying length) among long-lived ones (adapters loaded, cache slabs), so its
-    peak RSS crept up run after run (SmolLM2-135M, 64 adapters on demand, budget 16: 1520, 1549, 1567, 1606 MiB
-    over four runs of the same load). Fixed at 256 KiB (three runs each, interleaved): peak 1345-1359 MiB against
-    1552-1589 MiB, at 61.6/75.2/75.6 against 73.0/77.9/78.9 tokens/s (a few percent, the cost of mapping fresh pages
-    for those blocks; the one-adapter load: 1062-1065 against 1067-1073 MiB). At 1 MiB the peak did not move; at
-    128 KiB it cost more tokens/s for nothing more. Four runs of the same 64-adapter load on one server: peak 1351,
-    1355, 1355, 1358 MiB."""
+    peak RSS crept up run after run (SmolLM2-135M, 64 adapters on demand, budget 16, four runs of the same load on
+    one server: 1520, 1549, 1567, 1606 MiB; with the threshold fixed at 256 KiB: 1351, 1355, 1355, 1358). Three
+    fresh servers each, interleaved: peak 1345-1359 MiB against 1552-1589, at 61.6/75.2/75.6 against 73.0/77.9/78.9
+    tokens/s (a few percent: fresh pages for those blocks); the one-adapter load 1062-1065 against 1067-1073 MiB. At
+    1 MiB the peak did not move; at 128 KiB it cost more tokens/s for nothing more."""
     if sys.platform != "linux":
         return
     try:
