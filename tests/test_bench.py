@@ -321,3 +321,33 @@ def test_serve_load_goals_from_hand_figures(tmp_path: Path) -> None:
     assert "| 512 | zipf | batched | 32/32 | 32/32 | 36.0 | 90% | 96% |" in done.stdout  # 36 / (512 / (0.8 + 32 x 0.4))
     assert "- throughput >= 80% of the bound: **not met** (1 single: 56%, 512 zipf: 96%)" in done.stdout
     assert "- nothing lost or crossed: **not met** (0 lost, 1 crossed of 96 server requests)" in done.stdout
+
+
+@pytest.mark.slow
+def test_serve_steps_quick(tmp_path: Path) -> None:
+    """The step-time benchmark serves its loads in process and over HTTP, every request answered, and its figures
+    add up: steps split into plain and fused ones, every token after a request's first from a decode row, the same
+    tokens both ways (greedy), the bound's formula."""
+    model = _tiny_llama(tmp_path / "tiny")
+    done = subprocess.run([sys.executable, str(BENCH / "serve_steps.py"), "--model", str(model), "--threads", "1",
+                           "--rows", "4", "--rounds", "2", "--steps", "4", "--clients", "4", "--requests", "3",
+                           "--max-tokens", "6", "--load-rounds", "1", "--out", str(tmp_path)],
+                          timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "serve_steps.png").read_bytes()[:8] == PNG_MAGIC
+    report = json.loads((tmp_path / "serve_steps.json").read_text())
+    assert list(report["steps"]) == ["one adapter (q/v, r 8)", "one all-linear adapter (r 8)", "12 adapters mixed"]
+    for figures in report["steps"].values():
+        for kind in ("plain", "fused", "prefill"):
+            assert len(figures["per_round"][kind]) == 2 and figures[kind] == pytest.approx(statistics.median(figures["per_round"][kind]))
+    assert list(report["runs"]) == ["one adapter (q/v, r 8)", "12 adapters mixed"]
+    for label, both in report["runs"].items():
+        (r,), (h,) = both["in_process"], both["http"]
+        assert r["requests"] == 12 and 12 <= r["tokens"] <= 12 * 6 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+        assert r["decode_rows"] == r["tokens"] - r["requests"]
+        assert r["plain"]["steps"] + r["fused"]["steps"] == r["decode_steps"] > 0
+        assert h["tokens"] == r["tokens"] and both["http_of_in_process"] == pytest.approx(h["tokens_per_s"] / r["tokens_per_s"])
+        steps = report["steps"][label]
+        t = r["tokens"] / r["requests"]
+        assert r["bound_with_prefill"] == pytest.approx(4 * t / (steps["prefill"] / 1e3 + t * steps["plain"] / 1e3))
+    assert "| 12 adapters mixed | 1 |" in (tmp_path / "serve_steps.md").read_text()
