@@ -1,4 +1,4 @@
-"""Where a server's time goes against its decode bound, without HTTP: step times, then the scheduler in process.
+"""Where a server's time goes against its decode bound: step times, then one load served in process and over HTTP.
 
 On the real SmolLM2-135M with serve_load.py's LoRA adapters (serve_adapters.py: four shapes, random non-zero B),
 all attached before anything is timed (no on-demand loads), in the server's own registry (slots for 16):
