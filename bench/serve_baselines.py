@@ -174,6 +174,7 @@ def _hf_worker(spec: dict) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MKL_CBWR", "AUTO")  # as `peftkit serve` sets it (serve/command.py, tune_blas)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     spec_file, out_file = map(Path, sys.argv[1:3])
     out_file.write_text(json.dumps(_hf_worker(json.loads(spec_file.read_text()))))
