@@ -98,7 +98,10 @@ def _hf_worker(spec: dict) -> dict:
 
     import peftkit as pk
     from peftkit.device import resolve_precision
+    from peftkit.serve.command import tune_blas
     from serve_adapters import chat_ids, eos_ids
+
+    tune_blas()  # as the servers it is compared with (serve_load.py, which starts it, sets it already)
 
     torch.set_num_threads(spec["threads"])
     model, tok = pk.load_model(spec["model"])
@@ -174,7 +177,6 @@ def _hf_worker(spec: dict) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("MKL_CBWR", "AUTO")  # as `peftkit serve` sets it (serve/command.py, tune_blas)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     spec_file, out_file = map(Path, sys.argv[1:3])
     out_file.write_text(json.dumps(_hf_worker(json.loads(spec_file.read_text()))))

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MKL_CBWR", "AUTO")  # as `peftkit serve` sets it (serve/command.py, tune_blas), for all alike
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +46,9 @@ import torch  # noqa: E402
 import peftkit as pk  # noqa: E402
 from report import write_report  # noqa: E402
 from peftkit.device import resolve_precision  # noqa: E402
+from peftkit.serve.command import tune_blas  # noqa: E402
+
+tune_blas()  # MKL's dispatch as `peftkit serve` sets it, before any matrix product: the bound and baselines alike
 from serve_adapters import chat_ids, link_subset, lora_names, solo_references, write_lora_adapters, write_mixed_adapters  # noqa: E402
 from serve_baselines import combine_bounds, decode_bound, run_hf_baseline  # noqa: E402
 from serve_clients import ServerProcess, make_plan, metric_total, run_load  # noqa: E402

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MKL_CBWR", "AUTO")  # as `peftkit serve` sets it (serve/command.py, tune_blas), for all alike
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
@@ -50,6 +49,9 @@ from peftkit.serve.registry import AdapterRegistry, read_adapter  # noqa: E402
 from peftkit.serve.sampling import SamplingParams  # noqa: E402
 from peftkit.serve.scheduler import Scheduler  # noqa: E402
 from peftkit.serve.sequence import Sequence  # noqa: E402
+from peftkit.serve.command import tune_blas  # noqa: E402
+
+tune_blas()  # MKL's dispatch as `peftkit serve` sets it, before any matrix product: the bound and baselines alike
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
