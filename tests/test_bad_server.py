@@ -20,7 +20,7 @@ import peftkit as pk
 from peftkit import checkpoint
 from peftkit.serve import create_app
 from peftkit.serve.command import main as serve_main
-from peftkit.serve.sampling import unusable_rows
+from peftkit.serve.sampling import greedy_and_unusable
 
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
@@ -151,7 +151,9 @@ def test_non_finite_logits_answer_422_and_leave_other_requests_alone(server, cli
     assert admin(url, "DELETE", "/v1/adapters/spare").status_code == 200
 
 
-def test_unusable_rows():
+def test_greedy_and_unusable():
     rows = torch.tensor([[0.0, 1.0, 2.0], [0.0, -math.inf, 2.0], [math.nan, 1.0, 2.0], [0.0, math.inf, 1.0],
-                         [-math.inf, -math.inf, -math.inf]])
-    assert unusable_rows(rows).tolist() == [False, False, True, True, True]
+                         [-math.inf, -math.inf, -math.inf], [3.0, 5.0, 5.0]])
+    greedy, broken = greedy_and_unusable(rows)
+    assert broken.tolist() == [False, False, True, True, True, False]
+    assert greedy[[0, 1, 5]].tolist() == [2, 2, 1]  # (a tie: the first, as argmax and generate take)

@@ -135,10 +135,13 @@ class Residency:
     def _choose(self, new_bytes: int, layout: int | None = None) -> list[AdapterInfo]:
         """The idle adapters to evict (least recently used first) so that one more of ``new_bytes`` fits.
 
-        With ``layout``: if one idle adapter of that layout, among the older half of the idle ones, makes room on
-        its own, it goes instead of the least recently used one, so the new adapter can take over its layers. Not
-        strictly LRU then, but never a recently used adapter; with adapters of one layout (one recipe, the usual
-        fleet) it is LRU exactly."""
+        With ``layout``: if an idle adapter of that layout makes room on its own, the least recently used such one
+        goes instead of the least recently used of all, so the new adapter can take over its layers. Not strictly
+        LRU then: it may evict an adapter used more recently than another idle one, which costs at most one more
+        load of it if it is asked for again, and a load into reused layers costs a third of building them (on
+        SmolLM2-135M with 16 resident: 10-20 ms against 35 ms to attach and 6 to detach). Limiting the choice to the
+        older half of the idle adapters left 36 of 76 evictions at 512 adapters of four layouts without reuse. With
+        adapters of one layout (one recipe, the usual fleet) it is LRU exactly."""
         resident = self.registry.models()
         count, total = len(resident) + 1, sum(a.bytes for a in resident) + new_bytes
         if self.fits(count, total):
@@ -151,7 +154,7 @@ class Residency:
                          "raise the budget or DELETE a pinned adapter", lasting=True)
         lru = sorted((a for a in resident if not a.pinned), key=lambda a: self._last_used.get(a.name, 0))
         idle = [a for a in lru if not self._holds[a.name] and not self.busy(a.name)]
-        same = next((a for a in idle[: (len(idle) + 1) // 2] if layout is not None and a.layout == layout), None)
+        same = next((a for a in idle if layout is not None and a.layout == layout), None)
         if same is not None and self.fits(count - 1, total - same.bytes):
             return [same]
         victims = []

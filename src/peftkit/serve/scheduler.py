@@ -37,7 +37,7 @@ from ..tuners.base import BASE
 from .batch import KVBatch, left_pad
 from .fused import FusedLayout
 from .prefill import PrefillJob, PrefillPlan, group_cost, plan_step
-from .sampling import apply_penalties, sample_token, token_logprobs, unusable_rows
+from .sampling import apply_penalties, greedy_and_unusable, sample_token, token_logprobs
 from .sequence import Sequence
 
 logger = logging.getLogger("peftkit.serve")
@@ -414,7 +414,7 @@ class Scheduler:
         self._penalize(seqs, logits)
         finished, chosen = set(), {}
         # one host transfer for every row: its greedy token, and whether its logits can be sampled at all
-        greedy, broken = torch.stack([torch.argmax(logits, dim=-1), unusable_rows(logits).long()]).tolist()
+        greedy, broken = torch.stack([t.long() for t in greedy_and_unusable(logits)]).tolist()
         for i, seq in enumerate(seqs):
             if broken[i]:  # NaN/Inf logits: argmax or softmax would pick garbage or fail; refuse this request only
                 seq.fail(
