@@ -130,7 +130,7 @@ def test_mixed_batches_run_without_nonzero_and_match_per_row(monkeypatch):
 
 
 def test_mixed_batch_rows_are_built_on_the_host():
-    from peftkit.tuners.layer import MixedBatch
+    from peftkit.tuners.mixed_batch import MixedBatch
 
     mixed = MixedBatch.build(("__base__", "a", "b", "c"), [2, 0, 2, 1], torch.device("cpu"))
     assert mixed.index.tolist() == [2, 0, 2, 1]

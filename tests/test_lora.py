@@ -8,8 +8,8 @@ from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
 from torch import nn
 
 import peftkit as pk
-from peftkit.tuners.layer import MixedBatch
 from peftkit.tuners.lora import LoraEmbedding, LoraLayer
+from peftkit.tuners.mixed_batch import MixedBatch, Scratch, gather_rows
 
 
 def randomize_b(pm: pk.PeftModel, adapter: str, seed: int = 1) -> None:
@@ -196,6 +196,32 @@ def test_mixed_batch_equals_solo_runs():
             pm.set_adapter(name)
             solo = logits(pm, x[row : row + 1])
         assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, name
+
+
+def test_mixed_batch_gathers_reuse_one_buffer_only_without_autograd():
+    """Per-row gathers go into the mixed batch's scratch buffers when autograd is off (the values of a fresh gather)
+    and are fresh tensors while it records, so a backward pass through a mixed batch still works and agrees."""
+    stack, index, scratch = torch.randn(4, 3, 5), torch.tensor([2, 0, 2]), Scratch()
+    with torch.no_grad():
+        a = gather_rows(stack, index, 3, scratch, "k")
+        assert torch.equal(a, stack[index]) and a.data_ptr() == scratch.buffers["k"].data_ptr()
+        b = gather_rows(stack[:, :2], index[:2], 2, scratch, "k")  # a smaller gather: the same buffer
+        assert b.data_ptr() == a.data_ptr() and torch.equal(b, stack[:, :2][index[:2]])
+    assert gather_rows(stack, index, 3, scratch, "k").data_ptr() != scratch.buffers["k"].data_ptr()
+
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules="all-linear"))
+    pm.add_adapter("b", pk.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    for i, name in enumerate(pm.peft_config):
+        randomize_b(pm, name, seed=i + 1)
+    pm.eval()
+    names = ["b", "default", "b"]
+    embeds = pm.get_input_embeddings()(X).detach().requires_grad_(True)
+    out = pm(inputs_embeds=embeds, adapter_names=names).logits
+    out.square().sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0 and torch.isfinite(embeds.grad).all()
+    with torch.inference_mode():
+        again = pm(inputs_embeds=embeds.detach(), adapter_names=names).logits
+    assert (out.detach() - again).abs().max().item() < 1e-6
 
 
 def test_mixed_batch_of_one_adapter_equals_solo_without_the_per_row_gather():

@@ -23,7 +23,8 @@ from .memory import MemoryFootprint, memory_footprint
 from .merge_report import merge_report
 from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for, valid_adapter_name
 from .tuners import mixed_prompts
-from .tuners.layer import FREE_SLOT, AdapterLayer, MixedBatch, ModulesToSaveWrapper, Slots, StackedAdapterLayer, module_tree
+from .tuners.layer import AdapterLayer, ModulesToSaveWrapper, StackedAdapterLayer, module_tree
+from .tuners.mixed_batch import FREE_SLOT, MixedBatch, Slots
 from .tying import untie
 
 class PeftModel(AdapterLoading, nn.Module):

@@ -147,13 +147,13 @@ class BottleneckLayer(StackedAdapterLayer):
         batch = y.shape[0]
         W_down, b_down, W_up, b_up, kinds, kind_index = stacks
         y3 = y.reshape(batch, -1, self.features).to(W_down.dtype)
-        z = torch.baddbmm(self.rows(b_down, batch).unsqueeze(1), y3, self.rows(W_down, batch).transpose(1, 2))
+        z = torch.baddbmm(self.rows(b_down, batch).unsqueeze(1), y3, self.rows(W_down, batch, "W_down").transpose(1, 2))
         if len(kinds) == 1:
             h = NON_LINEARITIES[kinds[0]](z)
         else:  # adapters with different non-linearities: apply each (m is small), keep each row's own
             rows_kind = self.rows(kind_index.to(y.device), batch)
             h = torch.stack([NON_LINEARITIES[k](z) for k in kinds])[rows_kind, torch.arange(batch, device=y.device)]
-        delta = torch.baddbmm(self.rows(b_up, batch).unsqueeze(1), h, self.rows(W_up, batch).transpose(1, 2))
+        delta = torch.baddbmm(self.rows(b_up, batch).unsqueeze(1), h, self.rows(W_up, batch, "W_up").transpose(1, 2))
         return y + delta.reshape(y.shape).to(y.dtype)
 
     def stack_sources(self, adapter_name: str) -> tuple[torch.Tensor, ...]:

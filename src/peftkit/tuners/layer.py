@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import abc
 import copy
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Hashable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ..base_layers import BaseLayerKind, Undo, kind_of
+from .mixed_batch import FREE_SLOT, MixedBatch, gather_rows
 
 if TYPE_CHECKING:  # (tuners.base imports this module)
     from .base import PeftConfig
-
-
-FREE_SLOT = ""  # a name in MixedBatch.order that no adapter has: a free slot (its adapter was deleted)
 
 
 class Uninitialised(nn.Linear):
@@ -45,89 +42,6 @@ class Uninitialised(nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self._parameters["weight"] = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self._parameters["bias"] = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-
-
-class Slots:
-    """Each adapter's slot in mixed batches (``MixedBatch.order``): the lowest free one when it is added, kept until it
-    is deleted, so the layers' stacks change one slot per load or deletion instead of being rebuilt (StackCache)."""
-
-    def __init__(self) -> None:
-        self.names: list[str | None] = []  # None: a free slot
-
-    def take(self, name: str) -> None:
-        free = next((k for k, n in enumerate(self.names) if n is None), len(self.names))
-        self.names[free : free + 1] = [name]
-
-    def rename(self, old: str, new: str) -> None:
-        self.names = [new if n == old else n for n in self.names]
-
-    def free(self, name: str) -> None:
-        self.names = [None if n == name else n for n in self.names]
-        while self.names and self.names[-1] is None:
-            self.names.pop()
-
-    def order(self, base: str) -> tuple[str, ...]:
-        """``base`` (slot 0), then every slot's adapter, :data:`FREE_SLOT` where none."""
-        return (base, *(FREE_SLOT if n is None else n for n in self.names))
-
-
-@dataclass
-class MixedBatch:
-    """Per-row adapter choice for one forward: row i uses adapter ``order[index[i]]``; ``order[0]`` is the base.
-    ``order`` is the model's slots, one per adapter, in the order they were added, with :data:`FREE_SLOT` where an
-    adapter was deleted (kept so the other adapters keep their slots).
-
-    ``rows[k]``: the rows that use ``order[k]`` (a tensor on the model's device) or None when no row does. Built
-    once from the host-side choice (:meth:`build`), so that no layer asks the device which rows it has: a
-    ``nonzero()`` per adapter per layer would stop the host until the GPU catches up, at every layer.
-    ``single``: the one slot every row uses, when they all use one (a layer may then skip the per-row gather).
-    ``per_token``: the choice is per token of a single flat sequence (a fused serving step, :mod:`peftkit.serve.
-    fused`): layers then see each token as a row. ``segments`` then cut those rows into (start, stop, slot): a
-    run of rows on one slot (a prompt), or ``slot`` None for rows of mixed slots (the decode tokens), so a layer
-    may treat a run with its slot's weights once instead of gathering a copy per token. ``hold_in_slots``: frozen
-    adapters' weights may become views of their slots in the stacks (:attr:`PeftModel.hold_in_slots`, a server's
-    choice), so they exist once. ``capacity``: adapters the stacks should have slots for from their first build (a
-    server's budget, :attr:`PeftModel.slot_capacity`), so that they are not built again as adapters arrive."""
-
-    order: tuple[str, ...]
-    index: torch.Tensor
-    rows: tuple[torch.Tensor | None, ...]
-    single: int | None = None
-    per_token: bool = False
-    segments: tuple[tuple[int, int, int | None], ...] = ()
-    hold_in_slots: bool = False
-    capacity: int | None = None
-
-    @classmethod
-    def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device, per_token: bool = False,
-              hold_in_slots: bool = False, capacity: int | None = None) -> "MixedBatch":
-        """From ``choice`` (row b uses ``order[choice[b]]``, a host list), with the index tensors on ``device``."""
-        members: list[list[int]] = [[] for _ in order]
-        for row, k in enumerate(choice):
-            members[k].append(row)
-        rows = tuple(torch.tensor(m, dtype=torch.long, device=device) if m else None for m in members)
-        single = choice[0] if choice and len(set(choice)) == 1 else None
-        return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows, single, per_token,
-                   segments(choice) if per_token else (), hold_in_slots, capacity)
-
-
-def segments(choice: list[int], shortest_run: int = 2) -> tuple[tuple[int, int, int | None], ...]:
-    """``choice`` cut into maximal runs of one slot at least ``shortest_run`` long, (start, stop, slot), and the rows
-    between them, (start, stop, None)."""
-    out: list[tuple[int, int, int | None]] = []
-    start = 0
-    while start < len(choice):
-        stop = start
-        while stop < len(choice) and choice[stop] == choice[start]:
-            stop += 1
-        if stop - start >= shortest_run:
-            out.append((start, stop, choice[start]))
-        elif out and out[-1][2] is None:
-            out[-1] = (out[-1][0], stop, None)
-        else:
-            out.append((start, stop, None))
-        start = stop
-    return tuple(out)
 
 
 class AdapterLayer(nn.Module, abc.ABC):
@@ -280,13 +194,6 @@ def module_tree(root: nn.Module, into_adapters: bool = True) -> Iterator[tuple[s
         else:
             children = [(k, m) for k, m in module._modules.items() if m is not None]
         stack.extend((f"{name}.{k}" if name else k, m) for k, m in reversed(children))
-
-
-def gather_rows(stack: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-row weights ``stack[index]``, checking the index matches the input's batch size."""
-    if index.numel() != batch:
-        raise ValueError(f"adapter_names has {index.numel()} entries but the batch has {batch} rows")
-    return stack.index_select(0, index)
 
 
 class StackCache:
@@ -451,9 +358,10 @@ class StackedAdapterLayer(AdapterLayer):
             stack[slot].copy_(entry[0])
         return True
 
-    def rows(self, stack: torch.Tensor, batch: int) -> torch.Tensor:
-        """Each row's entry of ``stack``: ``stack[mixed.index]``."""
-        return gather_rows(stack, self.mixed.index, batch)
+    def rows(self, stack: torch.Tensor, batch: int, key: Hashable = None) -> torch.Tensor:
+        """Each row's entry of ``stack``: ``stack[mixed.index]``; with ``key``, in the mixed batch's scratch buffer of
+        that name (:class:`~peftkit.tuners.mixed_batch.Scratch`: valid until this forward's next gather with it)."""
+        return gather_rows(stack, self.mixed.index, batch, self.mixed.scratch if key is not None else None, key)
 
 
 class ModulesToSaveWrapper(AdapterLayer):

@@ -34,7 +34,8 @@ from .base import (
     find_targets,
     register,
 )
-from .layer import StackedAdapterLayer, Uninitialised, gather_rows, model_layer, module_tree
+from .layer import StackedAdapterLayer, Uninitialised, model_layer, module_tree
+from .mixed_batch import gather_rows
 from .lora_combine import add_weighted_lora
 
 
@@ -291,7 +292,7 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
 
     def _gathered_delta(self, x: torch.Tensor, stacks: tuple, index: torch.Tensor) -> torch.Tensor:
         """The update of each row b of ``x`` through slot ``index[b]``: its factors gathered, two batched matmuls."""
-        A, B, scale = (gather_rows(stack, index, x.shape[0]) for stack in stacks)
+        A, B, scale = (gather_rows(stack, index, x.shape[0], self.mixed.scratch, f"lora{k}") for k, stack in enumerate(stacks))
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
         delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)) * scale[:, None, None], B.transpose(1, 2))
         return delta.reshape(*x.shape[:-1], self.out_features)
