@@ -300,7 +300,13 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
         (chunks if inputs["input_ids"].shape[1] > 1 else steps).append(set(inputs["adapter_names"]))
         return decode(**inputs)
 
-    registry.forward = recorded
+    fused, fused_forward = [], registry.fused_forward
+
+    def fused_recorded(input_ids, position_ids, layout, adapter_names, keep):  # decode steps with newcomers' prompts
+        fused.append(set(adapter_names))
+        return fused_forward(input_ids, position_ids, layout, adapter_names, keep)
+
+    registry.forward, registry.fused_forward = recorded, fused_recorded
     with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -323,6 +329,8 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
     # prompt and prefix rows decoded in the same steps as rows of the layer methods and the base
     assert any({"prompt", "prefix"} <= s and len(s - {"prompt", "prefix"}) >= 2 for s in steps), steps
     assert {"prompt", "prefix"} <= set().union(*chunks), chunks  # their long prompts went in by chunks
+    # running prompt and prefix rows took newcomers' prompts (never their own: those prefill apart) in their steps
+    assert any(s & {"prompt", "prefix"} for s in fused), fused
 
 
 @pytest.mark.slow

@@ -73,10 +73,49 @@ def test_a_fused_step_gives_the_decode_step_and_the_prefills_apart():
         assert (fused[len(rows) + k] - logits_alone[0]).abs().max().item() < 1e-5, newcomers[k][0]
     for mine, theirs in zip(batch.cache.layers, apart.cache.layers):
         assert (mine.keys - theirs.keys).abs().max().item() < 1e-6
-    # prompt tuning adds virtual tokens: a step with such a row is never fused
-    pm = pk.get_peft_model(tiny_llama(seed=2), pk.PromptTuningConfig(num_virtual_tokens=2), "prompt")
-    registry.attach("prompt", pm.peft_config["prompt"], dict(pm.adapter_tensors("prompt")), "mem")
-    assert registry.can_fuse(rows + [BASE]) and not registry.can_fuse(rows + ["prompt"])
+
+
+def test_running_prompt_and_prefix_rows_fuse_and_their_newcomers_prefill_apart():
+    """Prompt- and prefix-tuning rows already running have their virtual fronts in the batch's cache: a fused step
+    with them gives the decode step and the prefills apart too. Their newcomers need the fronts put in a fresh cache
+    first, so a step with one is not fused (they prefill apart)."""
+    registry = _registry()
+    for name, config in (("prompt", pk.PromptTuningConfig(num_virtual_tokens=3)),
+                         ("prefix", pk.PrefixTuningConfig(num_virtual_tokens=2))):
+        pm = pk.get_peft_model(tiny_llama(seed=2), config, name)
+        with torch.no_grad():
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+        registry.attach(name, pm.peft_config[name], {n: t.clone() for n, t in pm.adapter_tensors(name).items()}, "mem")
+    assert registry.can_fuse(["lora-qv", BASE, "ia3"])
+    assert not registry.can_fuse(["lora-qv", "prompt"]) and not registry.can_fuse(["prefix"])
+    rows = ["prompt", "lora-qv", "prefix", BASE, "prompt", "houlsby"]
+    prompts = [[5, 9, 11, 3, 7][: 2 + i % 4] for i in range(len(rows))]
+    newcomers = [("lora-all", [4, 8, 15, 16]), ("ia3", [3, 1, 4])]
+    with torch.inference_mode():
+        cache = registry.new_cache()
+        logits, cache_mask = registry.prefill(*left_pad(prompts, registry.pad_id), cache, rows)
+        batch = KVBatch(cache, cache_mask, cache_mask.sum(dim=1))
+        apart = copy.deepcopy(batch)
+        step = logits.argmax(dim=-1, keepdim=True)
+        decoded = registry.forward(input_ids=step, cache=apart.cache, adapter_names=rows, **apart.step_inputs())
+        alone = [registry.prefill(*left_pad([p], registry.pad_id), registry.new_cache(), [name])[0]
+                 for name, p in newcomers]
+        # (the fronts really change these rows' outputs: else this test would prove little)
+        plain, _ = registry.prefill(*left_pad(prompts, registry.pad_id), registry.new_cache(), [BASE] * len(rows))
+        lengths = [len(p) for _, p in newcomers]
+        layout = FusedLayout(len(rows), batch.cache, batch.step_inputs()["attention_mask"], lengths,
+                             [registry.new_cache() for _ in newcomers])
+        names = rows + [name for name, p in newcomers for _ in p]
+        flat = torch.tensor([step[:, 0].tolist() + [t for _, p in newcomers for t in p]])
+        positions = torch.cat([batch.lengths, *(torch.arange(n) for n in lengths)])[None]
+        ends = torch.tensor(lengths).cumsum(0) + len(rows) - 1
+        fused = registry.fused_forward(flat, positions, layout, names, torch.cat([torch.arange(len(rows)), ends]))
+    assert (fused[: len(rows)] - decoded).abs().max().item() < 1e-6
+    for k, logits_alone in enumerate(alone):
+        assert (fused[len(rows) + k] - logits_alone[0]).abs().max().item() < 1e-5, newcomers[k][0]
+    assert (logits[0] - plain[0]).abs().max().item() > 1e-3 and (logits[2] - plain[2]).abs().max().item() > 1e-3
 
 
 def test_a_fused_step_without_adapters_is_the_plain_model_s():

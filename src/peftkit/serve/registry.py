@@ -241,6 +241,10 @@ class AdapterRegistry:
         per token; the logits (len(keep), vocab) at the token positions ``keep``. Every cache in ``layout`` grows."""
         cache = FusedCache(layout, self.model.config)
         tokens = input_ids.shape[1]
+        if self.peft is not None:  # running prompt or prefix tuning rows (newcomers of theirs are not fused, can_fuse):
+            # their fronts are in the batch's cache already and they have no layers, so their tokens run as the base's
+            fronted = {n for n in set(adapter_names) if Fronts.plan(self.peft, [n]) is not None}
+            adapter_names = [BASE if n in fronted else n for n in adapter_names] if fronted else adapter_names
         # a 4D mask is passed to attention as it is (fused_attention ignores it and masks each part itself)
         mask = torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device=self.device)
         inputs = with_cache({"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}, self.model, cache)
@@ -269,11 +273,13 @@ class AdapterRegistry:
         """Whether fused steps are still possible at all (not turned off for good)."""
         return not self.fusion.off
 
-    def can_fuse(self, adapter_names: list[str]) -> bool:
-        """Whether rows of ``adapter_names`` can share a fused forward now: none adds virtual tokens (prompt or prefix
-        tuning prefill apart), every adapter layer takes a per-token batch, and fusion is not paused or off
-        (:class:`~peftkit.serve.fused.FusionGate`). Asked once per step that could fuse."""
-        if self.peft is not None and not (Fronts.plan(self.peft, adapter_names) is None and self.peft.takes_per_token()):
+    def can_fuse(self, newcomers: list[str]) -> bool:
+        """Whether newcomers of adapters ``newcomers`` can join the running rows' fused forward now: none adds virtual
+        tokens (prompt or prefix tuning newcomers prefill apart: their fronts go into a fresh cache first), every
+        adapter layer takes a per-token batch, and fusion is not paused or off (:class:`~peftkit.serve.fused.
+        FusionGate`). Running rows of any method may fuse (:meth:`fused_forward`). Asked once per step that could
+        fuse."""
+        if self.peft is not None and not (Fronts.plan(self.peft, newcomers) is None and self.peft.takes_per_token()):
             return False
         return self.fusion.open()
 

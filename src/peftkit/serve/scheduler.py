@@ -12,7 +12,7 @@ Each loop iteration of the scheduler thread:
 5. runs one decode step for all running rows, each with its own adapter (``adapter_names``, the mixed-adapter
    path), samples one token per row and retires rows that finished. When rows are running, this step's short
    prompts go into the same forward (a *fused* step, :mod:`peftkit.serve.fused`: the weights are read once for
-   both) unless an adapter involved adds virtual tokens.
+   both) unless a newcomer's adapter adds virtual tokens.
 
 So the running rows wait at most one chunk's forward between tokens however long the newcomers' prompts are.
 
@@ -61,7 +61,7 @@ class ModelHost(Protocol):
 
     def new_cache(self) -> Any: ...
 
-    def can_fuse(self, adapter_names: list[str]) -> bool: ...  # whether these rows may share a fused forward
+    def can_fuse(self, newcomers: list[str]) -> bool: ...  # whether newcomers of these adapters may join a fused forward
 
     def fused_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: FusedLayout,
                       adapter_names: list[str], keep: torch.Tensor) -> torch.Tensor: ...  # logits at ``keep``
@@ -270,8 +270,7 @@ class Scheduler:
         """This step's prefill work (:func:`~peftkit.serve.prefill.plan_step`): the group, then the chunks. Returns
         the group instead of prefilling it when it can go into the decode step's forward (:meth:`_decode`)."""
         plan: PrefillPlan = plan_step(self._prefilling, self.prefill_chunk)
-        fuse = plan.group if plan.group and self._rows and self.host.can_fuse(
-            [s.adapter for s in self._rows] + [j.seq.adapter for j in plan.group]) else []
+        fuse = plan.group if plan.group and self._rows and self.host.can_fuse([j.seq.adapter for j in plan.group]) else []
         # counted before running: a joined row's context grows (a fused group has no padding)
         self.stats["prefill_tokens"] += plan.cost - (group_cost(fuse) - sum(j.remaining for j in fuse))
         start = time.perf_counter()
