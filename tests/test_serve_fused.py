@@ -45,20 +45,19 @@ def _registry() -> AdapterRegistry:
     return registry
 
 
-def test_a_fused_step_gives_the_decode_step_and_the_prefills_apart():
-    registry = _registry()
-    rows = ["lora-qv", "ia3", BASE, "houlsby", "lora-all", "lora-qv"]
-    prompts = [[5, 9, 11, 3, 7][: 3 + i % 3] for i in range(len(rows))]
-    newcomers = [("lora-all", [4, 8, 15, 16, 23, 42]), ("houlsby", [7, 7, 1]), ("ia3", [3, 1, 4, 1, 5]), (BASE, [9, 2])]
+def _apart_and_fused(registry: AdapterRegistry, rows: list[str], prompts: list[list[int]],
+                     newcomers: list[tuple[str, list[int]]]) -> dict:
+    """Prefill ``rows`` (one prompt each) into a batch; then from copies of that batch, one decode step apart and
+    each newcomer's prefill alone, and one fused step of both. Returns the logits of each and the fused layout."""
     with torch.inference_mode():
-        ids, mask = left_pad(prompts, registry.pad_id)
         cache = registry.new_cache()
-        logits, cache_mask = registry.prefill(ids, mask, cache, rows)
+        logits, cache_mask = registry.prefill(*left_pad(prompts, registry.pad_id), cache, rows)
         batch = KVBatch(cache, cache_mask, cache_mask.sum(dim=1))
         apart = copy.deepcopy(batch)
         step = logits.argmax(dim=-1, keepdim=True)
         decoded = registry.forward(input_ids=step, cache=apart.cache, adapter_names=rows, **apart.step_inputs())
-        alone = [registry.prefill(*left_pad([p], registry.pad_id), registry.new_cache(), [name]) for name, p in newcomers]
+        alone = [registry.prefill(*left_pad([p], registry.pad_id), registry.new_cache(), [name])[0]
+                 for name, p in newcomers]
         lengths = [len(p) for _, p in newcomers]
         layout = FusedLayout(len(rows), batch.cache, batch.step_inputs()["attention_mask"], lengths,
                              [registry.new_cache() for _ in newcomers])
@@ -67,11 +66,22 @@ def test_a_fused_step_gives_the_decode_step_and_the_prefills_apart():
         positions = torch.cat([batch.lengths, *(torch.arange(n) for n in lengths)])[None]
         ends = torch.tensor(lengths).cumsum(0) + len(rows) - 1
         fused = registry.fused_forward(flat, positions, layout, names, torch.cat([torch.arange(len(rows)), ends]))
-    assert layout.attended == 2  # both layers' attention went through fused_attention
-    assert (fused[: len(rows)] - decoded).abs().max().item() < 1e-6
-    for k, (logits_alone, _) in enumerate(alone):
+    return {"prefill": logits, "decoded": decoded, "alone": alone, "fused": fused, "layout": layout,
+            "caches": (batch.cache, apart.cache)}
+
+
+def test_a_fused_step_gives_the_decode_step_and_the_prefills_apart():
+    registry = _registry()
+    rows = ["lora-qv", "ia3", BASE, "houlsby", "lora-all", "lora-qv"]
+    prompts = [[5, 9, 11, 3, 7][: 3 + i % 3] for i in range(len(rows))]
+    newcomers = [("lora-all", [4, 8, 15, 16, 23, 42]), ("houlsby", [7, 7, 1]), ("ia3", [3, 1, 4, 1, 5]), (BASE, [9, 2])]
+    out = _apart_and_fused(registry, rows, prompts, newcomers)
+    fused = out["fused"]
+    assert out["layout"].attended == 2  # both layers' attention went through fused_attention
+    assert (fused[: len(rows)] - out["decoded"]).abs().max().item() < 1e-6
+    for k, logits_alone in enumerate(out["alone"]):
         assert (fused[len(rows) + k] - logits_alone[0]).abs().max().item() < 1e-5, newcomers[k][0]
-    for mine, theirs in zip(batch.cache.layers, apart.cache.layers):
+    for mine, theirs in zip(*(c.layers for c in out["caches"])):
         assert (mine.keys - theirs.keys).abs().max().item() < 1e-6
 
 
@@ -93,30 +103,15 @@ def test_running_prompt_and_prefix_rows_fuse_and_their_newcomers_prefill_apart()
     rows = ["prompt", "lora-qv", "prefix", BASE, "prompt", "houlsby"]
     prompts = [[5, 9, 11, 3, 7][: 2 + i % 4] for i in range(len(rows))]
     newcomers = [("lora-all", [4, 8, 15, 16]), ("ia3", [3, 1, 4])]
-    with torch.inference_mode():
-        cache = registry.new_cache()
-        logits, cache_mask = registry.prefill(*left_pad(prompts, registry.pad_id), cache, rows)
-        batch = KVBatch(cache, cache_mask, cache_mask.sum(dim=1))
-        apart = copy.deepcopy(batch)
-        step = logits.argmax(dim=-1, keepdim=True)
-        decoded = registry.forward(input_ids=step, cache=apart.cache, adapter_names=rows, **apart.step_inputs())
-        alone = [registry.prefill(*left_pad([p], registry.pad_id), registry.new_cache(), [name])[0]
-                 for name, p in newcomers]
-        # (the fronts really change these rows' outputs: else this test would prove little)
-        plain, _ = registry.prefill(*left_pad(prompts, registry.pad_id), registry.new_cache(), [BASE] * len(rows))
-        lengths = [len(p) for _, p in newcomers]
-        layout = FusedLayout(len(rows), batch.cache, batch.step_inputs()["attention_mask"], lengths,
-                             [registry.new_cache() for _ in newcomers])
-        names = rows + [name for name, p in newcomers for _ in p]
-        flat = torch.tensor([step[:, 0].tolist() + [t for _, p in newcomers for t in p]])
-        positions = torch.cat([batch.lengths, *(torch.arange(n) for n in lengths)])[None]
-        ends = torch.tensor(lengths).cumsum(0) + len(rows) - 1
-        fused = registry.fused_forward(flat, positions, layout, names, torch.cat([torch.arange(len(rows)), ends]))
-    assert (fused[: len(rows)] - decoded).abs().max().item() < 1e-6
-    for k, logits_alone in enumerate(alone):
+    out = _apart_and_fused(registry, rows, prompts, newcomers)
+    fused = out["fused"]
+    assert (fused[: len(rows)] - out["decoded"]).abs().max().item() < 1e-6
+    for k, logits_alone in enumerate(out["alone"]):
         assert (fused[len(rows) + k] - logits_alone[0]).abs().max().item() < 1e-5, newcomers[k][0]
-    assert (logits[0] - plain[0]).abs().max().item() > 1e-3 and (logits[2] - plain[2]).abs().max().item() > 1e-3
-
+    with torch.inference_mode():  # (the fronts really change these rows' outputs: else this test would prove little)
+        plain, _ = registry.prefill(*left_pad(prompts, registry.pad_id), registry.new_cache(), [BASE] * len(rows))
+    for row in (0, 2):
+        assert (out["prefill"][row] - plain[row]).abs().max().item() > 1e-3
 
 def test_a_fused_step_without_adapters_is_the_plain_model_s():
     """No adapter loaded: the registry serves the plain model, and a fused step still gives the steps apart."""
