@@ -265,8 +265,16 @@ def test_evaluation_is_sharded_over_two_processes_and_equals_one(tiny_lm, tmp_pa
                     out=str(tmp_path / "cls")),
     }
     (tmp_path / "eval.py").write_text(EVAL_SCRIPT)
-    result, _ = _torchrun(tmp_path, str(tmp_path / "eval.py"), json.dumps(configs), str(tmp_path / "scores"),
-                          env={"OMP_NUM_THREADS": "1"})
+    for _ in range(2):
+        for rank in (0, 1):
+            (tmp_path / f"scores.rank{rank}").unlink(missing_ok=True)
+        result, _ = _torchrun(tmp_path, str(tmp_path / "eval.py"), json.dumps(configs), str(tmp_path / "scores"),
+                              env={"OMP_NUM_THREADS": "1"})
+        # gloo's worker threads can abort a process as it exits, after the work is done (seen once in six CI runs:
+        # "terminate called without an active exception", SIGABRT in rank 0; a known race in torch's teardown, not
+        # this code's): one more launch tells that apart from a real failure, which fails both
+        if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = json.loads((tmp_path / "scores.rank0").read_text())
     rank1 = json.loads((tmp_path / "scores.rank1").read_text())
