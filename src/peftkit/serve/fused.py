@@ -14,7 +14,8 @@ each part with transformers' own SDPA attention, and the :class:`FusedCache` han
 layer's new keys and values to the cache they belong to.
 
 Newcomers whose adapters add virtual tokens (prompt and prefix tuning) are not fused: their fronts go into a fresh
-cache in a prefill of their own (:mod:`peftkit.tuners.mixed_prompts`).
+cache in a prefill of their own (:mod:`peftkit.tuners.mixed_prompts`). Running rows of those methods are: their
+fronts are in the batch's cache already, and through the layers their tokens are the base model's.
 """
 
 from __future__ import annotations
