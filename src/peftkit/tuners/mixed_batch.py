@@ -48,8 +48,9 @@ class Scratch:
     Why: each mixed LoRA layer gathers its rows' factors, blocks of 0.2-0.8 MiB (16 rows of SmolLM2-135M's
     rank-padded stacks: 360 gathers, 194 MiB in one decode step). A server's malloc serves every block over
     256 KiB with fresh pages (``serve/command.py``, ``tune_malloc``, which keeps its peak memory from creeping), so
-    each gather faulted its pages in again: a 16-row step of 12 mixed adapters took 161-186 ms that way against
-    93-108 ms with these buffers, which stay mapped and warm in the cache for the whole forward. Not used while
+    each gather faulted its pages in again: a 16-row step of 12 mixed adapters took 145-149 ms that way against
+    85-89 ms with these buffers (three interleaved rounds in one process under that setting), which stay mapped and
+    warm in the cache for the whole forward. Not used while
     autograd records: a backward pass would need every layer's gather intact."""
 
     def __init__(self) -> None:
