@@ -44,7 +44,7 @@ from serve_clients import ServerProcess, run_load  # noqa: E402
 from serve_load import PROMPTS, cpu_name  # noqa: E402
 from serve_report import with_prefill  # noqa: E402
 from peftkit.serve.batch import KVBatch, left_pad  # noqa: E402
-from peftkit.serve.fused import FusedLayout  # noqa: E402
+from peftkit.serve.fused import FusedLayout, flat_step  # noqa: E402
 from peftkit.serve.registry import AdapterRegistry, read_adapter  # noqa: E402
 from peftkit.serve.sampling import SamplingParams  # noqa: E402
 from peftkit.serve.scheduler import Scheduler  # noqa: E402
@@ -97,16 +97,14 @@ def fused_step_ms(registry: AdapterRegistry, prompts: list[list[int]], names: li
     logits, cache_mask = registry.prefill(ids, mask, cache, names)
     batch = KVBatch(cache, cache_mask, cache_mask.sum(dim=1))
     flat_names = names + [n for n, length in zip(newcomers, lengths) for _ in range(length)]
-    ends = [len(names) - 1 + sum(lengths[: k + 1]) for k in range(len(lengths))]
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         tokens = logits[: len(names)].argmax(dim=-1).tolist()
-        positions = torch.cat([batch.lengths, *(torch.arange(n) for n in lengths)])
+        flat, positions, _, keep = flat_step(tokens, batch.lengths, fresh, [(0, 0)] * len(fresh), registry.pad_id)
         layout = FusedLayout(len(names), batch.cache, batch.step_inputs()["attention_mask"], lengths,
                              [registry.new_cache() for _ in newcomers])
-        logits = registry.fused_forward(torch.tensor([tokens + [t for p in fresh for t in p]]), positions[None], layout,
-                                        flat_names, torch.tensor([*range(len(names)), *ends]))
+        logits = registry.fused_forward(flat, positions, layout, flat_names, keep)
         batch.advance()
         times.append(time.perf_counter() - start)
     return statistics.median(times[2:]) * 1e3, sum(lengths)

@@ -292,7 +292,7 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
                      prefill_chunk=16)
     eos = sorted({ref.generation_config.eos_token_id, tok.eos_token_id} - {None})
     jobs = [(model, f"Request {i} for {model}" + " and more" * (3 * (i % 4)), 6 + i % 4)  # prompts of 5 to 33 tokens
-            for i, model in enumerate(["tiny", *names, *names])]
+            for i, model in enumerate(["tiny", *names, *reversed(names)])]  # (each method has a short and a long one)
     registry, steps, chunks = app.state.server.registry, [], []
     decode = registry.forward
 
@@ -300,10 +300,11 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
         (chunks if inputs["input_ids"].shape[1] > 1 else steps).append(set(inputs["adapter_names"]))
         return decode(**inputs)
 
-    fused, fused_forward = [], registry.fused_forward
+    fused, fused_newcomers, fused_forward = [], [], registry.fused_forward
 
     def fused_recorded(input_ids, position_ids, layout, adapter_names, keep):  # decode steps with newcomers' prompts
-        fused.append(set(adapter_names))
+        fused.append(set(adapter_names[: layout.rows]))
+        fused_newcomers.append({adapter_names[start] for start in layout.starts()})
         return fused_forward(input_ids, position_ids, layout, adapter_names, keep)
 
     registry.forward, registry.fused_forward = recorded, fused_recorded
@@ -329,8 +330,10 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
     # prompt and prefix rows decoded in the same steps as rows of the layer methods and the base
     assert any({"prompt", "prefix"} <= s and len(s - {"prompt", "prefix"}) >= 2 for s in steps), steps
     assert {"prompt", "prefix"} <= set().union(*chunks), chunks  # their long prompts went in by chunks
-    # running prompt and prefix rows took newcomers' prompts (never their own: those prefill apart) in their steps
+    # running prompt and prefix rows took newcomers' prompts in their steps, and their own newcomers went into steps
+    # with their fronts
     assert any(s & {"prompt", "prefix"} for s in fused), fused
+    assert {"prompt", "prefix"} <= set().union(*fused_newcomers), fused_newcomers
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import peftkit as pk
 from peftkit.serve.batch import KVBatch, left_pad
-from peftkit.serve.fused import RAGGED, FusedLayout, FusionGate, LayoutIgnored
+from peftkit.serve.fused import RAGGED, FusedLayout, FusionGate, LayoutIgnored, flat_step
 from peftkit.serve.registry import AdapterRegistry
 from peftkit.tuners.base import BASE
 
@@ -58,14 +58,13 @@ def _apart_and_fused(registry: AdapterRegistry, rows: list[str], prompts: list[l
         decoded = registry.forward(input_ids=step, cache=apart.cache, adapter_names=rows, **apart.step_inputs())
         alone = [registry.prefill(*left_pad([p], registry.pad_id), registry.new_cache(), [name])[0]
                  for name, p in newcomers]
-        lengths = [len(p) for _, p in newcomers]
+        fronts = [registry.front(name) for name, _ in newcomers]
+        flat, positions, lengths, keep = flat_step(step[:, 0].tolist(), batch.lengths, [p for _, p in newcomers],
+                                                   fronts, registry.pad_id)
         layout = FusedLayout(len(rows), batch.cache, batch.step_inputs()["attention_mask"], lengths,
-                             [registry.new_cache() for _ in newcomers])
-        names = rows + [name for name, p in newcomers for _ in p]
-        flat = torch.tensor([step[:, 0].tolist() + [t for _, p in newcomers for t in p]])
-        positions = torch.cat([batch.lengths, *(torch.arange(n) for n in lengths)])[None]
-        ends = torch.tensor(lengths).cumsum(0) + len(rows) - 1
-        fused = registry.fused_forward(flat, positions, layout, names, torch.cat([torch.arange(len(rows)), ends]))
+                             [registry.new_cache() for _ in newcomers], fronts)
+        names = rows + [name for (name, _), n in zip(newcomers, lengths) for _ in range(n)]
+        fused = registry.fused_forward(flat, positions, layout, names, keep)
     return {"prefill": logits, "decoded": decoded, "alone": alone, "fused": fused, "layout": layout,
             "caches": (batch.cache, apart.cache)}
 
@@ -85,10 +84,11 @@ def test_a_fused_step_gives_the_decode_step_and_the_prefills_apart():
         assert (mine.keys - theirs.keys).abs().max().item() < 1e-6
 
 
-def test_running_prompt_and_prefix_rows_fuse_and_their_newcomers_prefill_apart():
-    """Prompt- and prefix-tuning rows already running have their virtual fronts in the batch's cache: a fused step
-    with them gives the decode step and the prefills apart too. Their newcomers need the fronts put in a fresh cache
-    first, so a step with one is not fused (they prefill apart)."""
+def test_prompt_and_prefix_rows_and_newcomers_fuse_with_their_fronts():
+    """Prompt- and prefix-tuning rows already running have their virtual fronts in the batch's cache; their newcomers
+    get them in the fused step itself (prompt tuning: virtual embeddings as the first tokens of the newcomer's part;
+    prefix tuning: key/value columns in its fresh cache, attended before its tokens). Either way the fused step gives
+    the decode step and each prefill apart, logits and cache columns alike."""
     registry = _registry()
     for name, config in (("prompt", pk.PromptTuningConfig(num_virtual_tokens=3)),
                          ("prefix", pk.PrefixTuningConfig(num_virtual_tokens=2))):
@@ -98,20 +98,34 @@ def test_running_prompt_and_prefix_rows_fuse_and_their_newcomers_prefill_apart()
                 if p.requires_grad:
                     p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
         registry.attach(name, pm.peft_config[name], {n: t.clone() for n, t in pm.adapter_tensors(name).items()}, "mem")
-    assert registry.can_fuse(["lora-qv", BASE, "ia3"])
-    assert not registry.can_fuse(["lora-qv", "prompt"]) and not registry.can_fuse(["prefix"])
+    assert registry.can_fuse()
+    assert [registry.front(n) for n in ("prompt", "prefix", "lora-qv", BASE)] == [(3, 0), (0, 2), (0, 0), (0, 0)]
     rows = ["prompt", "lora-qv", "prefix", BASE, "prompt", "houlsby"]
     prompts = [[5, 9, 11, 3, 7][: 2 + i % 4] for i in range(len(rows))]
-    newcomers = [("lora-all", [4, 8, 15, 16]), ("ia3", [3, 1, 4])]
+    newcomers = [("prefix", [4, 8, 15, 16]), ("lora-all", [4, 8, 15, 16]), ("prompt", [3, 1, 4]), ("prefix", [6]),
+                 ("prompt", [2]), ("ia3", [3, 1, 4])]
     out = _apart_and_fused(registry, rows, prompts, newcomers)
-    fused = out["fused"]
+    fused, layout = out["fused"], out["layout"]
+    assert layout.lengths == [4, 4, 6, 1, 4, 3]  # prompt-tuning newcomers carry their 3 virtual tokens
     assert (fused[: len(rows)] - out["decoded"]).abs().max().item() < 1e-6
     for k, logits_alone in enumerate(out["alone"]):
         assert (fused[len(rows) + k] - logits_alone[0]).abs().max().item() < 1e-5, newcomers[k][0]
-    with torch.inference_mode():  # (the fronts really change these rows' outputs: else this test would prove little)
+    with torch.inference_mode():  # each newcomer's cache holds what its prefill alone puts there, fronts included
+        for (name, p), cache in zip(newcomers, layout.caches):
+            alone_cache = registry.new_cache()
+            registry.prefill(*left_pad([p], registry.pad_id), alone_cache, [name])
+            for mine, theirs in zip(cache.layers, alone_cache.layers):
+                assert mine.keys.shape == theirs.keys.shape, name
+                assert (mine.keys - theirs.keys).abs().max().item() < 1e-5, name
+                assert (mine.values - theirs.values).abs().max().item() < 1e-5, name
+        # (the fronts really change these rows' outputs: else this test would prove little)
         plain, _ = registry.prefill(*left_pad(prompts, registry.pad_id), registry.new_cache(), [BASE] * len(rows))
+        fresh = [registry.prefill(*left_pad([p], registry.pad_id), registry.new_cache(), [BASE])[0] for _, p in newcomers]
     for row in (0, 2):
         assert (out["prefill"][row] - plain[row]).abs().max().item() > 1e-3
+    for k in (0, 2, 3, 4):
+        assert (fused[len(rows) + k] - fresh[k][0]).abs().max().item() > 1e-3, newcomers[k][0]
+
 
 def test_a_fused_step_without_adapters_is_the_plain_model_s():
     """No adapter loaded: the registry serves the plain model, and a fused step still gives the steps apart."""

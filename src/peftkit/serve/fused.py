@@ -13,15 +13,19 @@ decode tokens over the running batch's cache (through its padding mask) and each
 each part with transformers' own SDPA attention, and the :class:`FusedCache` handed to the model routes each
 layer's new keys and values to the cache they belong to.
 
-Newcomers whose adapters add virtual tokens (prompt and prefix tuning) are not fused: their fronts go into a fresh
-cache in a prefill of their own (:mod:`peftkit.tuners.mixed_prompts`). Running rows of those methods are: their
-fronts are in the batch's cache already, and through the layers their tokens are the base model's.
+Prompt- and prefix-tuning rows fuse too (their adapters have no layers: their tokens are the base model's). A
+newcomer's virtual front (:mod:`peftkit.tuners.mixed_prompts`) goes where it would go in a prefill of its own: a
+prompt-tuning newcomer's n virtual embeddings are the first n tokens of its part of the sequence (filler ids whose
+embeddings are swapped for them), positions 0..n-1 and its text from n; a prefix-tuning newcomer's n key/value
+columns are in its fresh cache before the forward, its tokens attend over them and causally over each other, and its
+text starts at position n (:func:`flat_step` lays the sequence out). Running rows of both have their fronts in the
+batch's cache already.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -35,14 +39,46 @@ RAGGED = "peftkit_fused"  # the attention implementation's registered name
 class FusedLayout:
     """Who owns which tokens of a fused forward: the first ``rows`` are one decode token each of ``batch_cache``'s
     rows (``batch_mask``: its (rows, width + 1) mask, the new column included), then each newcomer's prompt, in
-    order, ``lengths[j]`` tokens into the fresh ``caches[j]``."""
+    order, ``lengths[j]`` tokens into the fresh ``caches[j]``. ``fronts[j]``: newcomer j's (prompt-tuning virtual
+    tokens, the first of its ``lengths[j]``; prefix-tuning key/value columns, put in ``caches[j]`` before the forward),
+    (0, 0) for every newcomer when not given."""
 
     rows: int
     batch_cache: DynamicCache | None
     batch_mask: torch.Tensor | None
     lengths: list[int]
     caches: list[DynamicCache]
+    fronts: list[tuple[int, int]] = field(default_factory=list)
     attended: int = 0  # layers whose attention ran through fused_attention (checked after the forward)
+
+    def __post_init__(self) -> None:
+        self.fronts = self.fronts or [(0, 0)] * len(self.lengths)
+        if len(self.fronts) != len(self.lengths) or len(self.caches) != len(self.lengths):
+            raise ValueError(f"a fused layout needs one cache and one front per newcomer: {len(self.lengths)} newcomers, "
+                             f"{len(self.caches)} caches, {len(self.fronts)} fronts")
+
+    def starts(self) -> list[int]:
+        """Where each newcomer's tokens start in the flat sequence."""
+        return [self.rows + sum(self.lengths[:j]) for j in range(len(self.lengths))]
+
+
+def flat_step(decode_ids: list[int], decode_positions: torch.Tensor, contexts: list[list[int]],
+              fronts: list[tuple[int, int]], filler: int) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+    """A fused step's flat sequence: the running rows' next tokens (``decode_ids``, at ``decode_positions``), then
+    each newcomer's ``contexts[j]`` behind its front ``fronts[j]`` = (prompt-tuning virtual tokens, prefix-tuning
+    columns), laid out as the module docstring says (``filler``: the id standing in for a virtual token).
+
+    Returns input ids (1, T) and position ids (1, T) (on ``decode_positions``' device), each newcomer's length in the
+    sequence (its virtual tokens included: :attr:`FusedLayout.lengths`), and the indices whose logits the step keeps:
+    every decode token, then each newcomer's last."""
+    ids, positions, lengths = list(decode_ids), [decode_positions], []
+    for context, (prompt, prefix) in zip(contexts, fronts):
+        ids += [filler] * prompt + list(context)
+        lengths.append(prompt + len(context))
+        positions.append(torch.arange(prefix, prefix + lengths[-1], device=decode_positions.device))
+    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) + len(decode_ids) - 1
+    keep = torch.cat([torch.arange(len(decode_ids)), ends])
+    return torch.tensor([ids], dtype=torch.long), torch.cat(positions)[None], lengths, keep
 
 
 class FusedCache(DynamicCache):
@@ -88,13 +124,16 @@ def fused_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         out, _ = sdpa_attention_forward(module, q, cached.keys, cached.values, fused.batch_mask[:, None, None, :],
                                         is_causal=False, **kwargs)
         parts.append(out.reshape(1, fused.rows, *out.shape[2:]))  # (1, rows, heads, dim)
-    start = fused.rows
-    for length, cache in zip(fused.lengths, fused.caches):
+    for start, length, cache, (_, prefix) in zip(fused.starts(), fused.lengths, fused.caches, fused.fronts):
         own = cache.layers[layer]
-        out, _ = sdpa_attention_forward(module, query[:, :, start : start + length], own.keys, own.values, None,
-                                        is_causal=True, **kwargs)
+        # causal over its own tokens; a prefix-tuning newcomer's tokens also see all of its prefix columns (an explicit
+        # mask: SDPA's is_causal aligns to the top left, and transformers then drops the keys past the queries)
+        mask = None
+        if prefix:
+            mask = torch.ones(length, prefix + length, dtype=torch.bool, device=query.device).tril(prefix)[None, None]
+        out, _ = sdpa_attention_forward(module, query[:, :, start : start + length], own.keys, own.values, mask,
+                                        is_causal=not prefix, **kwargs)
         parts.append(out)
-        start += length
     return torch.cat(parts, dim=1), None
 
 

@@ -26,8 +26,9 @@ When a newcomer's last chunk has run, its logits give its first token and its ca
 
 When rows are decoding, the scheduler does not run the group's forward here: its prompts go into the decode
 step's own forward as one flat sequence beside the decode tokens (:mod:`peftkit.serve.fused`), so the weights are
-read once for both; the budget and the order above still decide which newcomers go. Long prompts' chunks, groups
-while nothing decodes, and newcomers whose adapters add virtual tokens are prefilled in forwards of their own.
+read once for both (prompt- and prefix-tuning newcomers with their virtual fronts); the budget and the order above
+still decide which newcomers go. Long prompts' chunks and groups while nothing decodes are prefilled in forwards of
+their own.
 """
 
 from __future__ import annotations

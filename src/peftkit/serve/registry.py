@@ -14,9 +14,10 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -241,15 +242,16 @@ class AdapterRegistry:
         per token; the logits (len(keep), vocab) at the token positions ``keep``. Every cache in ``layout`` grows."""
         cache = FusedCache(layout, self.model.config)
         tokens = input_ids.shape[1]
-        if self.peft is not None:  # running prompt or prefix tuning rows (newcomers of theirs are not fused, can_fuse):
-            # their fronts are in the batch's cache already and they have no layers, so their tokens run as the base's
+        fronted = set()
+        if self.peft is not None:  # prompt- and prefix-tuning adapters have no layers: their tokens run as the base's
             fronted = {n for n in set(adapter_names) if Fronts.plan(self.peft, [n]) is not None}
-            adapter_names = [BASE if n in fronted else n for n in adapter_names] if fronted else adapter_names
         # a 4D mask is passed to attention as it is (fused_attention ignores it and masks each part itself)
         mask = torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device=self.device)
         inputs = with_cache({"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}, self.model, cache)
         try:
-            with self.precision.autocast(self.device), fused_attention_on(self.model):
+            with self.precision.autocast(self.device), fused_attention_on(self.model), \
+                    self._newcomer_fronts(layout, adapter_names if fronted else []):
+                adapter_names = [BASE if n in fronted else n for n in adapter_names] if fronted else adapter_names
                 if self.peft is None:
                     out = self.model(**inputs, use_cache=True, logits_to_keep=keep, fused=layout)
                 else:
@@ -268,18 +270,56 @@ class AdapterRegistry:
         self.fusion.succeeded()
         return out.logits[0].float()
 
+    @contextmanager
+    def _newcomer_fronts(self, layout: FusedLayout, adapter_names: list[str]) -> Iterator[None]:
+        """Inside the block, each fused newcomer's virtual front is in place (:mod:`peftkit.serve.fused`): its
+        prefix-tuning columns in its fresh cache, and its prompt-tuning embeddings in the input embeddings' output at
+        its first tokens (a hook: the other tokens' embeddings are the model's own, per-token embedding adapters
+        included). ``adapter_names``: the fused step's, per token (empty when no adapter of its adds a front)."""
+        swaps = []
+        for start, cache, (prompt, prefix) in zip(layout.starts(), layout.caches, layout.fronts):
+            if not (prompt or prefix):
+                continue
+            fronts = Fronts.plan(self.peft, [adapter_names[start]]) if adapter_names else None
+            if fronts is None or (fronts.prompt[0], fronts.prefix[0]) != (prompt, prefix):
+                raise ValueError(f"a fused newcomer's front {(prompt, prefix)} is not what its adapter adds")
+            if prefix:
+                fronts.fill_prefixes(self.peft, cache, self.device)
+            if prompt:
+                swaps.append((start, prompt, fronts))
+        if not swaps:
+            yield
+            return
+
+        def put_prompts(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            for start, prompt, fronts in swaps:
+                out[:, start : start + prompt] = fronts.prompt_embeddings(self.peft, out[:, :prompt])[0]
+            return out
+
+        hook = self.model.get_input_embeddings().register_forward_hook(put_prompts)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    def front(self, name: str) -> tuple[int, int]:
+        """What adapter ``name`` puts before a request's context: (prompt-tuning virtual tokens, prefix-tuning
+        key/value columns); (0, 0) for other methods and the base."""
+        fronts = Fronts.plan(self.peft, [name]) if self.peft is not None and name != BASE else None
+        return (0, 0) if fronts is None else (fronts.prompt[0], fronts.prefix[0])
+
     @property
     def fusable(self) -> bool:
         """Whether fused steps are still possible at all (not turned off for good)."""
         return not self.fusion.off
 
-    def can_fuse(self, newcomers: list[str]) -> bool:
-        """Whether newcomers of adapters ``newcomers`` can join the running rows' fused forward now: none adds virtual
-        tokens (prompt or prefix tuning newcomers prefill apart: their fronts go into a fresh cache first), every
-        adapter layer takes a per-token batch, and fusion is not paused or off (:class:`~peftkit.serve.fused.
-        FusionGate`). Running rows of any method may fuse (:meth:`fused_forward`). Asked once per step that could
-        fuse."""
-        if self.peft is not None and not (Fronts.plan(self.peft, newcomers) is None and self.peft.takes_per_token()):
+    def can_fuse(self) -> bool:
+        """Whether newcomers can join the running rows' fused forward now: every adapter layer takes a per-token
+        batch, and fusion is not paused or off (:class:`~peftkit.serve.fused.FusionGate`). Rows and newcomers of any
+        method may fuse (prompt and prefix tuning with their fronts, :meth:`fused_forward`). Asked once per step that
+        could fuse."""
+        if self.peft is not None and not self.peft.takes_per_token():
             return False
         return self.fusion.open()
 

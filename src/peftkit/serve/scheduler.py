@@ -35,7 +35,7 @@ import torch
 from ..device import pin
 from ..tuners.base import BASE
 from .batch import KVBatch, left_pad
-from .fused import FusedLayout
+from .fused import FusedLayout, flat_step
 from .prefill import PrefillJob, PrefillPlan, group_cost, plan_step
 from .sampling import apply_penalties, greedy_and_unusable, sample_token, token_logprobs
 from .sequence import Sequence
@@ -61,7 +61,9 @@ class ModelHost(Protocol):
 
     def new_cache(self) -> Any: ...
 
-    def can_fuse(self, newcomers: list[str]) -> bool: ...  # whether newcomers of these adapters may join a fused forward
+    def can_fuse(self) -> bool: ...  # whether newcomers may join the running rows' forward this step
+
+    def front(self, adapter: str) -> tuple[int, int]: ...  # (prompt-tuning tokens, prefix columns) before a context
 
     def fused_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: FusedLayout,
                       adapter_names: list[str], keep: torch.Tensor) -> torch.Tensor: ...  # logits at ``keep``
@@ -270,7 +272,7 @@ class Scheduler:
         """This step's prefill work (:func:`~peftkit.serve.prefill.plan_step`): the group, then the chunks. Returns
         the group instead of prefilling it when it can go into the decode step's forward (:meth:`_decode`)."""
         plan: PrefillPlan = plan_step(self._prefilling, self.prefill_chunk)
-        fuse = plan.group if plan.group and self._rows and self.host.can_fuse([j.seq.adapter for j in plan.group]) else []
+        fuse = plan.group if plan.group and self._rows and self.host.can_fuse() else []
         # counted before running: a joined row's context grows (a fused group has no padding)
         self.stats["prefill_tokens"] += plan.cost - (group_cost(fuse) - sum(j.remaining for j in fuse))
         start = time.perf_counter()
@@ -390,17 +392,17 @@ class Scheduler:
         as one batch, to join (gathered among themselves first: one copy of the running cache to join them all).
         ``mask``: the running batch's mask for this step."""
         assert self._batch is not None
-        device, lengths = self.host.device, [len(s.context) for s in newcomers]
-        ids = [s.output_ids[-1] for s in rows] + [t for s in newcomers for t in s.context]
+        device, fronts = self.host.device, [self.host.front(s.adapter) for s in newcomers]
+        ids, positions, lengths, keep = flat_step([s.output_ids[-1] for s in rows], self._batch.lengths,
+                                                  [s.context for s in newcomers], fronts, self.host.pad_id)
         names = [s.adapter for s in rows] + [s.adapter for s, n in zip(newcomers, lengths) for _ in range(n)]
-        positions = torch.cat([self._batch.lengths, *(torch.arange(n, device=device) for n in lengths)])
-        ends = [len(rows) - 1 + sum(lengths[: k + 1]) for k in range(len(lengths))]
-        layout = FusedLayout(len(rows), self._batch.cache, mask, lengths, [self.host.new_cache() for _ in newcomers])
-        logits = self.host.fused_forward(pin(torch.tensor([ids], dtype=torch.long), device), positions[None], layout,
-                                         names, pin(torch.tensor([*range(len(rows)), *ends], dtype=torch.long), device))
+        layout = FusedLayout(len(rows), self._batch.cache, mask, lengths, [self.host.new_cache() for _ in newcomers],
+                             fronts)
+        logits = self.host.fused_forward(pin(ids, device), positions, layout, names, pin(keep, device))
         joining = None
-        for cache, n in zip(layout.caches, lengths):
-            row = KVBatch(cache, torch.ones(1, n, dtype=torch.bool, device=device), torch.tensor([n], device=device))
+        for cache, n, (_, prefix) in zip(layout.caches, lengths, fronts):  # (n counts any prompt-tuning tokens)
+            width = prefix + n
+            row = KVBatch(cache, torch.ones(1, width, dtype=torch.bool, device=device), torch.tensor([width], device=device))
             if joining is None:
                 joining = row
             else:
