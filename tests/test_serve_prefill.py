@@ -13,11 +13,11 @@ from peftkit.serve.prefill import PrefillJob, plan_step
 from peftkit.tuners.base import BASE
 
 
-def _job(length: int, done: int = 0) -> PrefillJob:
+def _job(length: int, done: int = 0, virtual: int = 0) -> PrefillJob:
     class Seq:
         context = list(range(length))
 
-    job = PrefillJob(Seq())  # type: ignore[arg-type]
+    job = PrefillJob(Seq(), virtual=virtual)  # type: ignore[arg-type]
     job.done = done
     if done:
         job.batch = object()  # type: ignore[assignment]  (started: continues in chunks)
@@ -45,6 +45,24 @@ def test_plan_counts_padding_short_prompts_first_long_ones_always_progress():
     assert plan.chunks == [(started, 20)] and plan.group == [fresh] and plan.cost == 50
     # a budget of 1 still moves a long prompt
     assert plan_step([_job(5), _job(1)], 1).chunks[0][1] == 1
+
+
+def test_plan_counts_prompt_tuning_virtual_tokens():
+    # a prompt-tuning newcomer feeds its 8 virtual tokens too: with it, a group of {10 + 8, 30} costs 2 x (8 + 30) = 76
+    # (each row gets the widest front and the longest context), over a budget of 64 that {10, 30} alone fits
+    prompt, plain, short = _job(10, virtual=8), _job(30), _job(10)
+    assert plan_step([short, plain], 64).group == [short, plain]
+    plan = plan_step([prompt, plain], 64)
+    assert plan.group == [prompt] and plan.cost == 18
+    # 60 context tokens and 8 virtual ones are longer than the budget: chunks, the first one 64 - 8 = 56 tokens long
+    long = _job(60, virtual=8)
+    plan = plan_step([long], 64)
+    assert plan.chunks == [(long, 56)] and plan.cost == 64
+    # once started, the front is in its cache: later chunks are context only
+    started = _job(60, done=56, virtual=8)
+    assert started.front == 0 and plan_step([started], 64).cost == 4
+    # a budget smaller than the front still moves the prompt by one token a step (that step costs the front too)
+    assert plan_step([_job(5, virtual=8)], 4).chunks[0][1] == 1 and plan_step([_job(5, virtual=8)], 4).cost == 9
 
 
 def _record_forwards(registry) -> list[tuple[int, int]]:

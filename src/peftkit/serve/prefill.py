@@ -8,10 +8,11 @@ after ceil(prompt / budget) steps.
 
 Per step, within the budget:
 
-- newcomers whose whole context fits in a budget are *short*: in arrival order they join this step's *group*,
-  whose contexts are left-padded and prefilled in one forward (``host.prefill`` on a fresh cache), the cost counted
-  as rows x longest context, padding included. The first that does not fit waits for the next step, and so does
-  everyone behind it (splitting a short prompt would only add forwards);
+- newcomers whose whole context (with any prompt-tuning virtual tokens) fits in a budget are *short*: in arrival
+  order they join this step's *group*, whose contexts are left-padded and prefilled in one forward (``host.prefill``
+  on a fresh cache), the cost counted as rows x (the most virtual tokens + the longest context), padding included.
+  The first that does not fit waits for the next step, and so does everyone behind it (splitting a short prompt
+  would only add forwards);
 - the others are *long*: each is prefilled alone in chunks, in arrival order, with what the group leaves: its first
   chunk through ``host.prefill`` on a fresh cache of its own (which adds the virtual columns of prompt or prefix
   tuning), each later chunk through ``host.forward`` on that cache with the mask and positions tracked here
@@ -49,10 +50,21 @@ class PrefillJob:
     seq: "Sequence"
     batch: KVBatch | None = None  # its own one-row cache once its first chunk ran (chunked prefill only)
     done: int = 0  # context tokens already in ``batch``
+    virtual: int = 0  # tokens its first forward feeds besides its context: a prompt-tuning adapter's virtual tokens
 
     @property
     def remaining(self) -> int:
         return len(self.seq.context) - self.done
+
+    @property
+    def front(self) -> int:
+        """Virtual tokens still to feed: all of them before its first forward, none after."""
+        return self.virtual if self.batch is None else 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the rest of its prefill feeds the model: its front, then the remaining context."""
+        return self.front + self.remaining
 
 
 @dataclass
@@ -64,20 +76,24 @@ class PrefillPlan:
 
     @property
     def cost(self) -> int:
-        """Tokens this plan feeds the model, padding included."""
-        return group_cost(self.group) + sum(n for _, n in self.chunks)
+        """Tokens this plan feeds the model, padding and virtual tokens included."""
+        return group_cost(self.group) + sum(job.front + n for job, n in self.chunks)
 
 
 def group_cost(jobs: list[PrefillJob]) -> int:
-    """Tokens of a left-padded group prefill: rows x the longest context."""
-    return len(jobs) * max((j.remaining for j in jobs), default=0)
+    """Tokens of a left-padded group prefill: rows x (the most virtual tokens + the longest context)."""
+    if not jobs:
+        return 0
+    return len(jobs) * (max(j.front for j in jobs) + max(j.remaining for j in jobs))
 
 
 def plan_step(jobs: list[PrefillJob], budget: int) -> PrefillPlan:
-    """Choose this step's prefill work within ``budget`` tokens (padding counted); see the module's docstring."""
-    long = [j for j in jobs if j.batch is not None or j.remaining > budget]
-    short = [j for j in jobs if j.batch is None and j.remaining <= budget]
-    reserve = min((budget + 1) // 2, sum(j.remaining for j in long))  # what the long prompts are sure to get
+    """Choose this step's prefill work within ``budget`` tokens (padding and prompt-tuning virtual tokens counted);
+    see the module's docstring. A chunk's context tokens are what its forward's budget leaves after any virtual tokens,
+    at least one (so a long prompt always moves; its first chunk may then exceed the budget by its virtual tokens)."""
+    long = [j for j in jobs if j.batch is not None or j.tokens > budget]
+    short = [j for j in jobs if j.batch is None and j.tokens <= budget]
+    reserve = min((budget + 1) // 2, sum(j.tokens for j in long))  # what the long prompts are sure to get
     group: list[PrefillJob] = []
     for job in short:
         if group_cost([*group, job]) > budget - reserve:
@@ -88,6 +104,6 @@ def plan_step(jobs: list[PrefillJob], budget: int) -> PrefillPlan:
     for job in long:
         if left <= 0:
             break
-        chunks.append((job, min(job.remaining, left)))
-        left -= chunks[-1][1]
+        chunks.append((job, min(job.remaining, max(1, left - job.front))))
+        left -= job.front + chunks[-1][1]
     return PrefillPlan(group, chunks)

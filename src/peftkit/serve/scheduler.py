@@ -266,7 +266,11 @@ class Scheduler:
                 if seq.generator is None:  # kept when a row is prefilled again: the request's draws continue
                     seq.generator = seq.params.make_generator(self.host.device)
                     seq.admitted_at = time.monotonic()
-                self._prefilling.append(PrefillJob(seq))
+                self._prefilling.append(self._job(seq))
+
+    def _job(self, seq: Sequence) -> PrefillJob:
+        """``seq`` on its way into the batch from a fresh cache, its adapter's prompt-tuning tokens counted."""
+        return PrefillJob(seq, virtual=self.host.front(seq.adapter)[0])
 
     def _prefill_step(self) -> list[PrefillJob]:
         """This step's prefill work (:func:`~peftkit.serve.prefill.plan_step`): the group, then the chunks. Returns
@@ -274,7 +278,7 @@ class Scheduler:
         plan: PrefillPlan = plan_step(self._prefilling, self.prefill_chunk)
         fuse = plan.group if plan.group and self._rows and self.host.can_fuse() else []
         # counted before running: a joined row's context grows (a fused group has no padding)
-        self.stats["prefill_tokens"] += plan.cost - (group_cost(fuse) - sum(j.remaining for j in fuse))
+        self.stats["prefill_tokens"] += plan.cost - (group_cost(fuse) - sum(j.tokens for j in fuse))
         start = time.perf_counter()
         if plan.group and not fuse:
             self._prefill_group(plan.group)
@@ -371,7 +375,7 @@ class Scheduler:
             self.stats["recoveries"] += 1
             with self._cond:  # back to the front of the prefilling set, ahead of newcomers
                 self._rows, self._batch = [], None
-                self._prefilling = [PrefillJob(seq) for seq in rows] + self._prefilling
+                self._prefilling = [self._job(seq) for seq in rows] + self._prefilling
             return
         self._batch.advance()
         self.stats["decode_steps"] += 1
