@@ -336,6 +336,34 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
     assert {"prompt", "prefix"} <= set().union(*fused_newcomers), fused_newcomers
 
 
+def test_the_context_limit_counts_an_adapter_s_virtual_tokens(served, tok):
+    """Prompt and prefix tuning put their virtual tokens before the prompt, in the same positions: a request must
+    leave room for them (a model with learned positions would index past its table otherwise)."""
+    root, _ = served
+    app = create_app(tiny_llama(vocab_size=VOCAB, seed=1), tok, base_name="tiny", adapters_dir=root, max_batch_size=4,
+                     max_queue=8)
+    context = 256  # tiny_llama's max_position_embeddings
+    ids = [5] * 240
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for model in ("tiny", "lora4"):  # 240 + 14 fits without virtual tokens
+            done = client.completions.create(model=model, prompt=ids, max_tokens=14, temperature=0)
+            assert done.choices[0].finish_reason in ("length", "stop")
+        for model, virtual in (("prompt", 5), ("prefix", 3)):
+            with pytest.raises(openai.BadRequestError) as err:
+                client.completions.create(model=model, prompt=ids, max_tokens=14, temperature=0)
+            assert err.value.code == "context_length_exceeded"
+            assert f"{virtual} virtual tokens of adapter '{model}', 240 in the prompt, 14 for the completion" in err.value.message
+            fits = client.completions.create(model=model, prompt=ids, max_tokens=context - 240 - virtual, temperature=0)
+            assert fits.usage.prompt_tokens == 240
+            with pytest.raises(openai.BadRequestError, match=f"behind the adapter's {virtual} virtual tokens"):
+                client.completions.create(model=model, prompt=[5] * (context - virtual), max_tokens=1)
+            chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                  temperature=0)  # no max_tokens: what the context leaves, fronts counted
+            assert chat.choices[0].finish_reason in ("length", "stop")
+            assert chat.usage.prompt_tokens + chat.usage.completion_tokens <= context - virtual
+
+
 @pytest.mark.slow
 def test_every_method_on_smollm2_in_float64_equals_each_row_alone(tok):
     """The real model (SmolLM2-135M, 30 layers) in float64, where rounding is out of the way: every row of the mixed

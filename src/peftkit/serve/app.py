@@ -86,27 +86,32 @@ class Server:
         the request's handler ends; 404 model_not_found for an unknown name."""
         return await self.loader.resolve(model)
 
-    def check_prompt_ids(self, ids: list[int], param: str) -> None:
-        context = self.registry.context_length
+    def check_prompt_ids(self, ids: list[int], param: str, adapter: str) -> None:
+        """The prompt's token ids: in the vocabulary, not empty, and leaving room in the context behind ``adapter``'s
+        virtual tokens (prompt or prefix tuning: they take positions before the prompt)."""
+        context, virtual = self.registry.context_length, self.registry.virtual_tokens(adapter)
         bad = [t for t in ids if not 0 <= t < self.registry.vocab_size]
         if bad:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {self.registry.vocab_size})", param=param)
         if not ids:
             raise APIError(400, "the prompt is empty after tokenization", param=param)
-        if len(ids) >= context:
-            raise APIError(400, f"the prompt is {len(ids)} tokens but this model's context is {context} tokens, "
+        if len(ids) + virtual >= context:
+            front = f" behind the adapter's {virtual} virtual tokens" if virtual else ""
+            raise APIError(400, f"the prompt is {len(ids)} tokens{front} but this model's context is {context} tokens, "
                            "leaving no room to generate; shorten the prompt", param=param, code="context_length_exceeded")
 
-    def params(self, body: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None) -> SamplingParams:
-        context = self.registry.context_length
+    def params(self, body: CompletionRequest | ChatCompletionRequest, adapter: str, prompt_len: int,
+               max_tokens: int | None) -> SamplingParams:
+        context, virtual = self.registry.context_length, self.registry.virtual_tokens(adapter)
         if max_tokens is None:  # OpenAI's chat default: as much as the context allows
-            max_tokens = context - prompt_len
-        if prompt_len + max_tokens > context:
+            max_tokens = context - virtual - prompt_len
+        if virtual + prompt_len + max_tokens > context:
+            front = f"{virtual} virtual tokens of adapter {adapter!r}, " if virtual else ""
             raise APIError(
                 400,
                 f"This model's maximum context length is {context} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
-                "Reduce the prompt or max_tokens.",
+                f"{virtual + prompt_len + max_tokens} tokens ({front}{prompt_len} in the prompt, {max_tokens} for the "
+                "completion). Reduce the prompt or max_tokens.",
                 param="max_tokens", code="context_length_exceeded",
             )
         if body.n > self.scheduler.max_batch_size + self.scheduler.max_queue:
@@ -200,7 +205,7 @@ class Server:
     async def respond(self, request: Request, body: CompletionRequest | ChatCompletionRequest, adapter: str,
                       prompt_ids: list[int], max_tokens: int | None, reply: Reply) -> Response | dict:
         """What both generation endpoints do once the prompt is checked: stream ``reply`` or send it whole."""
-        params = self.params(body, len(prompt_ids), max_tokens)
+        params = self.params(body, adapter, len(prompt_ids), max_tokens)
         if params.logprobs is not None:
             reply.tokens = TokenText(self.tokenizer)
         if body.stream:
@@ -280,7 +285,7 @@ async def completions(body: CompletionRequest, request: Request, server: ServerD
         prompt_ids = server.tokenizer(body.prompt).input_ids
     else:
         prompt_ids = list(body.prompt)
-    server.check_prompt_ids(prompt_ids, "prompt")
+    server.check_prompt_ids(prompt_ids, "prompt", adapter)
     return await server.respond(request, body, adapter, prompt_ids, body.max_tokens, CompletionReply(body.model))
 
 
@@ -288,7 +293,7 @@ async def completions(body: CompletionRequest, request: Request, server: ServerD
 async def chat_completions(body: ChatCompletionRequest, request: Request, server: ServerDep) -> Response | dict:
     adapter = await server.adapter_for(body.model)
     prompt_ids = server.chat_prompt_ids(body.messages)
-    server.check_prompt_ids(prompt_ids, "messages")
+    server.check_prompt_ids(prompt_ids, "messages", adapter)
     return await server.respond(request, body, adapter, prompt_ids, body.limit, ChatReply(body.model))
 
 

@@ -54,6 +54,7 @@ class AdapterInfo:
     bytes: int = 0  # what its tensors take on the model's device (see AdapterRegistry.tensor_bytes)
     pinned: bool = True  # named at start or posted by an admin: never evicted to make room (serve/residency.py)
     layout: int | None = None  # layout_of its config and tensors: adapters of one layout can take each other's place
+    virtual: int = 0  # positions its virtual front takes before every prompt (prompt or prefix tuning's tokens)
 
 
 def layout_of(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> int:
@@ -147,6 +148,12 @@ class AdapterRegistry:
         with self._lock:
             return self._adapters.get(name)
 
+    def virtual_tokens(self, name: str) -> int:
+        """Positions adapter ``name`` (or ``BASE``) puts before every prompt: its prompt- or prefix-tuning virtual
+        tokens, which count against the model's context like the prompt's own (any thread)."""
+        info = self.info(name) if name != BASE else None
+        return info.virtual if info is not None else 0
+
     # ---------------------------------------------------------------------------------------------------------
     # The model (scheduler thread)
 
@@ -176,7 +183,7 @@ class AdapterRegistry:
     def _record(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str,
                 pinned: bool) -> AdapterInfo:
         info = AdapterInfo(name=name, path=str(path), created=int(time.time()), bytes=self.tensor_bytes(tensors),
-                           pinned=pinned, layout=layout_of(config, tensors))
+                           pinned=pinned, layout=layout_of(config, tensors), virtual=sum(self.front(name)))
         with self._lock:
             self._adapters[name] = info
         return info
