@@ -252,17 +252,17 @@ class AdapterRegistry:
         fronted = set()
         if self.peft is not None:  # prompt- and prefix-tuning adapters have no layers: their tokens run as the base's
             fronted = {n for n in set(adapter_names) if Fronts.plan(self.peft, [n]) is not None}
+        served = [BASE if n in fronted else n for n in adapter_names] if fronted else adapter_names
         # a 4D mask is passed to attention as it is (fused_attention ignores it and masks each part itself)
         mask = torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device=self.device)
         inputs = with_cache({"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}, self.model, cache)
         try:
             with self.precision.autocast(self.device), fused_attention_on(self.model), \
                     self._newcomer_fronts(layout, adapter_names if fronted else []):
-                adapter_names = [BASE if n in fronted else n for n in adapter_names] if fronted else adapter_names
                 if self.peft is None:
                     out = self.model(**inputs, use_cache=True, logits_to_keep=keep, fused=layout)
                 else:
-                    out = self.peft(**inputs, adapter_names=adapter_names, per_token=True, use_cache=True,
+                    out = self.peft(**inputs, adapter_names=served, per_token=True, use_cache=True,
                                     logits_to_keep=keep, fused=layout)
             if layout.attended != len(layout.caches[0].layers if layout.caches else layout.batch_cache.layers):
                 # a model whose attention does not go through transformers' attention interface attended over the
