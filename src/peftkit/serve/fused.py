@@ -3,8 +3,8 @@
 A prompt prefilled in a forward of its own reads every weight of the model once more, and stalls the running rows
 for that forward. On a 2-core CPU, with 14 rows of six methods decoding on SmolLM2-135M (MKL_CBWR=AUTO), a 38-token
 prompt cost 83 ms in a prefill of its own and 63 ms inside the decode step, and a second one 60 ms more (the
-prompt's own compute dominates there; on a GPU, where reading the weights does, fusing saves more). A fused step
-feeds the model one flat sequence: the B decode rows' next tokens, then each newcomer's whole prompt,
+prompt's own compute dominates on this CPU). A fused step feeds the model one flat sequence: the B decode rows'
+next tokens, then each newcomer's whole prompt,
 
     input_ids (1, B + L_1 + ... + L_n),  position_ids: each token's own position in its request,
 
