@@ -68,10 +68,14 @@ def link_subset(source: Path, names: list[str], folder: Path) -> None:
 
 
 def write_mixed_adapters(model: torch.nn.Module, folder: Path, seed: int = 1) -> list[str]:
-    """One adapter folder per method in :data:`MIXED_METHODS`, each changing the model's output."""
+    """One adapter folder per method in :data:`MIXED_METHODS`, each changing the model's output; the same folders for
+    the same ``seed`` in every run (each method's own initialisation draws from torch's global generator, whose seed
+    differs per process: seeded here, inside a fork of it, so that runs are comparable and nothing else moves)."""
     names = []
     for i, (name, make) in enumerate(MIXED_METHODS.items()):
-        pm = pk.get_peft_model(model, make())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            pm = pk.get_peft_model(model, make())
         g = torch.Generator().manual_seed(seed + i)
         with torch.no_grad():
             for pname, p in pm.named_parameters():
