@@ -88,10 +88,12 @@ def test_prompt_and_prefix_rows_and_newcomers_fuse_with_their_fronts():
     """Prompt- and prefix-tuning rows already running have their virtual fronts in the batch's cache; their newcomers
     get them in the fused step itself (prompt tuning: virtual embeddings as the first tokens of the newcomer's part;
     prefix tuning: key/value columns in its fresh cache, attended before its tokens). Either way the fused step gives
-    the decode step and each prefill apart, logits and cache columns alike."""
+    the decode step and each prefill apart, logits and cache columns alike, also beside an adapter on the input
+    embeddings (the layer whose output the prompt-tuning embeddings replace)."""
     registry = _registry()
     for name, config in (("prompt", pk.PromptTuningConfig(num_virtual_tokens=3)),
-                         ("prefix", pk.PrefixTuningConfig(num_virtual_tokens=2))):
+                         ("prefix", pk.PrefixTuningConfig(num_virtual_tokens=2)),
+                         ("emb", pk.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))):
         pm = pk.get_peft_model(tiny_llama(seed=2), config, name)
         with torch.no_grad():
             for p in pm.parameters():
@@ -100,13 +102,13 @@ def test_prompt_and_prefix_rows_and_newcomers_fuse_with_their_fronts():
         registry.attach(name, pm.peft_config[name], {n: t.clone() for n, t in pm.adapter_tensors(name).items()}, "mem")
     assert registry.can_fuse()
     assert [registry.front(n) for n in ("prompt", "prefix", "lora-qv", BASE)] == [(3, 0), (0, 2), (0, 0), (0, 0)]
-    rows = ["prompt", "lora-qv", "prefix", BASE, "prompt", "houlsby"]
+    rows = ["prompt", "lora-qv", "prefix", BASE, "prompt", "houlsby", "emb"]
     prompts = [[5, 9, 11, 3, 7][: 2 + i % 4] for i in range(len(rows))]
     newcomers = [("prefix", [4, 8, 15, 16]), ("lora-all", [4, 8, 15, 16]), ("prompt", [3, 1, 4]), ("prefix", [6]),
-                 ("prompt", [2]), ("ia3", [3, 1, 4])]
+                 ("prompt", [2]), ("ia3", [3, 1, 4]), ("emb", [7, 7])]
     out = _apart_and_fused(registry, rows, prompts, newcomers)
     fused, layout = out["fused"], out["layout"]
-    assert layout.lengths == [4, 4, 6, 1, 4, 3]  # prompt-tuning newcomers carry their 3 virtual tokens
+    assert layout.lengths == [4, 4, 6, 1, 4, 3, 2]  # prompt-tuning newcomers carry their 3 virtual tokens
     assert (fused[: len(rows)] - out["decoded"]).abs().max().item() < 1e-6
     for k, logits_alone in enumerate(out["alone"]):
         assert (fused[len(rows) + k] - logits_alone[0]).abs().max().item() < 1e-5, newcomers[k][0]
