@@ -304,7 +304,7 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
 
     def fused_recorded(input_ids, position_ids, layout, adapter_names, keep):  # decode steps with newcomers' prompts
         fused.append(set(adapter_names[: layout.rows]))
-        fused_newcomers.append({adapter_names[start] for start in layout.starts()})
+        fused_newcomers.append({adapter_names[start] for start in layout.starts})
         return fused_forward(input_ids, position_ids, layout, adapter_names, keep)
 
     registry.forward, registry.fused_forward = recorded, fused_recorded

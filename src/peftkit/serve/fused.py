@@ -52,16 +52,14 @@ class FusedLayout:
     caches: list[DynamicCache]
     fronts: list[tuple[int, int]] = field(default_factory=list)
     attended: int = 0  # layers whose attention ran through fused_attention (checked after the forward)
+    starts: list[int] = field(init=False)  # where each newcomer's tokens start in the flat sequence (every layer asks)
 
     def __post_init__(self) -> None:
         self.fronts = self.fronts or [(0, 0)] * len(self.lengths)
         if len(self.fronts) != len(self.lengths) or len(self.caches) != len(self.lengths):
             raise ValueError(f"a fused layout needs one cache and one front per newcomer: {len(self.lengths)} newcomers, "
                              f"{len(self.caches)} caches, {len(self.fronts)} fronts")
-
-    def starts(self) -> list[int]:
-        """Where each newcomer's tokens start in the flat sequence."""
-        return [self.rows + sum(self.lengths[:j]) for j in range(len(self.lengths))]
+        self.starts = [self.rows + sum(self.lengths[:j]) for j in range(len(self.lengths))]
 
 
 def flat_step(decode_ids: list[int], decode_positions: torch.Tensor, contexts: list[list[int]],
@@ -99,10 +97,8 @@ class FusedCache(DynamicCache):
             keys = key_states[0, :, : layout.rows].transpose(0, 1).unsqueeze(2)  # (rows, heads, 1, dim)
             values = value_states[0, :, : layout.rows].transpose(0, 1).unsqueeze(2)
             layout.batch_cache.layers[layer_idx].update(keys, values)
-        start = layout.rows
-        for length, cache in zip(layout.lengths, layout.caches):
+        for start, length, cache in zip(layout.starts, layout.lengths, layout.caches):
             cache.update(key_states[:, :, start : start + length], value_states[:, :, start : start + length], layer_idx)
-            start += length
         return key_states, value_states  # (unused: fused_attention reads each part's own cache)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -126,7 +122,7 @@ def fused_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         out, _ = sdpa_attention_forward(module, q, cached.keys, cached.values, fused.batch_mask[:, None, None, :],
                                         is_causal=False, **kwargs)
         parts.append(out.reshape(1, fused.rows, *out.shape[2:]))  # (1, rows, heads, dim)
-    for start, length, cache, (_, prefix) in zip(fused.starts(), fused.lengths, fused.caches, fused.fronts):
+    for start, length, cache, (_, prefix) in zip(fused.starts, fused.lengths, fused.caches, fused.fronts):
         own = cache.layers[layer]
         # causal over its own tokens; a prefix-tuning newcomer's tokens also see all of its prefix columns (an explicit
         # mask: SDPA's is_causal aligns to the top left, and transformers then drops the keys past the queries)

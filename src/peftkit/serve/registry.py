@@ -284,7 +284,7 @@ class AdapterRegistry:
         its first tokens (a hook: the other tokens' embeddings are the model's own, per-token embedding adapters
         included). ``adapter_names``: the fused step's, per token (empty when no adapter of its adds a front)."""
         swaps = []
-        for start, cache, (prompt, prefix) in zip(layout.starts(), layout.caches, layout.fronts):
+        for start, cache, (prompt, prefix) in zip(layout.starts, layout.caches, layout.fronts):
             if not (prompt or prefix):
                 continue
             fronts = Fronts.plan(self.peft, [adapter_names[start]]) if adapter_names else None
