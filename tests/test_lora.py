@@ -198,6 +198,42 @@ def test_mixed_batch_equals_solo_runs():
         assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, name
 
 
+def test_a_layer_gathers_only_the_rows_whose_adapter_it_holds():
+    """Rows whose adapter does not target a layer (and the base's rows) are left out of its per-row gather: the
+    members of a set of slots, per segment, worked out once per forward; a layer no row's adapter targets adds
+    nothing. The outputs stay each row's solo run, for per-row and per-token (fused) batches."""
+    mixed = MixedBatch.build(("__base__", "a", "b", "c"), [0, 2, 1, 2, 3, 3], torch.device("cpu"), per_token=True)
+    rows, slots = mixed.members(frozenset({2, 3}))
+    assert rows.tolist() == [1, 3, 4, 5] and slots.tolist() == [2, 2, 3, 3]
+    rows, slots = mixed.members(frozenset({2, 3}), 2, 4)  # positions counted from the segment's start
+    assert rows.tolist() == [1] and slots.tolist() == [2]
+    assert mixed.members(frozenset({1, 2, 3}), 1, 6) is True and mixed.members(frozenset({1}), 3, 6) is None
+    assert mixed.members(frozenset({2, 3}))[0] is mixed.members(frozenset({2, 3}))[0]  # (asked again: kept)
+
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]), "q")
+    pm.add_adapter("mlp", pk.LoraConfig(r=8, target_modules=["up_proj", "down_proj"]))
+    pm.add_adapter("all", pk.LoraConfig(r=2, target_modules="all-linear"))
+    for i, name in enumerate(pm.peft_config):
+        randomize_b(pm, name, seed=i + 1)
+    pm.eval()
+    for names in (["q", "mlp", "__base__"], ["mlp", "q", "mlp"], ["all", "q", "__base__"]):
+        mixed = logits(pm, X, adapter_names=names)
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with pm.disable_adapter():
+                    solo = logits(pm, X[row : row + 1])
+            else:
+                pm.set_adapter(name)
+                solo = logits(pm, X[row : row + 1])
+            assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, (names, name)
+    embeds = pm.get_input_embeddings()(X).detach().requires_grad_(True)  # autograd on: added out of place
+    out = pm(inputs_embeds=embeds, adapter_names=["mlp", "q", "__base__"]).logits
+    out.square().sum().backward()
+    with torch.no_grad():
+        again = pm(inputs_embeds=embeds.detach(), adapter_names=["mlp", "q", "__base__"]).logits
+    assert (out.detach() - again).abs().max().item() < 1e-6 and torch.isfinite(embeds.grad).all()
+
+
 def test_mixed_batch_gathers_reuse_one_buffer_only_without_autograd():
     """Per-row gathers go into the mixed batch's scratch buffers when autograd is off (the values of a fresh gather)
     and are fresh tensors while it records, so a backward pass through a mixed batch still works and agrees."""

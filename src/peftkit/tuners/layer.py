@@ -223,6 +223,7 @@ class StackCache:
         self.state: list[tuple[int, int]] = []  # (version, storage) of every source, slot after slot
         self.built: list = []  # (key, state) of each slot the stacks hold now
         self.value: tuple = ()
+        self.present: frozenset[int] = frozenset()  # the slots of the adapters this layer holds
 
     FREE = (None, ())  # what a free slot's entry in ``built`` is
 
@@ -272,6 +273,7 @@ class StackCache:
                     self.entries[name] = (key, layer.stack_sources(name))
         self.keys = [self.entries[n][0] if n in names else None for n in order]
         self.sources = [self.entries[n][1] if n in names else () for n in order]
+        self.present = frozenset(k for k, key in enumerate(self.keys) if key is not None)
         self.state = []  # (compared afresh against the slots' built state)
 
     def _update(self, layer: StackedAdapterLayer, order: tuple[str, ...], built: list) -> None:

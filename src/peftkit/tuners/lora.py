@@ -213,6 +213,22 @@ def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
     return layer.kind.apply_update(layer.base_layer, lambda w: w + delta.to(w.dtype), lambda w: w - delta.to(w.dtype))
 
 
+def _added(result: torch.Tensor, delta: torch.Tensor, start: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """``result`` with ``delta`` added to its rows from ``start`` on (to those ``rows`` after ``start`` when given):
+    in place when autograd is off (``result`` is the base layer's fresh output), else out of place."""
+    delta = delta.to(result.dtype)
+    if torch.is_grad_enabled():
+        if rows is None and start == 0 and delta.shape[0] == result.shape[0]:
+            return result + delta
+        rows = torch.arange(start, start + delta.shape[0], device=result.device) if rows is None else rows + start
+        return result.index_add(0, rows, delta)
+    if rows is None:
+        result[start : start + delta.shape[0]] += delta
+    else:
+        result[start:].index_add_(0, rows, delta)
+    return result
+
+
 class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
     """LoRA around ``nn.Linear``, transformers' ``Conv1D`` or a bitsandbytes quantized linear layer."""
 
@@ -277,25 +293,32 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
             h = F.linear(x.to(stacks[0].dtype), stacks[0][single]) * self.scaling[name]  # (rank-padded)
             return result + F.linear(h, stacks[1][single]).to(result.dtype)
         if self.mixed.segments and x.shape[0] == self.mixed.index.numel():  # a fused step: prompts are runs
-            delta = torch.cat([self._segment_delta(x[start:stop], stacks, start, stop, slot)
-                               for start, stop, slot in self.mixed.segments])
-            return result + delta.to(result.dtype)
-        delta = self._gathered_delta(x, stacks, self.mixed.index)
-        return result + delta.to(result.dtype)
+            for start, stop, slot in self.mixed.segments:
+                result = self._add_delta(result, x, stacks, start, stop, slot)
+            return result
+        return self._add_delta(result, x, stacks, 0, x.shape[0], None)
 
-    def _segment_delta(self, x: torch.Tensor, stacks: tuple, start: int, stop: int, slot: int | None) -> torch.Tensor:
-        """The update of rows start:stop (``x``): through ``slot``'s factors at once, or row by row (slot None)."""
-        if slot is None:
-            return self._gathered_delta(x, stacks, self.mixed.index[start:stop])
-        A, B, _ = stacks
-        return F.linear(F.linear(x.to(A.dtype), A[slot]) * self.scaling.get(self.mixed.order[slot], 0.0), B[slot])
-
-    def _gathered_delta(self, x: torch.Tensor, stacks: tuple, index: torch.Tensor) -> torch.Tensor:
-        """The update of each row b of ``x`` through slot ``index[b]``: its factors gathered, two batched matmuls."""
-        A, B, scale = (gather_rows(stack, index, x.shape[0], self.mixed.scratch, f"lora{k}") for k, stack in enumerate(stacks))
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, stacks: tuple, start: int, stop: int,
+                   slot: int | None) -> torch.Tensor:
+        """``result`` plus the update of rows start:stop of ``x``: through ``slot``'s factors at once, or (slot None)
+        each row through its own slot's gathered factors, only the rows whose adapter this layer holds."""
+        A, B, scale = stacks
+        if slot is not None:
+            name = self.mixed.order[slot]
+            if name not in self.r:
+                return result
+            delta = F.linear(F.linear(x[start:stop].to(A.dtype), A[slot]) * self.scaling[name], B[slot])
+            return _added(result, delta, start, None)
+        members = self.mixed.members(self._stacks.present, start, stop)
+        if members is None:
+            return result
+        rows, index = (None, self.mixed.index[start:stop]) if members is True else members
+        part = x[start:stop] if rows is None else x[start:stop].index_select(0, rows)
+        gathered = (gather_rows(stack, index, part.shape[0], self.mixed.scratch, f"lora{k}") for k, stack in enumerate(stacks))
+        A, B, scale = gathered
+        x3 = part.reshape(part.shape[0], -1, part.shape[-1]).to(A.dtype)
         delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)) * scale[:, None, None], B.transpose(1, 2))
-        return delta.reshape(*x.shape[:-1], self.out_features)
+        return _added(result, delta.reshape(*part.shape[:-1], self.out_features), start, rows)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -82,7 +82,8 @@ class MixedBatch:
     adapters' weights may become views of their slots in the stacks (:attr:`PeftModel.hold_in_slots`, a server's
     choice), so they exist once. ``capacity``: adapters the stacks should have slots for from their first build (a
     server's budget, :attr:`PeftModel.slot_capacity`), so that they are not built again as adapters arrive.
-    ``scratch``: buffers the layers' per-row gathers reuse during this forward (:class:`Scratch`)."""
+    ``scratch``: buffers the layers' per-row gathers reuse during this forward (:class:`Scratch`). ``choice``: the
+    host-side slot of each row, from which :meth:`members` picks the rows a layer's adapters act on."""
 
     order: tuple[str, ...]
     index: torch.Tensor
@@ -93,6 +94,8 @@ class MixedBatch:
     hold_in_slots: bool = False
     capacity: int | None = None
     scratch: Scratch = field(default_factory=Scratch)
+    choice: tuple[int, ...] = ()
+    _members: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device, per_token: bool = False,
@@ -104,7 +107,28 @@ class MixedBatch:
         rows = tuple(torch.tensor(m, dtype=torch.long, device=device) if m else None for m in members)
         single = choice[0] if choice and len(set(choice)) == 1 else None
         return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows, single, per_token,
-                   segments(choice) if per_token else (), hold_in_slots, capacity)
+                   segments(choice) if per_token else (), hold_in_slots, capacity, choice=tuple(choice))
+
+    def members(self, present: frozenset[int], start: int = 0, stop: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None | bool:
+        """The rows in ``start:stop`` whose slot is in ``present`` (the slots of the adapters a layer holds), as
+        (their positions from ``start``, their slots) on the device; None when no row is, True when every row is.
+
+        Why: a row whose adapter does not target the layer (or the base's row) would gather a slot of zeros and
+        add nothing. With serve_load.py's four LoRA shapes about half of a mixed step's rows are such in each
+        layer. Asked by every layer of a forward, so worked out once per set of slots (layers of one kind share
+        it: every q_proj holds the same adapters) on the host."""
+        stop = len(self.choice) if stop is None else stop
+        key = (present, start, stop)
+        if key not in self._members:
+            rows = [b for b in range(start, stop) if self.choice[b] in present]
+            if len(rows) in (0, stop - start):
+                self._members[key] = bool(rows) or None
+            else:
+                device = self.index.device
+                self._members[key] = (torch.tensor([b - start for b in rows], dtype=torch.long, device=device),
+                                      torch.tensor([self.choice[b] for b in rows], dtype=torch.long, device=device))
+        return self._members[key]
 
 
 def segments(choice: list[int], shortest_run: int = 2) -> tuple[tuple[int, int, int | None], ...]:
