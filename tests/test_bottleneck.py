@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_learns_and_reloads, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from test_lora import assert_mixed_equals_solo
 from safetensors.torch import load_file
 from torch import nn
 
@@ -206,17 +207,8 @@ def test_mixed_batch_rows_equal_solo_runs(factory):
     for seed, name in enumerate(("default", "narrow", "ffn")):
         randomize_up(pm, name, seed)
     pm.eval()
-    names = ["narrow", "__base__", "default", "ffn", "narrow"]
     x = torch.randint(0, 128, (5, 10), generator=torch.Generator().manual_seed(1))
-    mixed = logits(pm, x, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with pm.disable_adapter():
-                solo = logits(pm, x[i : i + 1])
-        else:
-            pm.set_adapter(name)
-            solo = logits(pm, x[i : i + 1])
-        assert (mixed[i : i + 1] - solo).abs().max().item() <= 1e-5, name
+    assert_mixed_equals_solo(pm, ["narrow", "__base__", "default", "ffn", "narrow"], x)
 
 
 def test_mixed_batch_after_deleting_the_only_adapter_of_some_layers():

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import assert_learns_and_reloads, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from test_lora import assert_mixed_equals_solo
 from safetensors.torch import load_file
 from torch import nn
 
@@ -166,16 +167,7 @@ def test_mixed_batch_rows_equal_solo_runs(factory, kwargs):
     randomize_ia3(pm, "default", seed=1)
     randomize_ia3(pm, "b", seed=2)
     pm.eval()
-    names = ["b", "__base__", "default", "b"]
-    mixed = logits(pm, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with pm.disable_adapter():
-                solo = logits(pm, X[i : i + 1])
-        else:
-            pm.set_adapter(name)
-            solo = logits(pm, X[i : i + 1])
-        assert (mixed[i : i + 1] - solo).abs().max().item() <= 1e-5, name
+    assert_mixed_equals_solo(pm, ["b", "__base__", "default", "b"], X)
 
 
 def test_mixed_batch_scales_each_row_by_its_own_vector():

@@ -30,12 +30,18 @@ def logits(model, x, **kw):
 X = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
 
 
-def assert_mixed_equals_solo(pm, names: list[str]) -> None:
-    """Row i of a mixed batch over X equals adapter names[i] run alone on row i (within 1e-5)."""
-    mixed = logits(pm, X, adapter_names=names)
+def assert_mixed_equals_solo(pm, names: list[str], x: torch.Tensor = X) -> None:
+    """Row i of a mixed batch over ``x`` equals adapter names[i] run alone on row i (the base model for
+    ``"__base__"``), within 1e-5."""
+    mixed = logits(pm, x, adapter_names=names)
     for row, name in enumerate(names):
-        pm.set_adapter(name)
-        assert (mixed[row] - logits(pm, X[row : row + 1])[0]).abs().max().item() < 1e-5, name
+        if name == "__base__":
+            with pm.disable_adapter():
+                solo = logits(pm, x[row : row + 1])
+        else:
+            pm.set_adapter(name)
+            solo = logits(pm, x[row : row + 1])
+        assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, (names, name)
 
 
 @pytest.mark.parametrize("factory,targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"]), (tiny_llama, ["embed_tokens"])])
@@ -185,17 +191,7 @@ def test_mixed_batch_equals_solo_runs():
     for i, name in enumerate(pm.peft_config):
         randomize_b(pm, name, seed=i + 1)
     pm.eval()
-    x = torch.randint(0, 128, (5, 9))
-    names = ["c", "__base__", "default", "b", "default"]
-    mixed = logits(pm, x, adapter_names=names)
-    for row, name in enumerate(names):
-        if name == "__base__":
-            with pm.disable_adapter():
-                solo = logits(pm, x[row : row + 1])
-        else:
-            pm.set_adapter(name)
-            solo = logits(pm, x[row : row + 1])
-        assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, name
+    assert_mixed_equals_solo(pm, ["c", "__base__", "default", "b", "default"], torch.randint(0, 128, (5, 9)))
 
 
 def test_a_layer_gathers_only_the_rows_whose_adapter_it_holds():
@@ -217,15 +213,7 @@ def test_a_layer_gathers_only_the_rows_whose_adapter_it_holds():
         randomize_b(pm, name, seed=i + 1)
     pm.eval()
     for names in (["q", "mlp", "__base__"], ["mlp", "q", "mlp"], ["all", "q", "__base__"]):
-        mixed = logits(pm, X, adapter_names=names)
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with pm.disable_adapter():
-                    solo = logits(pm, X[row : row + 1])
-            else:
-                pm.set_adapter(name)
-                solo = logits(pm, X[row : row + 1])
-            assert (mixed[row] - solo[0]).abs().max().item() < 1e-5, (names, name)
+        assert_mixed_equals_solo(pm, names)
     embeds = pm.get_input_embeddings()(X).detach().requires_grad_(True)  # autograd on: added out of place
     out = pm(inputs_embeds=embeds, adapter_names=["mlp", "q", "__base__"]).logits
     out.square().sum().backward()
