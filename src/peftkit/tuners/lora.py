@@ -302,9 +302,8 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
                    slot: int | None) -> torch.Tensor:
         """``result`` plus the update of rows start:stop of ``x``: through ``slot``'s factors at once, or (slot None)
         each row through its own slot's gathered factors, only the rows whose adapter this layer holds."""
-        A, B, scale = stacks
         if slot is not None:
-            name = self.mixed.order[slot]
+            name, (A, B, _) = self.mixed.order[slot], stacks
             if name not in self.r:
                 return result
             delta = F.linear(F.linear(x[start:stop].to(A.dtype), A[slot]) * self.scaling[name], B[slot])
@@ -314,8 +313,7 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
             return result
         rows, index = (None, self.mixed.index[start:stop]) if members is True else members
         part = x[start:stop] if rows is None else x[start:stop].index_select(0, rows)
-        gathered = (gather_rows(stack, index, part.shape[0], self.mixed.scratch, f"lora{k}") for k, stack in enumerate(stacks))
-        A, B, scale = gathered
+        A, B, scale = (gather_rows(stack, index, part.shape[0], self.mixed.scratch, f"lora{k}") for k, stack in enumerate(stacks))
         x3 = part.reshape(part.shape[0], -1, part.shape[-1]).to(A.dtype)
         delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)) * scale[:, None, None], B.transpose(1, 2))
         return _added(result, delta.reshape(*part.shape[:-1], self.out_features), start, rows)
