@@ -51,6 +51,12 @@ from peftkit.serve.scheduler import Scheduler  # noqa: E402
 from peftkit.serve.sequence import Sequence  # noqa: E402
 from peftkit.serve.command import tune_blas  # noqa: E402
 
+from peftkit import kernels  # noqa: E402
+
+# part 1's last variant: the 12 mixed adapters again, each LoRA layer's rows gathered in PyTorch instead of
+# read in place by the compiled kernel (peftkit.kernels), to show what the kernel saves
+GATHERED = "12 adapters mixed, PyTorch gather (PEFTKIT_CPU_KERNELS=0)"
+
 tune_blas()  # MKL's dispatch as `peftkit serve` sets it, before any matrix product: the bound and baselines alike
 
 
@@ -192,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(registry, tok, names, tmp, steps, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "prompt_tokens_per_fused_step": prompt_tokens,
+    report = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "kernels": kernels.status(),
+              "prompt_tokens_per_fused_step": prompt_tokens,
               "args": {k: str(v) for k, v in vars(args).items()}, "steps": steps, "runs": runs}
     write_report(args.out, "serve_steps", report, markdown(report), lambda path: plot(report, path))
     return 0
@@ -203,7 +210,7 @@ def step_times(registry: AdapterRegistry, tok, names: list[str], args) -> tuple[
     figures; and the prompt tokens of a fused step."""
     b, prompts = args.rows, [chat_ids(tok, p) for p in PROMPTS]
     variants = {"one adapter (q/v, r 8)": [names[0]], "one all-linear adapter (r 8)": [names[3]],
-                "12 adapters mixed": names[:12]}
+                "12 adapters mixed": names[:12], GATHERED: names[:12]}
     rows = {label: [chosen[i % len(chosen)] for i in range(b)] for label, chosen in variants.items()}
     newcomers = {label: [names[(12 + k) % 16] if len(chosen) > 1 else chosen[0] for k in range(2)]
                  for label, chosen in variants.items()}
@@ -212,12 +219,14 @@ def step_times(registry: AdapterRegistry, tok, names: list[str], args) -> tuple[
     with torch.inference_mode():
         for r in range(args.rounds):
             for label in variants:
+                os.environ["PEFTKIT_CPU_KERNELS"] = "0" if label == GATHERED else "1"  # (read by every layer call)
                 rounds[label]["plain"].append(plain_step_ms(registry, prompts, rows[label], args.steps))
                 ms, prompt_tokens = fused_step_ms(registry, prompts, rows[label][: b - 2], newcomers[label], args.steps)
                 rounds[label]["fused"].append(ms)
                 rounds[label]["prefill"].append(prefill_ms(registry, prompts, rows[label]))
             print(f"round {r + 1}: " + "; ".join(f"{k}: plain {v['plain'][-1]:.0f} ms, fused {v['fused'][-1]:.0f} ms"
                                                  for k, v in rounds.items()), flush=True)
+    os.environ["PEFTKIT_CPU_KERNELS"] = "1"
     steps = {label: {k: statistics.median(v) for k, v in figures.items()} | {"per_round": figures}
              for label, figures in rounds.items()}
     return steps, prompt_tokens
@@ -254,7 +263,8 @@ def load_runs(registry: AdapterRegistry, tok, names: list[str], folder: Path, st
 
 
 def markdown(report: dict) -> str:
-    lines = [f"CPU: {report['cpu']}, {report['threads']} torch threads, torch {report['torch']}.", "",
+    lines = [f"CPU: {report['cpu']}, {report['threads']} torch threads, torch {report['torch']}; "
+             f"{report.get('kernels', 'before the CPU kernel')}.", "",
              f"| adapters | plain {report['args']['rows']}-row step (ms) | fused step: {int(report['args']['rows']) - 2} rows + "
              f"{report['prompt_tokens_per_fused_step']} prompt tokens (ms) | prefill of {report['args']['rows']} prompts (ms) |",
              "|---|---|---|---|"]

@@ -336,7 +336,9 @@ def test_serve_steps_quick(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "serve_steps.png").read_bytes()[:8] == PNG_MAGIC
     report = json.loads((tmp_path / "serve_steps.json").read_text())
-    assert list(report["steps"]) == ["one adapter (q/v, r 8)", "one all-linear adapter (r 8)", "12 adapters mixed"]
+    assert list(report["steps"]) == ["one adapter (q/v, r 8)", "one all-linear adapter (r 8)", "12 adapters mixed",
+                                     "12 adapters mixed, PyTorch gather (PEFTKIT_CPU_KERNELS=0)"]
+    assert report["kernels"].startswith(("CPU kernel lora_rows_", "CPU kernels unavailable"))
     for figures in report["steps"].values():
         for kind in ("plain", "fused", "prefill"):
             assert len(figures["per_round"][kind]) == 2 and figures[kind] == pytest.approx(statistics.median(figures["per_round"][kind]))

@@ -1,0 +1,96 @@
+"""The compiled CPU kernel for mixed LoRA rows (peftkit.kernels): the formula computed by hand, the model-level
+path against the pure-PyTorch gather it replaces, and the fallback when it cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_lora import X, assert_mixed_equals_solo, logits, randomize_b
+
+import peftkit as pk
+from peftkit import kernels
+
+pytestmark = pytest.mark.skipif(kernels.lora_rows() is None, reason=f"this machine cannot build it: {kernels.status()}")
+
+
+def reference(y, x, A, B, scale, rows, slots):
+    """y[rows[j], t] += scale[s] B[s] A[s] x[rows[j], t], s = slots[j], by hand in float64."""
+    out = y.double().clone()
+    for row, s in zip(rows.tolist(), slots.tolist()):
+        for t in range(x.shape[1]):
+            out[row, t] += float(scale[s]) * (B[s].double() @ (A[s].double() @ x[row, t].double()))
+    return out
+
+
+@pytest.mark.parametrize("dtype,out_dtype,tol", [(torch.float32, torch.float32, 1e-5), (torch.float64, torch.float64, 1e-12),
+                                                 (torch.bfloat16, torch.bfloat16, 2e-2), (torch.float32, torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_lora_rows_kernel_is_the_formula(dtype, out_dtype, tol, tokens):
+    g = torch.Generator().manual_seed(0)
+    S, r, d_in, d_out, R = 5, 6, 37, 23, 7  # (odd sizes: the vectorized loops' remainders)
+    A, B = torch.randn(S, r, d_in, generator=g).to(dtype), torch.randn(S, d_out, r, generator=g).to(dtype)
+    x, y = torch.randn(R, tokens, d_in, generator=g).to(dtype), torch.randn(R, tokens, d_out, generator=g).to(out_dtype)
+    scale = torch.tensor([0.0, 0.5, 2.0, 1.5, 0.25], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    rows, slots = torch.tensor([0, 2, 3, 6]), torch.tensor([1, 4, 1, 2])  # rows 1, 4 and 5 untouched
+    expected = reference(y, x, A, B, scale, rows, slots)
+    kernels.lora_rows()(y, x, A, B, scale, rows, slots)
+    assert ((y.double() - expected).abs().max() / expected.abs().max()).item() < tol
+    assert torch.equal(y[[1, 4, 5]].double(), expected[[1, 4, 5]])
+
+
+def test_lora_rows_kernel_refuses_bad_input_with_one_line():
+    A, B, x, y = torch.zeros(3, 2, 4), torch.zeros(3, 5, 2), torch.zeros(2, 1, 4), torch.zeros(2, 1, 5)
+    op = kernels.lora_rows()
+    with pytest.raises(RuntimeError, match="row or slot out of range"):
+        op(y, x, A, B, torch.ones(3), torch.tensor([0]), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="shapes do not agree"):
+        op(y, x, A, torch.zeros(3, 6, 2), torch.ones(3), torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="scale must be float64 for float64 factors, else float32"):
+        op(y, x, A, B, torch.ones(3, dtype=torch.float64), torch.tensor([0]), torch.tensor([1]))
+
+
+def test_mixed_lora_batches_run_the_kernel_and_agree_with_the_gather_path(monkeypatch):
+    """Every mixed LoRA layer without autograd on the CPU takes the kernel; its logits equal the PyTorch gather's
+    (PEFTKIT_CPU_KERNELS=0) and each row's solo run, with rows of the base and adapters of three ranks and targets."""
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "qv")
+    pm.add_adapter("mlp", pk.LoraConfig(r=8, target_modules=["up_proj", "down_proj"]))
+    pm.add_adapter("all", pk.LoraConfig(r=2, target_modules="all-linear"))
+    for i, name in enumerate(pm.peft_config):
+        randomize_b(pm, name, seed=i + 1)
+    pm.eval()
+    calls, op = [], kernels.lora_rows()
+    monkeypatch.setattr(kernels, "lora_rows", lambda: (lambda *a: calls.append(1) or op(*a)) if kernels.enabled() else None)
+    names = ["all", "qv", "__base__"]
+    with_kernel = logits(pm, X, adapter_names=names)
+    # 2 layers x (q, v: qv and all; k, o, gate: all; up, down: mlp and all) = 14 mixed LoRA layers
+    assert len(calls) == 14
+    assert_mixed_equals_solo(pm, names)
+    assert_mixed_equals_solo(pm, ["mlp", "all", "mlp"])
+    monkeypatch.setenv("PEFTKIT_CPU_KERNELS", "0")
+    assert kernels.status().startswith("CPU kernels off")
+    calls.clear()
+    gathered = logits(pm, X, adapter_names=names)
+    assert not calls and (with_kernel - gathered).abs().max().item() < 1e-5
+
+
+def test_a_machine_that_cannot_build_it_keeps_the_pytorch_path(tmp_path):
+    """A compiler that fails (here /bin/false as CXX) leaves one logged line and the gather path, with the same
+    numbers as before."""
+    code = (
+        "import torch, peftkit as pk\nfrom peftkit import kernels\nfrom conftest import tiny_llama\n"
+        "from test_lora import randomize_b, assert_mixed_equals_solo\n"
+        "pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules='all-linear'), 'a')\n"
+        "pm.add_adapter('b', pk.LoraConfig(r=2, target_modules=['q_proj']))\n"
+        "randomize_b(pm, 'a', 1); randomize_b(pm, 'b', 2); pm.eval()\n"
+        "assert_mixed_equals_solo(pm, ['b', 'a', '__base__'])\nprint(kernels.status())\n"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "PEFTKIT_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("CPU kernels unavailable (building the CPU kernel with /bin/false failed")
+    assert "mixed LoRA batches on the CPU use the slower PyTorch path" in done.stderr
+    assert not list(tmp_path.glob("kernels/*.so"))
