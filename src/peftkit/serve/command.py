@@ -163,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
     device, precision = resolve_hardware(args, "serve")
     tune_malloc()
     model, tokenizer = load_model(args.model, task="causal-lm", device=device)
+    if device.type == "cpu":  # built now (once per machine, seconds), not on the first mixed step, and said which
+        from .. import kernels
+
+        print(f"peftkit serve: {kernels.status()}", file=sys.stderr, flush=True)
     try:
         app = create_app(model, tokenizer, base_name=args.model, adapters=adapters, adapters_dir=args.adapters_dir,
                          api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
