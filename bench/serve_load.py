@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 import peftkit as pk  # noqa: E402
 from report import write_report  # noqa: E402
+from peftkit import kernels  # noqa: E402
 from peftkit.device import resolve_precision  # noqa: E402
 from peftkit.serve.command import tune_blas  # noqa: E402
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         runs, bounds, failures = measure(model, tok, tmp, loads, expected, size, precision, args)
 
     report = {"dtype": args.dtype, "sizes": size, "largest_adapter_mib": largest_mib, "stack_slot_mib": slot_mib, "threads": args.threads,
-              "window_ms": args.window_ms, "seed": args.seed, "cpu": cpu_name(), "load_average": os.getloadavg(),
+              "window_ms": args.window_ms, "seed": args.seed, "cpu": cpu_name(), "kernels": kernels.status(), "load_average": os.getloadavg(),
               "runs": runs, "bounds": bounds, "wall_s": time.perf_counter() - started, "failures": failures}
     report["goals"] = verdicts(report)
     failures += [f"{r['adapters']} adapters, {r['popularity']}, {r['config']}: {r['lost']} lost, {r['crossed']} crossed; "

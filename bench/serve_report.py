@@ -113,7 +113,7 @@ def markdown(report: dict) -> str:
     lines = [f"{size['clients']} clients x {size['requests']} requests, max_tokens {size['max_tokens']}, batch {size['max_batch']}, "
              f"--max-adapters {size['max_adapters']} (adapters loaded on demand), "
              f"{report['dtype']}, {report['threads']} torch threads, {report['cpu']}, load average at the end {_f(report['load_average'][0], 1)}; "
-             f"whole run {report['wall_s'] / 60:.1f} min", "",
+             f"whole run {report['wall_s'] / 60:.1f} min; {report.get('kernels', 'before the CPU kernel')}", "",
              "| adapters | popularity | config | answered | equal to solo | tokens/s | of bound | of bound with prefill | "
              "p50 / p99 latency (s) | p50 / p99 TTFT (s) | adapter loads | evictions | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
