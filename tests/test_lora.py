@@ -461,3 +461,11 @@ def test_replace_adapter_reuses_the_layers_of_one_layout():
     assert list(pm.peft_config) == ["n", "b", "c"] and layer.scaling["c"] == 8 / 4
     assert torch.equal(logits(pm, X), before_c)
     assert_mixed_equals_solo(pm, ["c", "n", "b"])
+
+    # the active adapter replaced: the new one is active in every layer, its parameters train as its config says
+    trained = pk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], inference_mode=False)
+    for cfg, grad in ((trained, True), (new_config, False), (new_config, False)):
+        old = pm.active_adapter
+        assert pm.replace_adapter(old, f"{old}2", cfg, new_tensors)
+        assert pm.active_adapters == [f"{old}2"] and layer.active_adapters == [f"{old}2"]
+        assert all(p.requires_grad is grad for p in layer.adapter_parameters(f"{old}2"))

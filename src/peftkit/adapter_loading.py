@@ -135,5 +135,8 @@ class AdapterLoading:
         self.peft_config = {(new if n == old else n): (config if n == old else c) for n, c in self.peft_config.items()}
         self._slots.rename(old, new)
         self._mixed_layers = ((), [])
-        self._apply_active([new if n == old else n for n in self._active], only=[new])
+        # the layers renamed old's entries, their active lists included; its parameters are new's, and their
+        # requires_grad is right as it is unless new trains where old did not (or the other way round)
+        same_training = old not in self._active or was.inference_mode == config.inference_mode
+        self._apply_active([new if n == old else n for n in self._active], only=[new], layers_set=same_training)
         return True

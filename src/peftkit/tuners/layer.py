@@ -102,9 +102,10 @@ class AdapterLayer(nn.Module, abc.ABC):
     def set_adapter(self, names: list[str], trainable: Iterable[str] = (), only: Iterable[str] | None = None) -> None:
         """Make ``names`` (those this layer has) active; only adapters in ``trainable`` get gradients (``requires_grad``
         is set for the adapters in ``only``, default all)."""
-        self.active_adapters = [n for n in names if n in self.adapter_names]
+        have = self.adapter_names
+        self.active_adapters = [n for n in names if n in have]
         trainable = set(trainable)
-        for name in self.adapter_names if only is None else [n for n in only if n in self.adapter_names]:
+        for name in have if only is None else [n for n in only if n in have]:
             for p in self.adapter_parameters(name):
                 p.requires_grad_(name in trainable)
 

@@ -476,12 +476,12 @@ class LoraTuner(Tuner):
     def reuse(self, model: nn.Module, old: str, new: str, config: LoraConfig) -> bool:
         """Every layer of ``old`` keeps its factors under the name ``new``, with ``config``'s scale (and dropout), when
         ``config`` gives each of them the rank it has now."""
-        layers = [(name, layer) for name, layer in self.layers(model) if old in layer.r]
-        if any(config.rank_and_alpha(name)[0] != layer.r[old] for name, layer in layers):
+        layers = [(layer, config.rank_and_alpha(name)) for name, layer in self.layers(model) if old in layer.r]
+        if any(r != layer.r[old] for layer, (r, _) in layers):
             return False
-        for name, layer in layers:
+        for layer, (r, alpha) in layers:  # (rank and scale set here: _add_rank's device lookups cost a server's loads)
             layer.rename_adapter(old, new)
-            layer._add_rank(new, config, name)
+            layer.r[new], layer.scaling[new] = r, _scaling(r, alpha, config.use_rslora)
             if isinstance(layer, LoraLayer) and getattr(layer.lora_dropout[new], "p", 0.0) != config.lora_dropout:
                 dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
                 layer.lora_dropout[new] = dropout.train(layer.training)
