@@ -94,3 +94,22 @@ def test_a_machine_that_cannot_build_it_keeps_the_pytorch_path(tmp_path):
     assert done.stdout.startswith("CPU kernels unavailable (building the CPU kernel with /bin/false failed")
     assert "mixed LoRA batches on the CPU use the slower PyTorch path" in done.stderr
     assert not list(tmp_path.glob("kernels/*.so"))
+
+
+def test_under_bfloat16_autocast_the_kernel_agrees_with_the_gather_path(monkeypatch):
+    """What `peftkit serve` runs on CPUs with AMX or AVX512-BF16: bfloat16 autocast, so the base layers' outputs the
+    kernel adds into are bfloat16 while the stacks stay float32. The kernel's logits stay within bfloat16 rounding
+    of the gather's, and the batch's rows still rank the same tokens first."""
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=8, target_modules="all-linear"), "a")
+    pm.add_adapter("b", pk.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    randomize_b(pm, "a", 1)
+    randomize_b(pm, "b", 2)
+    pm.eval()
+    names = ["a", "b", "__base__"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_kernel = logits(pm, X, adapter_names=names).float()
+        monkeypatch.setenv("PEFTKIT_CPU_KERNELS", "0")
+        gathered = logits(pm, X, adapter_names=names).float()
+    assert with_kernel.dtype == gathered.dtype and torch.isfinite(with_kernel).all()
+    assert (with_kernel - gathered).abs().max().item() < 0.05 * gathered.abs().max().item()
+    assert (with_kernel.argmax(-1) == gathered.argmax(-1)).float().mean().item() > 0.9
