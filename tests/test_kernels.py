@@ -52,27 +52,35 @@ def test_lora_rows_kernel_refuses_bad_input_with_one_line():
         op(y, x, A, B, torch.ones(3, dtype=torch.float64), torch.tensor([0]), torch.tensor([1]))
 
 
+def counting(monkeypatch) -> list:
+    """Count the kernel's calls (one per mixed LoRA layer that takes it)."""
+    calls, op = [], kernels.lora_rows()
+    monkeypatch.setattr(kernels, "lora_rows", lambda: (lambda *a: calls.append(1) or op(*a)) if kernels.enabled() else None)
+    return calls
+
+
 def test_mixed_lora_batches_run_the_kernel_and_agree_with_the_gather_path(monkeypatch):
-    """Every mixed LoRA layer without autograd on the CPU takes the kernel; its logits equal the PyTorch gather's
-    (PEFTKIT_CPU_KERNELS=0) and each row's solo run, with rows of the base and adapters of three ranks and targets."""
+    """Every mixed LoRA layer without autograd on the CPU takes the kernel for rows of one token (decode steps); its
+    logits equal the PyTorch gather's (PEFTKIT_CPU_KERNELS=0) and each row's solo run, with rows of the base and
+    adapters of three ranks and targets. Rows of several tokens (a prefill) keep the gather."""
     pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "qv")
     pm.add_adapter("mlp", pk.LoraConfig(r=8, target_modules=["up_proj", "down_proj"]))
     pm.add_adapter("all", pk.LoraConfig(r=2, target_modules="all-linear"))
     for i, name in enumerate(pm.peft_config):
         randomize_b(pm, name, seed=i + 1)
     pm.eval()
-    calls, op = [], kernels.lora_rows()
-    monkeypatch.setattr(kernels, "lora_rows", lambda: (lambda *a: calls.append(1) or op(*a)) if kernels.enabled() else None)
-    names = ["all", "qv", "__base__"]
-    with_kernel = logits(pm, X, adapter_names=names)
+    calls, names, one_token = counting(monkeypatch), ["all", "qv", "__base__"], X[:, :1]
+    with_kernel = logits(pm, one_token, adapter_names=names)
     # 2 layers x (q, v: qv and all; k, o, gate: all; up, down: mlp and all) = 14 mixed LoRA layers
     assert len(calls) == 14
-    assert_mixed_equals_solo(pm, names)
-    assert_mixed_equals_solo(pm, ["mlp", "all", "mlp"])
+    assert_mixed_equals_solo(pm, names, x=one_token)
+    assert_mixed_equals_solo(pm, ["mlp", "all", "mlp"], x=one_token)
+    calls.clear()
+    logits(pm, X, adapter_names=names)  # 12 tokens a row
+    assert not calls
     monkeypatch.setenv("PEFTKIT_CPU_KERNELS", "0")
     assert kernels.status().startswith("CPU kernels off")
-    calls.clear()
-    gathered = logits(pm, X, adapter_names=names)
+    gathered = logits(pm, one_token, adapter_names=names)
     assert not calls and (with_kernel - gathered).abs().max().item() < 1e-5
 
 
@@ -105,11 +113,12 @@ def test_under_bfloat16_autocast_the_kernel_agrees_with_the_gather_path(monkeypa
     randomize_b(pm, "a", 1)
     randomize_b(pm, "b", 2)
     pm.eval()
-    names = ["a", "b", "__base__"]
+    calls, names, one_token = counting(monkeypatch), ["a", "b", "__base__"], X[:, :1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with_kernel = logits(pm, X, adapter_names=names).float()
+        with_kernel = logits(pm, one_token, adapter_names=names).float()
+        assert len(calls) == 14
         monkeypatch.setenv("PEFTKIT_CPU_KERNELS", "0")
-        gathered = logits(pm, X, adapter_names=names).float()
-    assert with_kernel.dtype == gathered.dtype and torch.isfinite(with_kernel).all()
+        gathered = logits(pm, one_token, adapter_names=names).float()
+    assert len(calls) == 14 and with_kernel.dtype == gathered.dtype and torch.isfinite(with_kernel).all()
     assert (with_kernel - gathered).abs().max().item() < 0.05 * gathered.abs().max().item()
-    assert (with_kernel.argmax(-1) == gathered.argmax(-1)).float().mean().item() > 0.9
+    assert (with_kernel.argmax(-1) == gathered.argmax(-1)).float().mean().item() >= 2 / 3

@@ -214,16 +214,6 @@ def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
     return layer.kind.apply_update(layer.base_layer, lambda w: w + delta.to(w.dtype), lambda w: w - delta.to(w.dtype))
 
 
-def _cpu_kernel(result: torch.Tensor, x: torch.Tensor, stacks: tuple) -> Any:
-    """The compiled mixed-rows kernel when it applies: inference (autograd off) on the CPU, float32 scales and an
-    output it can write in place; None otherwise (the gather path, which also serves GPUs and training)."""
-    if torch.is_grad_enabled() or result.device.type != "cpu" or not result.is_contiguous():
-        return None
-    if not (stacks[0].is_contiguous() and stacks[1].is_contiguous()):
-        return None
-    return kernels.lora_rows()
-
-
 def _added(result: torch.Tensor, delta: torch.Tensor, start: int, rows: torch.Tensor | None) -> torch.Tensor:
     """``result`` with ``delta`` added to its rows from ``start`` on (to those ``rows`` after ``start`` when given):
     in place when autograd is off (``result`` is the base layer's fresh output), else out of place."""
@@ -323,13 +313,7 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
         if members is None:
             return result
         rows, index = (None, self.mixed.index[start:stop]) if members is True else members
-        kernel = _cpu_kernel(result, x, stacks)
-        if kernel is not None:  # each row's factors read in their slots, no copies (kernels/lora_rows.cpp)
-            y, part = result[start:stop], x[start:stop].to(stacks[0].dtype).contiguous()
-            rows = torch.arange(part.shape[0]) if rows is None else rows
-            A, B, scale = stacks
-            kernel(y.view(y.shape[0], -1, y.shape[-1]), part.view(part.shape[0], -1, part.shape[-1]), A, B,
-                   scale.to(torch.float64 if A.dtype == torch.float64 else torch.float32), rows, index)
+        if kernels.add_lora_rows(result[start:stop], x[start:stop], *stacks, rows, index):  # (no copies: in place)
             return result
         part = x[start:stop] if rows is None else x[start:stop].index_select(0, rows)
         A, B, scale = (gather_rows(stack, index, part.shape[0], self.mixed.scratch, f"lora{k}") for k, stack in enumerate(stacks))
