@@ -6,7 +6,8 @@ With ``use_rslora`` the scale is alpha / sqrt(r) (Kalajdzievski 2023). Merging f
 W = W0 + (alpha / r) B A, so a merged model costs exactly what the base model costs.
 
 Mixed-adapter batches gather each row's A and B from stacks of all adapters (zeros for "no adapter") and apply
-them with two batched matmuls, instead of one sub-batch per adapter.
+them with two batched matmuls, instead of one sub-batch per adapter; on the CPU, rows of one token (decode steps)
+go through a compiled kernel that reads each row's factors in their slot instead (:mod:`peftkit.kernels`).
 """
 
 from __future__ import annotations
