@@ -34,11 +34,15 @@ CASES = ("prefill", "decode", "mixed")
 def gathered(fn):
     """``fn`` run with peftkit's compiled CPU kernel turned off (the PyTorch gather path)."""
     def run():
+        before = os.environ.get("PEFTKIT_CPU_KERNELS")
         os.environ["PEFTKIT_CPU_KERNELS"] = "0"
         try:
             return fn()
         finally:
-            os.environ["PEFTKIT_CPU_KERNELS"] = "1"
+            if before is None:
+                del os.environ["PEFTKIT_CPU_KERNELS"]
+            else:
+                os.environ["PEFTKIT_CPU_KERNELS"] = before
     return run
 
 

@@ -216,17 +216,18 @@ def step_times(registry: AdapterRegistry, tok, names: list[str], args) -> tuple[
                  for label, chosen in variants.items()}
     rounds: dict[str, dict[str, list[float]]] = {label: {"plain": [], "fused": [], "prefill": []} for label in variants}
     prompt_tokens = 0
+    setting = os.environ.get("PEFTKIT_CPU_KERNELS", "1")
     with torch.inference_mode():
         for r in range(args.rounds):
             for label in variants:
-                os.environ["PEFTKIT_CPU_KERNELS"] = "0" if label == GATHERED else "1"  # (read by every layer call)
+                os.environ["PEFTKIT_CPU_KERNELS"] = "0" if label == GATHERED else setting  # (read by every layer call)
                 rounds[label]["plain"].append(plain_step_ms(registry, prompts, rows[label], args.steps))
                 ms, prompt_tokens = fused_step_ms(registry, prompts, rows[label][: b - 2], newcomers[label], args.steps)
                 rounds[label]["fused"].append(ms)
                 rounds[label]["prefill"].append(prefill_ms(registry, prompts, rows[label]))
             print(f"round {r + 1}: " + "; ".join(f"{k}: plain {v['plain'][-1]:.0f} ms, fused {v['fused'][-1]:.0f} ms"
                                                  for k, v in rounds.items()), flush=True)
-    os.environ["PEFTKIT_CPU_KERNELS"] = "1"
+    os.environ["PEFTKIT_CPU_KERNELS"] = setting
     steps = {label: {k: statistics.median(v) for k, v in figures.items()} | {"per_round": figures}
              for label, figures in rounds.items()}
     return steps, prompt_tokens

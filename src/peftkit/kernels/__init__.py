@@ -76,7 +76,7 @@ def add_lora_rows(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     x = x.to(A.dtype).contiguous()
     rows = torch.arange(x.shape[0]) if rows is None else rows
     accumulate = torch.float64 if A.dtype == torch.float64 else torch.float32
-    op(y.view(y.shape[0], 1, y.shape[-1]), x.view(x.shape[0], 1, x.shape[-1]), A, B, scale.to(accumulate), rows, slots)
+    op(y.view(y.shape[0], y.shape[-1]), x.view(x.shape[0], x.shape[-1]), A, B, scale.to(accumulate), rows, slots)
     return True
 
 

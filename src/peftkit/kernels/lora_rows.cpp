@@ -1,8 +1,8 @@
 // Mixed-adapter LoRA on the CPU, each row through its own adapter's slot of the stacked factors, read in place.
 //
-//   y[rows[j], t] += scale[s] * B[s] (A[s] x[rows[j], t])      s = slots[j], for every token t of the row
+//   y[rows[j]] += scale[s] * B[s] (A[s] x[rows[j]])      s = slots[j]
 //
-// x: (R, T, in)   y: (R, T, out)   A: (S, r, in)   B: (S, out, r)   rows, slots: (n,) int64
+// x: (R, in)   y: (R, out)   A: (S, r, in)   B: (S, out, r)   rows, slots: (n,) int64
 // scale: (S,) in the accumulation dtype: float64 for float64 factors, float32 for the rest
 //
 // Why a kernel: the Python path copies each row's factors out of the stacks (index_select) and then runs two
@@ -25,7 +25,7 @@ namespace {
 template <typename W, typename Y>
 void lora_rows_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                     const at::Tensor& scale, const at::Tensor& rows, const at::Tensor& slots) {
-  const int64_t n = rows.numel(), T = x.size(1), in = x.size(2), out = y.size(2), r = A.size(1);
+  const int64_t n = rows.numel(), in = x.size(1), out = y.size(1), r = A.size(1);
   using Acc = at::opmath_type<W>;
   const W* xp = x.data_ptr<W>();
   const W* Ap = A.data_ptr<W>();
@@ -34,34 +34,32 @@ void lora_rows_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, con
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* ip = slots.data_ptr<int64_t>();
   Y* yp = y.data_ptr<Y>();
-  // h[(j, t), k] = scale[s] * <A[s, k], x[rows[j], t]>: one dot product of length `in` per item
-  std::vector<Acc> h(n * T * r);
-  at::parallel_for(0, n * T * r, 8, [&](int64_t begin, int64_t end) {
+  // h[j, k] = scale[s] * <A[s, k], x[rows[j]]>: one dot product of length `in` per item
+  std::vector<Acc> h(n * r);
+  at::parallel_for(0, n * r, 8, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t jt = item / r, k = item % r, j = jt / T, t = jt % T, s = ip[j];
+      const int64_t j = item / r, k = item % r, s = ip[j];
       const W* a = Ap + (s * r + k) * in;
-      const W* xr = xp + (rp[j] * T + t) * in;
+      const W* xr = xp + rp[j] * in;
       Acc acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t c = 0; c < in; ++c) acc += static_cast<Acc>(a[c]) * static_cast<Acc>(xr[c]);
       h[item] = acc * sp[s];
     }
   });
-  // y[rows[j], t, o] += <B[s, o], h[(j, t)]>: the output features are split between threads, so that each thread
-  // reads its part of every row's B once
+  // y[rows[j], o] += <B[s, o], h[j]>: the output features are split between threads, so that each thread reads
+  // its part of every row's B once
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
     for (int64_t j = 0; j < n; ++j) {
       const W* Bs = Bp + ip[j] * out * r;
-      for (int64_t t = 0; t < T; ++t) {
-        const Acc* hj = h.data() + (j * T + t) * r;
-        Y* yr = yp + (rp[j] * T + t) * out;
-        for (int64_t o = begin; o < end; ++o) {
-          const W* bo = Bs + o * r;
-          Acc acc = 0;
+      const Acc* hj = h.data() + j * r;
+      Y* yr = yp + rp[j] * out;
+      for (int64_t o = begin; o < end; ++o) {
+        const W* bo = Bs + o * r;
+        Acc acc = 0;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t k = 0; k < r; ++k) acc += static_cast<Acc>(bo[k]) * hj[k];
-          yr[o] = static_cast<Y>(static_cast<at::opmath_type<Y>>(yr[o]) + acc);
-        }
+        for (int64_t k = 0; k < r; ++k) acc += static_cast<Acc>(bo[k]) * hj[k];
+        yr[o] = static_cast<Y>(static_cast<at::opmath_type<Y>>(yr[o]) + acc);
       }
     }
   });
@@ -69,7 +67,7 @@ void lora_rows_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, con
 
 void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& scale,
                 const at::Tensor& rows, const at::Tensor& slots) {
-  TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && A.dim() == 3 && B.dim() == 3, "lora_rows_: x, y, A, B must be 3-D");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && A.dim() == 3 && B.dim() == 3, "lora_rows_: x, y must be 2-D, A, B 3-D");
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && A.is_contiguous() && B.is_contiguous() &&
                   scale.is_contiguous() && rows.is_contiguous() && slots.is_contiguous(),
               "lora_rows_: every tensor must be contiguous");
@@ -78,7 +76,7 @@ void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at
   TORCH_CHECK(scale.scalar_type() == (A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
               "lora_rows_: scale must be float64 for float64 factors, else float32");
   TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "lora_rows_: rows and slots must be int64");
-  TORCH_CHECK(x.size(0) == y.size(0) && x.size(1) == y.size(1) && A.size(2) == x.size(2) && B.size(1) == y.size(2) &&
+  TORCH_CHECK(x.size(0) == y.size(0) && A.size(2) == x.size(1) && B.size(1) == y.size(1) &&
                   B.size(2) == A.size(1) && B.size(0) == A.size(0) && scale.numel() == A.size(0) &&
                   rows.numel() == slots.numel(),
               "lora_rows_: shapes do not agree");

@@ -137,10 +137,15 @@ class _LoraLayerBase:
     ) -> tuple[int, torch.device, torch.dtype]:
         """Record the adapter's rank and scale for ``module_name``; return the rank and the device and dtype of the
         base layer's computation, which the new factors take."""
+        r = self.record_rank(adapter_name, config, module_name)
+        return r, self.kind.device(self.model_layer), self.kind.compute_dtype(self.model_layer)
+
+    def record_rank(self, adapter_name: str, config: LoraConfig, module_name: str) -> int:
+        """Record the adapter's rank and scale (alpha / r, or alpha / sqrt(r) with rsLoRA) for ``module_name``."""
         r, alpha = config.rank_and_alpha(module_name)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = _scaling(r, alpha, config.use_rslora)
-        return r, self.kind.device(self.model_layer), self.kind.compute_dtype(self.model_layer)
+        return r
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -461,12 +466,12 @@ class LoraTuner(Tuner):
     def reuse(self, model: nn.Module, old: str, new: str, config: LoraConfig) -> bool:
         """Every layer of ``old`` keeps its factors under the name ``new``, with ``config``'s scale (and dropout), when
         ``config`` gives each of them the rank it has now."""
-        layers = [(layer, config.rank_and_alpha(name)) for name, layer in self.layers(model) if old in layer.r]
-        if any(r != layer.r[old] for layer, (r, _) in layers):
+        layers = [(name, layer) for name, layer in self.layers(model) if old in layer.r]
+        if any(config.rank_and_alpha(name)[0] != layer.r[old] for name, layer in layers):
             return False
-        for layer, (r, alpha) in layers:  # (rank and scale set here: _add_rank's device lookups cost a server's loads)
+        for name, layer in layers:
             layer.rename_adapter(old, new)
-            layer.r[new], layer.scaling[new] = r, _scaling(r, alpha, config.use_rslora)
+            layer.record_rank(new, config, name)  # (not _add_rank: its device lookups cost a server's loads)
             if isinstance(layer, LoraLayer) and getattr(layer.lora_dropout[new], "p", 0.0) != config.lora_dropout:
                 dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
                 layer.lora_dropout[new] = dropout.train(layer.training)
