@@ -126,9 +126,10 @@ def _poison(state, adapter: str) -> None:
     """Make a loaded adapter's weights NaN behind the load checks (as an overflow at run time would)."""
 
     def fill() -> None:
+        key = state.registry.key(adapter)  # (its name inside the model)
         with torch.no_grad():
             for name, p in state.registry.peft.named_parameters():
-                if f"lora_B.{adapter}." in name:
+                if f"lora_B.{key}." in name:
                     p.fill_(math.nan)
 
     state.scheduler.call(fill).result(timeout=30)

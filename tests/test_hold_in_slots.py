@@ -79,6 +79,32 @@ def test_a_load_into_held_layers_writes_the_slot_and_a_rebuild_moves_them():
     assert torch.allclose(_mixed(held, rows), plain, atol=0)
 
 
+def test_a_refill_in_place_changes_values_only(monkeypatch):
+    """replace_adapter(x, x, ...) (how a server reuses a slot under its own fixed key): the new values are served,
+    and nothing is renamed, re-assembled or rebuilt: the slot order, every layer's stacks and their keys stay as
+    they were. A new alpha is served too (its scale is part of the slot's key, so those layers look it up again)."""
+    held = _model(["qv", "all"], hold=True)
+    _mixed(held, ["qv", "all", "qv"])
+    layers = [layer for _, layer in held.adapter_layers() if isinstance(layer, LoraLayer)]
+    stacks = [layer._stacks.value for layer in layers]
+    assembled = []
+    assemble = type(layers[0]._stacks)._assemble
+    monkeypatch.setattr(type(layers[0]._stacks), "_assemble", lambda self, *a: assembled.append(a) or assemble(self, *a))
+    for seed, alpha in ((9, 8), (10, 32)):
+        donor = pk.get_peft_model(tiny_llama(), pk.LoraConfig(**SHAPES["qv"], lora_alpha=alpha, inference_mode=True), "x")
+        randomize_b(donor, "x", seed=seed)
+        tensors = {k: v.clone() for k, v in donor.adapter_tensors("x").items()}
+        assert held.replace_adapter("qv", "qv", donor.peft_config["x"], tensors)
+        got = _mixed(held, ["qv", "all", "qv"])
+        assert held._slots.names == ["qv", "all"] and held.peft_config["qv"].lora_alpha == alpha
+        assert all(layer._stacks.value is s for layer, s in zip(layers, stacks))  # no stack was built again
+        assert not assembled if alpha == 8 else 0 < len(assembled) <= sum("qv" in layer.r for layer in layers)
+        assert all(layer.scaling["qv"] == alpha / 4 for layer in layers if "qv" in layer.r)
+        donor.eval()
+        assert (got[::2] - logits(donor, X[::2])).abs().max().item() < 1e-5
+    assert_mixed_equals_solo(held, ["qv", "all", "qv"])
+
+
 def test_trainable_adapters_and_other_bases_keep_their_own_parameters():
     pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]), "trained")
     pm.add_adapter("frozen", pk.LoraConfig(r=4, target_modules=["q_proj"], inference_mode=True))

@@ -319,7 +319,8 @@ def test_server_answers_every_method_at_once_as_each_alone(served, tok):
             answers = list(pool.map(run, jobs))  # the first wave loads four adapters on demand
             answers += list(pool.map(run, jobs))  # the second finds every adapter loaded
         stats = dict(app.state.server.scheduler.stats)
-        assert sorted(registry.peft.peft_config) == sorted(names)
+        keys = app.state.server.scheduler.call(lambda: sorted(registry.key(n) for n in names)).result(timeout=30)
+        assert sorted(registry.peft.peft_config) == keys
     for (model, text, n), got in zip(jobs + jobs, answers):
         ids = torch.tensor([tok(text).input_ids])
         with alone(ref, BASE if model == "tiny" else model), torch.no_grad():

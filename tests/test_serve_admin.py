@@ -89,6 +89,7 @@ def test_load_and_delete_at_run_time_while_serving(server, client, tok, solo, mo
     assert got == tok.decode(solo("c", prompt_ids(tok, "New adapter"), 8), skip_special_tokens=True)
 
     # deleting waits for the request using it, which finishes unchanged; afterwards "c" is gone
+    key = state.scheduler.call(lambda: state.registry.key("c")).result(timeout=30)  # (its name inside the model)
     stream = client.completions.create(model="c", prompt="Last words", max_tokens=30, temperature=0, stream=True)
     first = next(iter(stream)).choices[0].text
     deleted = admin(url, "DELETE", "/v1/adapters/c")
@@ -96,7 +97,8 @@ def test_load_and_delete_at_run_time_while_serving(server, client, tok, solo, mo
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
     assert first + rest == tok.decode(solo("c", prompt_ids(tok, "Last words"), 30), skip_special_tokens=True)
     assert [m.status for m in client.models.list().data if m.id == "c"] == ["on_disk"]  # loadable, not loaded
-    assert state.registry.peft is not None and "c" not in state.registry.peft.peft_config
+    assert state.registry.peft is not None and key not in state.registry.peft.peft_config
+    assert not state.registry.has_adapter("c")
 
 
 # ----------------------------------------------------------------------------------------------------------------

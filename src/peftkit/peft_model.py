@@ -23,7 +23,7 @@ from .memory import MemoryFootprint, memory_footprint
 from .merge_report import merge_report
 from .tuners.base import BASE, PeftConfig, find_targets, get_submodule_parent, tuner_for, valid_adapter_name
 from .tuners import mixed_prompts
-from .tuners.layer import AdapterLayer, ModulesToSaveWrapper, StackedAdapterLayer, module_tree
+from .tuners.layer import AdapterLayer, LayerTree, ModulesToSaveWrapper, StackedAdapterLayer, module_tree
 from .tuners.mixed_batch import FREE_SLOT, MixedBatch, Slots
 from .tying import untie
 
@@ -49,7 +49,7 @@ class PeftModel(AdapterLoading, nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._disabled = False  # inside disable_adapter(): the base model alone
-        self._mixed_layers: tuple[tuple[str, ...], list[AdapterLayer]] = ((), [])
+        self._tree: tuple[tuple[str, ...], LayerTree] = ((), [])  # _layer_tree's memo
         self._slots = Slots()  # each adapter's slot in mixed batches (tuners/layer.py)
         # a server's choice: frozen adapters' weights live only in the mixed-batch stacks (LoRA), so they exist once;
         # their parameters are then views of slots (saving copies them out as usual), and when the stacks were built
@@ -100,7 +100,7 @@ class PeftModel(AdapterLoading, nn.Module):
         if not self.peft_config:  # the first adapter: from now on only adapters train
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
-        self._mixed_layers = ((), [])  # the module tree changes: find the adapter layers again
+        self._tree = ((), [])  # the module tree changes: find the adapter layers again
         tuner_for(config).inject(self.base_model, config, adapter_name, init=init)
         if config.modules_to_save:
             self._wrap_modules_to_save(config, adapter_name)
@@ -153,7 +153,7 @@ class PeftModel(AdapterLoading, nn.Module):
         flags are right already (a renamed adapter of unchanged trainability), so they are not walked."""
         self._active = names
         trainable = [n for n in names if not self.peft_config[n].inference_mode]
-        for _, layer in () if layers_set else self.adapter_layers():
+        for _, layer in () if layers_set else self._layer_tree():
             layer.set_adapter(names, trainable, only)
         for name, config in self.peft_config.items():
             if name not in trainable and (only is None or name in only):
@@ -175,7 +175,7 @@ class PeftModel(AdapterLoading, nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
         if len(self.peft_config) == 1:
             raise ValueError("cannot delete the only adapter; use unload() to get the plain base model back")
-        self._mixed_layers = ((), [])
+        self._tree = ((), [])
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         tuner_for(self.peft_config[adapter_name]).delete_adapter(self.base_model, adapter_name)
@@ -231,7 +231,7 @@ class PeftModel(AdapterLoading, nn.Module):
     @property
     def merged_adapters(self) -> list[str]:
         merged: list[str] = []
-        for _, layer in self.adapter_layers():
+        for _, layer in self._layer_tree():
             merged += [n for n in layer.merged_adapters if n not in merged]
         return merged
 
@@ -339,7 +339,7 @@ class PeftModel(AdapterLoading, nn.Module):
         unknown = sorted({n for n in adapter_names if n not in slot})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; known: {list(slot)}")
-        layers = self._layers_for_mixed_batches()
+        layers = [layer for _, layer in self._layer_tree()]
         if any(layer.merged_adapters for layer in layers):
             raise RuntimeError(f"adapters {self.merged_adapters} are merged; unmerge_adapter() before mixed batches")
         if per_token and not self.takes_per_token():
@@ -358,15 +358,16 @@ class PeftModel(AdapterLoading, nn.Module):
     def takes_per_token(self) -> bool:
         """Whether ``forward(per_token=True)`` can run: every adapter layer is of a stacked kind (LoRA, (IA)^3,
         bottleneck), which sees each token as a row."""
-        return all(isinstance(layer, StackedAdapterLayer) for layer in self._layers_for_mixed_batches())
+        return all(isinstance(layer, StackedAdapterLayer) for _, layer in self._layer_tree())
 
-    def _layers_for_mixed_batches(self) -> list[AdapterLayer]:
-        """The adapter layers, found once per set of adapters (forgotten when one is added or deleted): walking the
-        module tree on every decode step of a mixed batch cost about a tenth of the step."""
+    def _layer_tree(self) -> LayerTree:
+        """:meth:`adapter_layers`, found once per set of adapters (forgotten whenever the module tree changes: an
+        adapter added, deleted or renamed): walking the module tree on every decode step of a mixed batch cost about a
+        tenth of the step, and a server's load into reused layers walked it four times (12 of its 18 ms)."""
         names = tuple(self.peft_config)
-        if self._mixed_layers[0] != names:
-            self._mixed_layers = (names, [layer for _, layer in self.adapter_layers()])
-        return self._mixed_layers[1]
+        if self._tree[0] != names:
+            self._tree = (names, list(self.adapter_layers()))
+        return self._tree[1]
 
     def _prepare_inputs(self, kwargs: dict[str, Any], generate: bool) -> dict[str, Any]:
         if self._disabled:
@@ -409,8 +410,9 @@ class PeftModel(AdapterLoading, nn.Module):
         """Every tensor saved for one adapter, under HF PEFT file keys (sharing storage with the model)."""
         config = self.peft_config[adapter_name]
         tuner = tuner_for(config)
-        tensors = tuner.adapter_tensors(self.base_model, adapter_name, config)
-        for name, layer in self.adapter_layers():
+        tree = self._layer_tree()
+        tensors = tuner.adapter_tensors(self.base_model, adapter_name, config, tree)
+        for name, layer in tree:
             if isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.modules_to_save:
                 tensors.update({f"{tuner.file_prefix}{name}.{k}": v for k, v in layer.adapter_state_dict(adapter_name).items()})
         return tensors

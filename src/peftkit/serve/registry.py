@@ -6,6 +6,11 @@ does it on a worker thread while the scheduler keeps decoding. Only :meth:`Adapt
 
 With no adapter loaded the model is served plain; the first adapter wraps it in a :class:`PeftModel`, and removing
 the last one unwraps it again (a PeftModel always has at least one adapter).
+
+Inside the model, adapters go by keys of the registry's own (``a0``, ``a1``, ...), not by the names requests use: an
+adapter loaded in an evicted one's place (:meth:`AdapterRegistry.replace`) takes over its key, so its layers, its
+slot in the stacked weights and every layer's mixed-batch order stay as they were and only the values change (the
+way vLLM's LoRA slots work). Renaming instead made every layer look its slots up again on the next step.
 """
 
 from __future__ import annotations
@@ -105,6 +110,8 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._adapters: dict[str, AdapterInfo] = {}
         self._pending: set[str] = set()  # names with a load or removal under way
+        self._keys: dict[str, str] = {}  # adapter name -> its key in the model (scheduler thread; see the docstring)
+        self._next_key = 0
         self.fusion = FusionGate()  # fused prefill-and-decode steps (serve/fused.py), paused or off after failures
 
     # ---------------------------------------------------------------------------------------------------------
@@ -161,23 +168,27 @@ class AdapterRegistry:
                pinned: bool = True) -> AdapterInfo:
         """Add adapter ``name`` to the model with ``tensors`` (checked key by key and shape by shape); a refused
         one leaves the model exactly as it was. ``pinned``: never evicted for room (see serve/residency.py)."""
-        source = str(Path(path) / checkpoint.WEIGHTS_NAME)
+        source, key = str(Path(path) / checkpoint.WEIGHTS_NAME), f"a{self._next_key}"
         if self.peft is None:  # the first adapter wraps the plain model
-            self.peft = PeftModel.from_tensors(self.model, name, config, tensors, source)
+            self.peft = PeftModel.from_tensors(self.model, key, config, tensors, source)
             self.peft.eval()  # (later adapters are made in the model's mode)
             self.peft.hold_in_slots = True  # (inference only: each adapter's weights exist once, in its slot)
             self.peft.slot_capacity = self.slot_capacity
         else:
-            self.peft.add_adapter_from_tensors(name, config, tensors, source)
+            self.peft.add_adapter_from_tensors(key, config, tensors, source)
+        self._next_key += 1
+        self._keys[name] = key
         return self._record(name, config, tensors, path, pinned)
 
     def replace(self, old: str, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str,
                 pinned: bool = True) -> AdapterInfo | None:
-        """Attach ``name`` in the place of ``old`` (hidden for removal, no request using it), reusing its layers
-        (:meth:`PeftModel.replace_adapter`); None, with nothing changed, when their layouts differ."""
-        source = str(Path(path) / checkpoint.WEIGHTS_NAME)
-        if self.peft is None or not self.peft.replace_adapter(old, name, config, tensors, source):
+        """Attach ``name`` in the place of ``old`` (hidden for removal, no request using it): it takes over ``old``'s
+        key, layers and slot, which are refilled in place (:meth:`PeftModel.replace_adapter`); None, with nothing
+        changed, when their layouts differ."""
+        source, key = str(Path(path) / checkpoint.WEIGHTS_NAME), self._keys[old]
+        if self.peft is None or not self.peft.replace_adapter(key, key, config, tensors, source):
             return None
+        self._keys[name] = self._keys.pop(old)
         return self._record(name, config, tensors, path, pinned)
 
     def _record(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor], path: str,
@@ -190,12 +201,13 @@ class AdapterRegistry:
 
     def detach(self, name: str) -> None:
         """Remove adapter ``name`` from the model (no request may be using it)."""
-        assert self.peft is not None and name in self.peft.peft_config
+        key = self._keys.pop(name)
+        assert self.peft is not None and key in self.peft.peft_config
         if len(self.peft.peft_config) == 1:
             self.model = self.peft.unload()
             self.peft = None
         else:
-            self.peft.delete_adapter(name)
+            self.peft.delete_adapter(key)
 
     def tensor_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
         """What attaching ``tensors`` adds to the model, known before attaching: their elements at the model's
@@ -210,7 +222,14 @@ class AdapterRegistry:
         return 0 if self.peft is None else len(self.peft.peft_config)
 
     def has_adapter(self, name: str) -> bool:
-        return name == BASE or (self.peft is not None and name in self.peft.peft_config)
+        return name == BASE or name in self._keys
+
+    def key(self, name: str) -> str:
+        """Adapter ``name``'s name inside the model (``BASE`` stays ``BASE``; scheduler thread)."""
+        return name if name == BASE else self._keys[name]
+
+    def _keyed(self, names: list[str]) -> list[str]:
+        return [self.key(n) for n in names]
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -238,7 +257,7 @@ class AdapterRegistry:
         positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, filled:]
         logits = self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                               adapter_names=adapter_names)
-        fronts = Fronts.plan(self.peft, adapter_names) if self.peft is not None and not filled else None
+        fronts = Fronts.plan(self.peft, self._keyed(adapter_names)) if self.peft is not None and not filled else None
         if fronts is None:
             return logits, attention_mask
         return logits, right_align(cache, fronts.mask(attention_mask))
@@ -248,7 +267,7 @@ class AdapterRegistry:
         """One flat sequence of decode tokens and whole prompts (:mod:`peftkit.serve.fused`), ``adapter_names`` one
         per token; the logits (len(keep), vocab) at the token positions ``keep``. Every cache in ``layout`` grows."""
         cache = FusedCache(layout, self.model.config)
-        tokens = input_ids.shape[1]
+        tokens, adapter_names = input_ids.shape[1], self._keyed(adapter_names)
         fronted = set()
         if self.peft is not None:  # prompt- and prefix-tuning adapters have no layers: their tokens run as the base's
             fronted = {n for n in set(adapter_names) if Fronts.plan(self.peft, [n]) is not None}
@@ -313,7 +332,7 @@ class AdapterRegistry:
     def front(self, name: str) -> tuple[int, int]:
         """What adapter ``name`` puts before a request's context: (prompt-tuning virtual tokens, prefix-tuning
         key/value columns); (0, 0) for other methods and the base."""
-        fronts = Fronts.plan(self.peft, [name]) if self.peft is not None and name != BASE else None
+        fronts = Fronts.plan(self.peft, [self.key(name)]) if self.peft is not None and name != BASE else None
         return (0, 0) if fronts is None else (fronts.prompt[0], fronts.prefix[0])
 
     @property
@@ -337,5 +356,5 @@ class AdapterRegistry:
             if self.peft is None:
                 out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             else:
-                out = self.peft(**inputs, adapter_names=adapter_names, use_cache=True, logits_to_keep=1)
+                out = self.peft(**inputs, adapter_names=self._keyed(adapter_names), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()

@@ -197,6 +197,9 @@ def module_tree(root: nn.Module, into_adapters: bool = True) -> Iterator[tuple[s
         stack.extend((f"{name}.{k}" if name else k, m) for k, m in reversed(children))
 
 
+LayerTree = list[tuple[str, AdapterLayer]]  # a model's adapter layers under their module paths, as module_tree walks them
+
+
 class StackCache:
     """Per-adapter tensors stacked for mixed batches, one slot per adapter (``MixedBatch.order``), kept up to date
     slot by slot: loading or deleting an adapter rewrites its slot in place instead of rebuilding every slot (which

@@ -36,7 +36,7 @@ from .base import (
     find_targets,
     register,
 )
-from .layer import StackedAdapterLayer, Uninitialised, model_layer, module_tree
+from .layer import LayerTree, StackedAdapterLayer, Uninitialised, model_layer, module_tree
 from .mixed_batch import gather_rows
 from .lora_combine import add_weighted_lora
 
@@ -451,8 +451,9 @@ class LoraTuner(Tuner):
         for p in self._bias_params(model, config.bias).values():
             p.requires_grad_(True)
 
-    def adapter_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
-        out = super().adapter_tensors(model, adapter_name, config)
+    def adapter_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig,
+                        tree: LayerTree | None = None) -> dict[str, torch.Tensor]:
+        out = super().adapter_tensors(model, adapter_name, config, tree)
         out.update({k: p.detach() for k, p in self._bias_params(model, config.bias).items()})
         return out
 
@@ -463,14 +464,15 @@ class LoraTuner(Tuner):
     ) -> LoraConfig:
         return add_weighted_lora(list(self.layers(model)), adapters, weights, adapter_name, combination_type, configs[0])
 
-    def reuse(self, model: nn.Module, old: str, new: str, config: LoraConfig) -> bool:
+    def reuse(self, model: nn.Module, old: str, new: str, config: LoraConfig, tree: LayerTree | None = None) -> bool:
         """Every layer of ``old`` keeps its factors under the name ``new``, with ``config``'s scale (and dropout), when
         ``config`` gives each of them the rank it has now."""
-        layers = [(name, layer) for name, layer in self.layers(model) if old in layer.r]
+        layers = [(name, layer) for name, layer in self.layers(model, tree) if old in layer.r]
         if any(config.rank_and_alpha(name)[0] != layer.r[old] for name, layer in layers):
             return False
         for name, layer in layers:
-            layer.rename_adapter(old, new)
+            if new != old:  # (a rename moves the entries to the end of each dict: the layer's stacks re-assemble)
+                layer.rename_adapter(old, new)
             layer.record_rank(new, config, name)  # (not _add_rank: its device lookups cost a server's loads)
             if isinstance(layer, LoraLayer) and getattr(layer.lora_dropout[new], "p", 0.0) != config.lora_dropout:
                 dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()

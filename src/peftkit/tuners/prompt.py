@@ -29,6 +29,7 @@ from torch import nn
 
 from ..hf_compat import find_cache
 from .base import CliOption, PeftConfig, Tuner, check_positive_int, register
+from .layer import LayerTree
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # HF PEFT's one key for every prompt-learning method
 _LAYER_TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
@@ -131,7 +132,8 @@ class PromptLearningTuner(Tuner, abc.ABC):
     def encoder(self, model: nn.Module, adapter_name: str) -> nn.Module:
         return getattr(model, self.encoder_attr)[adapter_name]
 
-    def adapter_tensors(self, model: nn.Module, adapter_name: str, config: PeftConfig) -> dict[str, torch.Tensor]:
+    def adapter_tensors(self, model: nn.Module, adapter_name: str, config: PeftConfig,
+                        tree: LayerTree | None = None) -> dict[str, torch.Tensor]:
         return {PROMPT_EMBEDDINGS_KEY: self.encoder(model, adapter_name).saved_embeddings()}
 
     def mark_trainable(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
