@@ -17,6 +17,11 @@ all attached before anything is timed (no on-demand loads), in the server's own 
    prompts), and the in-process steps split into plain and fused ones (count, median ms, mean decode rows). The
    difference between the two is what HTTP and the client processes cost; serve_load.py's 64- and 512-adapter
    loads add on-demand loads on top.
+3. What one on-demand load costs the scheduler's thread, by the path residency.py takes (interleaved rounds, in
+   the registry at its budget of 16): a new adapter taking an evicted one's key, layers and slot when both have one
+   layout (AdapterRegistry.replace: a refill in place), or the victim detached and the new one attached (another
+   layout); and the first decode step of B rows after the load against the next steps (what the layers' stacks
+   cost to catch up).
 
     python bench/serve_steps.py --out bench/results          # about 6 minutes on 2 cores
 """
@@ -70,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=8, help="requests per worker in part 2 (R)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request in part 2 (T)")
     parser.add_argument("--load-rounds", type=int, default=2, help="interleaved rounds of part 2 (in process, over HTTP)")
+    parser.add_argument("--swap-rounds", type=int, default=8, help="interleaved rounds of part 3 (one load per path each)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--model", default="smollm2-135m", help="base model (a name or folder; the figures are for the default)")
     return parser.parse_args(argv)
@@ -191,16 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     registry = AdapterRegistry(model, tok, args.model, slot_capacity=16)
     tmp = Path(tempfile.mkdtemp(prefix="serve-steps-"))  # (the server process reads the adapters from here)
     try:
-        names = write_lora_adapters(model, tmp, 16, seed=0)
+        names = write_lora_adapters(model, tmp, 16 + 2 * args.swap_rounds, seed=0)
+        names, spare = names[:16], names[16:]  # (adapter i has shape i % 4: serve_adapters.LORA_SHAPES)
         for name in names:
             registry.attach(name, *read_adapter(tmp / name), str(tmp / name))
         steps, prompt_tokens = step_times(registry, tok, names, args)
         runs = load_runs(registry, tok, names, tmp, steps, args)
+        swaps = load_costs(registry, tok, names, spare, tmp, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "kernels": kernels.status(),
               "prompt_tokens_per_fused_step": prompt_tokens,
-              "args": {k: str(v) for k, v in vars(args).items()}, "steps": steps, "runs": runs}
+              "args": {k: str(v) for k, v in vars(args).items()}, "steps": steps, "runs": runs, "swaps": swaps}
     write_report(args.out, "serve_steps", report, markdown(report), lambda path: plot(report, path))
     return 0
 
@@ -263,6 +271,53 @@ def load_runs(registry: AdapterRegistry, tok, names: list[str], folder: Path, st
     return runs
 
 
+REFILL, ATTACH = "refill in place (same layout)", "detach + attach (another layout)"
+
+
+def load_costs(registry: AdapterRegistry, tok, names: list[str], spare: list[str], folder: Path, args) -> dict:
+    """Part 3: per path, each round's load (ms on the scheduler's thread, the folder already read) and its first
+    decode step's extra time over the median of the next three."""
+    prompts, b = [chat_ids(tok, p) for p in PROMPTS], args.rows
+    resident, out = list(names), {REFILL: {"load_ms": [], "first_step_extra_ms": []},
+                                  ATTACH: {"load_ms": [], "first_step_extra_ms": []}}
+    for r in range(args.swap_rounds):
+        for path, new in ((REFILL, spare[2 * r]), (ATTACH, spare[2 * r + 1])):
+            shape = int(new.rsplit("-", 1)[1]) % 4
+            # the least recently loaded resident adapter of the new one's shape (refill) or of another one (attach)
+            victim = next(n for n in resident if (int(n.rsplit("-", 1)[1]) % 4 == shape) == (path == REFILL))
+            others = [n for n in resident if n != victim]
+            rows = [victim] + [others[i % len(others)] for i in range(b - 1)]
+            with torch.inference_mode():
+                ids, mask = left_pad([prompts[i % len(prompts)] for i in range(b)], registry.pad_id)
+                cache = registry.new_cache()
+                logits, cache_mask = registry.prefill(ids, mask, cache, rows)
+                batch = KVBatch(cache, cache_mask, cache_mask.sum(dim=1))
+            config, tensors = read_adapter(folder / new)
+            start = time.perf_counter()
+            if path == REFILL:
+                assert registry.replace(victim, new, config, tensors, str(folder / new)) is not None
+            else:
+                registry.detach(victim)
+                registry.attach(new, config, tensors, str(folder / new))
+            out[path]["load_ms"].append((time.perf_counter() - start) * 1e3)
+            resident = [n for n in resident if n != victim] + [new]
+            rows[0] = new
+            times = []
+            with torch.inference_mode():
+                for _ in range(4):
+                    start = time.perf_counter()
+                    tokens = logits.argmax(dim=-1, keepdim=True)
+                    logits = registry.forward(input_ids=tokens, cache=batch.cache, adapter_names=rows, **batch.step_inputs())
+                    batch.advance()
+                    times.append((time.perf_counter() - start) * 1e3)
+            out[path]["first_step_extra_ms"].append(times[0] - statistics.median(times[1:]))
+        print(f"round {r + 1}: " + "; ".join(f"{k}: load {v['load_ms'][-1]:.1f} ms, first step +"
+                                             f"{v['first_step_extra_ms'][-1]:.1f} ms" for k, v in out.items()), flush=True)
+    return {path: figures | {"median_load_ms": statistics.median(figures["load_ms"]),
+                             "median_first_step_extra_ms": statistics.median(figures["first_step_extra_ms"])}
+            for path, figures in out.items()}
+
+
 def markdown(report: dict) -> str:
     lines = [f"CPU: {report['cpu']}, {report['threads']} torch threads, torch {report['torch']}; "
              f"{report.get('kernels', 'before the CPU kernel')}.", "",
@@ -283,6 +338,12 @@ def markdown(report: dict) -> str:
                          f"{kind(i['fused'])} | {h['tokens_per_s']:.1f} | {h['p50_ttft_s']:.2f} |")
     lines += ["", "Over HTTP against in process (median of the rounds' ratios): " + "; ".join(
         f"{label}: {both['http_of_in_process']:.2f}x" for label, both in report["runs"].items()) + "."]
+    if "swaps" in report:
+        lines += ["", f"| an on-demand load, by path ({len(next(iter(report['swaps'].values()))['load_ms'])} rounds) | "
+                  "load on the scheduler's thread, median ms | first decode step after it, extra ms (median) |",
+                  "|---|---|---|"]
+        lines += [f"| {path} | {f['median_load_ms']:.1f} | {f['median_first_step_extra_ms']:+.1f} |"
+                  for path, f in report["swaps"].items()]
     return "\n".join(lines) + "\n"
 
 

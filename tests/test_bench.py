@@ -331,7 +331,7 @@ def test_serve_steps_quick(tmp_path: Path) -> None:
     model = _tiny_llama(tmp_path / "tiny")
     done = subprocess.run([sys.executable, str(BENCH / "serve_steps.py"), "--model", str(model), "--threads", "1",
                            "--rows", "4", "--rounds", "2", "--steps", "4", "--clients", "4", "--requests", "3",
-                           "--max-tokens", "6", "--load-rounds", "1", "--out", str(tmp_path)],
+                           "--max-tokens", "6", "--load-rounds", "1", "--swap-rounds", "2", "--out", str(tmp_path)],
                           timeout=900, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "serve_steps.png").read_bytes()[:8] == PNG_MAGIC
@@ -353,3 +353,9 @@ def test_serve_steps_quick(tmp_path: Path) -> None:
         t = r["tokens"] / r["requests"]
         assert r["bound_with_prefill"] == pytest.approx(4 * t / (steps["prefill"] / 1e3 + t * steps["plain"] / 1e3))
     assert "| 12 adapters mixed | 1 |" in (tmp_path / "serve_steps.md").read_text()
+    swaps = report["swaps"]  # part 3: a load by each path per round, timed, and the step after it
+    assert list(swaps) == ["refill in place (same layout)", "detach + attach (another layout)"]
+    for figures in swaps.values():
+        assert len(figures["load_ms"]) == len(figures["first_step_extra_ms"]) == 2 and min(figures["load_ms"]) > 0
+        assert figures["median_load_ms"] == pytest.approx(statistics.median(figures["load_ms"]))
+    assert "| refill in place (same layout) |" in (tmp_path / "serve_steps.md").read_text()
