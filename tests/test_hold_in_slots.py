@@ -105,6 +105,32 @@ def test_a_refill_in_place_changes_values_only(monkeypatch):
     assert_mixed_equals_solo(held, ["qv", "all", "qv"])
 
 
+def test_a_load_leaves_the_layers_it_does_not_touch_as_they_were(monkeypatch):
+    """An eviction and a load of another layout in the same slot (a server's detach + attach): the layers that hold
+    neither adapter see a new slot order but do not even work out their slots' state again (let alone update or
+    rebuild anything); the others do, and every row still equals its adapter alone."""
+    held = _model(["qv", "all"], hold=True)
+    held.add_adapter("up", pk.LoraConfig(r=4, target_modules=["up_proj"], inference_mode=True))
+    randomize_b(held, "up", seed=5)
+    _mixed(held, ["qv", "all", "up"])
+    cache, updated, checked = type(next(layer for _, layer in held.adapter_layers())._stacks), [], []
+    update, built = cache._update, cache._built
+    monkeypatch.setattr(cache, "_update", lambda self, layer, *a: updated.append(layer) or update(self, layer, *a))
+    monkeypatch.setattr(cache, "_built", lambda self, *a: checked.append(id(self)) or built(self, *a))
+    touched = {id(layer) for _, layer in held.adapter_layers() if "qv" in getattr(layer, "r", {})}
+    held.delete_adapter("qv")
+    held.add_adapter("emb", pk.LoraConfig(**SHAPES["emb"], inference_mode=True))  # into qv's slot, another layout
+    randomize_b(held, "emb", seed=6)
+    assert held._slots.names == ["emb", "all", "up"]
+    _mixed(held, ["emb", "all", "up"])
+    touched |= {id(layer) for _, layer in held.adapter_layers() if "emb" in getattr(layer, "r", {})}
+    lora = [layer for _, layer in held.adapter_layers() if isinstance(layer, (LoraLayer, LoraEmbedding))]
+    assert updated and {id(layer) for layer in updated} <= touched < {id(layer) for layer in lora}
+    assert set(checked) == {id(layer._stacks) for layer in lora if id(layer) in touched}
+    monkeypatch.undo()
+    assert_mixed_equals_solo(held, ["emb", "all", "up"])
+
+
 def test_trainable_adapters_and_other_bases_keep_their_own_parameters():
     pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj"]), "trained")
     pm.add_adapter("frozen", pk.LoraConfig(r=4, target_modules=["q_proj"], inference_mode=True))
