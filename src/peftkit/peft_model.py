@@ -113,8 +113,13 @@ class PeftModel(AdapterLoading, nn.Module):
     def _eval_new_modules(self, adapter_name: str) -> None:
         """Put the modules just made for ``adapter_name`` (created in training mode) in eval mode like the rest of
         this model: otherwise an adapter added to a model in eval mode would run its dropout at inference. Cheaper
-        than ``eval()``, which walks every adapter's modules (0.1 s per load with 16 adapters on SmolLM2-135M)."""
-        for _, module in module_tree(self.base_model):
+        than ``eval()``, which walks every adapter's modules (0.1 s per load with 16 adapters on SmolLM2-135M). A
+        method with adapter layers makes nothing outside them, so only the layers are visited (a walk of the whole
+        model took 6 ms of each server load with 16 LoRA adapters); prompt and prefix tuning, which keep their
+        modules elsewhere in the model, get the whole walk."""
+        tree = self._layer_tree()
+        in_layers = any(adapter_name in layer.adapter_names for _, layer in tree)
+        for _, module in tree if in_layers else module_tree(self.base_model):
             if module.training:
                 module.training = False
             if isinstance(module, AdapterLayer):  # its stores (lora_A, lora_dropout, ...): the new adapter's entries
@@ -175,11 +180,12 @@ class PeftModel(AdapterLoading, nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(self.peft_config)}")
         if len(self.peft_config) == 1:
             raise ValueError("cannot delete the only adapter; use unload() to get the plain base model back")
-        self._tree = ((), [])
-        for _, layer in self.adapter_layers():
+        tree = self._layer_tree()  # (a deletion leaves every adapter layer where it is: the same tree serves after it)
+        for _, layer in tree:
             layer.delete_adapter(adapter_name)
         tuner_for(self.peft_config[adapter_name]).delete_adapter(self.base_model, adapter_name)
         del self.peft_config[adapter_name]
+        self._tree = (tuple(self.peft_config), tree)
         self._slots.free(adapter_name)
         trainable = lambda names: {n for n in names if n != adapter_name and not self.peft_config[n].inference_mode}  # noqa: E731
         was, active = trainable(self._active), [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]

@@ -181,8 +181,9 @@ class _LoraLayerBase:
         if r > A.shape[1]:
             return False
         if not (r and self._held_at(stacks, slot, adapter_name)):
-            A[slot].zero_()
-            B[slot].zero_()
+            if r < A.shape[1]:  # (at the stacks' full rank the copy below overwrites the whole slot)
+                A[slot].zero_()
+                B[slot].zero_()
             if r:
                 A_name, B_name = self.factor_tensors(adapter_name)
                 A[slot, :r] = A_name
@@ -209,7 +210,12 @@ class _LoraLayerBase:
 
     def _held_at(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
         A_name, B_name = self.factor_tensors(adapter_name)
-        return A_name.data_ptr() == stacks[0][slot].data_ptr() and B_name.data_ptr() == stacks[1][slot].data_ptr()
+        return A_name.data_ptr() == _slot_address(stacks[0], slot) and B_name.data_ptr() == _slot_address(stacks[1], slot)
+
+
+def _slot_address(stack: torch.Tensor, slot: int) -> int:
+    """Where ``stack[slot]`` starts in memory, without making the view (this runs for every touched layer of a load)."""
+    return stack.data_ptr() + slot * stack.stride(0) * stack.element_size()
 
 
 def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
