@@ -26,9 +26,10 @@ def reference(y, x, A, B, scale, rows, slots):
 
 @pytest.mark.parametrize("dtype,out_dtype,tol", [(torch.float32, torch.float32, 1e-5), (torch.float64, torch.float64, 1e-12),
                                                  (torch.bfloat16, torch.bfloat16, 2e-2), (torch.float32, torch.bfloat16, 2e-2)])
-def test_lora_rows_kernel_is_the_formula(dtype, out_dtype, tol):
+@pytest.mark.parametrize("r", [1, 2, 4, 6, 8, 16, 40])  # (ranks up to 16 take unrolled loops of their own; 6, 40 the general one)
+def test_lora_rows_kernel_is_the_formula(dtype, out_dtype, tol, r):
     g = torch.Generator().manual_seed(0)
-    S, r, d_in, d_out, R = 5, 6, 37, 23, 7  # (odd sizes: the vectorized loops' remainders)
+    S, d_in, d_out, R = 5, 37, 23, 7  # (odd sizes: the vectorized loops' remainders)
     A, B = torch.randn(S, r, d_in, generator=g).to(dtype), torch.randn(S, d_out, r, generator=g).to(dtype)
     x, y = torch.randn(R, d_in, generator=g).to(dtype), torch.randn(R, d_out, generator=g).to(out_dtype)
     scale = torch.tensor([0.0, 0.5, 2.0, 1.5, 0.25], dtype=torch.float64 if dtype == torch.float64 else torch.float32)

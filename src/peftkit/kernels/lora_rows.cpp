@@ -22,6 +22,43 @@
 
 namespace {
 
+// y[o] += <B[o, :], h> for o in [begin, end), B row-major (out, r). For r <= 16 (the usual LoRA ranks) r is made a
+// compile-time constant: the k loop unrolls and the compiler vectorizes across outputs, reading B's rows as
+// interleaved groups. A runtime-length dot product of 8 per output paid a horizontal reduction for each output
+// instead: this half of the update then took 5-15x the time of the other (A's dot products of length `in`), and
+// the whole kernel 1.5-7x what it takes now on SmolLM2-135M's shapes at 7-14 rows (AMD EPYC). From r = 32 on, the
+// unrolled form is slower than the plain reduction, which then has enough length to vectorize.
+template <int R, typename W, typename Acc, typename Y>
+void add_B_fixed(const W* Bs, const Acc* h, Y* yr, int64_t begin, int64_t end) {
+  Acc hh[R];
+  for (int k = 0; k < R; ++k) hh[k] = h[k];
+  for (int64_t o = begin; o < end; ++o) {
+    const W* bo = Bs + o * R;
+    Acc acc = 0;
+    for (int k = 0; k < R; ++k) acc += static_cast<Acc>(bo[k]) * hh[k];
+    yr[o] = static_cast<Y>(static_cast<at::opmath_type<Y>>(yr[o]) + acc);
+  }
+}
+
+template <typename W, typename Acc, typename Y>
+void add_B(const W* Bs, const Acc* h, Y* yr, int64_t r, int64_t begin, int64_t end) {
+  switch (r) {
+    case 1: return add_B_fixed<1>(Bs, h, yr, begin, end);
+    case 2: return add_B_fixed<2>(Bs, h, yr, begin, end);
+    case 4: return add_B_fixed<4>(Bs, h, yr, begin, end);
+    case 8: return add_B_fixed<8>(Bs, h, yr, begin, end);
+    case 16: return add_B_fixed<16>(Bs, h, yr, begin, end);
+    default:
+      for (int64_t o = begin; o < end; ++o) {
+        const W* bo = Bs + o * r;
+        Acc acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < r; ++k) acc += static_cast<Acc>(bo[k]) * h[k];
+        yr[o] = static_cast<Y>(static_cast<at::opmath_type<Y>>(yr[o]) + acc);
+      }
+  }
+}
+
 template <typename W, typename Y>
 void lora_rows_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                     const at::Tensor& scale, const at::Tensor& rows, const at::Tensor& slots) {
@@ -51,16 +88,7 @@ void lora_rows_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, con
   // its part of every row's B once
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
     for (int64_t j = 0; j < n; ++j) {
-      const W* Bs = Bp + ip[j] * out * r;
-      const Acc* hj = h.data() + j * r;
-      Y* yr = yp + rp[j] * out;
-      for (int64_t o = begin; o < end; ++o) {
-        const W* bo = Bs + o * r;
-        Acc acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < r; ++k) acc += static_cast<Acc>(bo[k]) * hj[k];
-        yr[o] = static_cast<Y>(static_cast<at::opmath_type<Y>>(yr[o]) + acc);
-      }
+      add_B(Bp + ip[j] * out * r, h.data() + j * r, yp + rp[j] * out, r, begin, end);
     }
   });
 }
