@@ -15,24 +15,37 @@ import warnings
 from torch import nn
 
 
-def tied_with(model: nn.Module, module: nn.Module) -> dict[str, list[str]]:
+def shared_parameters(model: nn.Module) -> dict[int, list[tuple[int, str]]]:
+    """Every parameter that appears in more than one place of ``model``: id -> (id of the owning module, dotted path)
+    of each place. One walk of the model, which callers checking many modules do once (see :func:`tied_with`)."""
+    places: dict[int, list[tuple[int, str]]] = {}
+    for owner_name, owner in model.named_modules(remove_duplicate=False):
+        for name, p in owner.named_parameters(recurse=False):
+            places.setdefault(id(p), []).append((id(owner), f"{owner_name}.{name}" if owner_name else name))
+    return {key: where for key, where in places.items() if len(where) > 1}
+
+
+def tied_with(model: nn.Module, module: nn.Module, shared: dict[int, list[tuple[int, str]]] | None = None
+              ) -> dict[str, list[str]]:
     """For each of ``module``'s own parameters that another module of ``model`` shares: its name -> the other
-    places it appears (dotted parameter paths)."""
-    own = {id(p): name for name, p in module.named_parameters(recurse=False)}
+    places it appears (dotted parameter paths). ``shared``: :func:`shared_parameters` of ``model`` when the caller
+    has it (a walk of the whole model per module checked cost a server a third of each adapter load: 210 modules
+    of SmolLM2-135M)."""
+    shared = shared_parameters(model) if shared is None else shared
     inside = {id(m) for m in module.modules()}
     found: dict[str, list[str]] = {}
-    for owner_name, owner in model.named_modules(remove_duplicate=False):
-        if id(owner) in inside:
-            continue
-        for name, p in owner.named_parameters(recurse=False):
-            if id(p) in own:
-                found.setdefault(own[id(p)], []).append(f"{owner_name}.{name}" if owner_name else name)
+    for name, p in module.named_parameters(recurse=False):
+        others = [path for owner, path in shared.get(id(p), ()) if owner not in inside]
+        if others:
+            found[name] = others
     return found
 
 
-def warn_if_tied(model: nn.Module, module_name: str, module: nn.Module, method: str) -> None:
-    """Warn that ``method`` targets a module whose weight is tied to another module's."""
-    for name, others in tied_with(model, module).items():
+def warn_if_tied(model: nn.Module, module_name: str, module: nn.Module, method: str,
+                 shared: dict[int, list[tuple[int, str]]] | None = None) -> None:
+    """Warn that ``method`` targets a module whose weight is tied to another module's (``shared``: see
+    :func:`tied_with`)."""
+    for name, others in tied_with(model, module, shared).items():
         warnings.warn(
             f"{method} targets {module_name}, whose {name} is tied to (shared with) {', '.join(others)} "
             "(tie_word_embeddings=True). Unmerged this is fine; merging unties it first (the merged model holds its "

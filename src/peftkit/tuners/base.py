@@ -23,7 +23,7 @@ from torch import nn
 
 from ..base_layers import is_linear
 from ..families import head_names, layer_containers
-from ..tying import warn_if_tied
+from ..tying import shared_parameters, warn_if_tied
 from .layer import AdapterLayer, LayerTree, ModulesToSaveWrapper, model_layer, module_tree
 
 BASE = "__base__"  # the adapter name that means "no adapter" in mixed batches
@@ -266,6 +266,7 @@ class Tuner:
         A module that holds another method's adapters gets this method's layer around that one (LoRA rows and
         (IA)^3 rows on one ``v_proj``): each layer leaves rows and active sets that are not its own to the layer
         it wraps, so the methods never see each other's adapters."""
+        shared = None  # (the model's tied parameters, found once, when a module is first wrapped)
         for name in self.target_names(model, config):
             module = model.get_submodule(name)
             layer = next((m for m in _layer_chain(module) if isinstance(m, self.layer_cls)), None)
@@ -273,7 +274,8 @@ class Tuner:
                 if isinstance(module, ModulesToSaveWrapper):
                     raise ValueError(f"{name} is in modules_to_save (trained in full); it cannot take {self.peft_type} adapters")
                 if not isinstance(module, AdapterLayer):
-                    warn_if_tied(model, name, module, type(config).__name__)
+                    shared = shared_parameters(model) if shared is None else shared
+                    warn_if_tied(model, name, module, type(config).__name__, shared)
                 layer = self.make_layer(module, config, name)
                 parent, child = get_submodule_parent(model, name)
                 setattr(parent, child, layer)
