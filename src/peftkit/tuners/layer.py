@@ -82,6 +82,10 @@ class AdapterLayer(nn.Module, abc.ABC):
     def adapter_names(self) -> list[str]:
         return list(getattr(self, self.adapter_attrs[0]).keys())
 
+    def holds(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` is here (without listing the names: asked of every layer in each load)."""
+        return adapter_name in getattr(self, self.adapter_attrs[0])
+
     @property
     def has_adapters(self) -> bool:
         """Whether any adapter is left here (asked in every forward: cheaper than listing the names)."""
