@@ -70,7 +70,7 @@ class AdapterLoading:
         tuner.check_loadable(config)
         with self._undone_on_error(adapter_name, config):
             self._add_adapter(adapter_name, config, init=False)  # (copy_checked fills every new tensor or refuses)
-            optional = tuner.optional_tensors(self.base_model, adapter_name, config)
+            optional = tuner.optional_tensors(self.base_model, adapter_name, config, self._layer_tree())
             checkpoint.copy_checked(self.adapter_tensors(adapter_name), tensors, source, optional)
 
     @contextmanager
@@ -78,7 +78,7 @@ class AdapterLoading:
         """Run a block that adds ``adapter_name``; if it raises, restore the model to what it was before the block:
         the adapter's traces removed, the active set and every parameter's ``requires_grad`` as they were."""
         existed = adapter_name in self.peft_config  # add_adapter refuses it then, before changing anything
-        layers = [layer for _, layer in self.adapter_layers()]
+        layers = [layer for _, layer in self._layer_tree()]
         # the model's own parameters and the adapters' that adding one may change (_apply_active's `only`)
         flags = [(p, p.requires_grad) for _, m in module_tree(self.base_model) for p in m._parameters.values() if p is not None]
         active = list(self._active)
@@ -105,7 +105,7 @@ class AdapterLoading:
         tuner_for(config).delete_adapter(self.base_model, adapter_name)
         self.peft_config.pop(adapter_name, None)
         self._slots.free(adapter_name)
-        self._tree = ((), [])
+        self._tree = (None, [])
 
     def replace_adapter(self, old: str, new: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
                         source: str | os.PathLike = "tensors") -> bool:
@@ -140,7 +140,7 @@ class AdapterLoading:
         self.peft_config = {(new if n == old else n): (config if n == old else c) for n, c in self.peft_config.items()}
         if new != old:
             self._slots.rename(old, new)
-            self._tree = ((), [])
+            self._tree = (None, [])
         # the layers renamed old's entries, their active lists included; its parameters are new's, and their
         # requires_grad is right as it is unless new trains where old did not (or the other way round)
         same_training = old not in self._active or was.inference_mode == config.inference_mode

@@ -49,7 +49,7 @@ class PeftModel(AdapterLoading, nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._disabled = False  # inside disable_adapter(): the base model alone
-        self._tree: tuple[tuple[str, ...], LayerTree] = ((), [])  # _layer_tree's memo
+        self._tree: tuple[tuple[str, ...] | None, LayerTree] = (None, [])  # _layer_tree's memo (None: walk again)
         self._slots = Slots()  # each adapter's slot in mixed batches (tuners/layer.py)
         # a server's choice: frozen adapters' weights live only in the mixed-batch stacks (LoRA), so they exist once;
         # their parameters are then views of slots (saving copies them out as usual), and when the stacks were built
@@ -100,7 +100,7 @@ class PeftModel(AdapterLoading, nn.Module):
         if not self.peft_config:  # the first adapter: from now on only adapters train
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
-        self._tree = ((), [])  # the module tree changes: find the adapter layers again
+        self._tree = (None, [])  # the module tree changes: find the adapter layers again
         tuner_for(config).inject(self.base_model, config, adapter_name, init=init)
         if config.modules_to_save:
             self._wrap_modules_to_save(config, adapter_name)

@@ -303,8 +303,10 @@ class Tuner:
                 out[f"{FILE_PREFIX}{name}.{key}"] = value
         return out
 
-    def optional_tensors(self, model: nn.Module, adapter_name: str, config: PeftConfig) -> dict[str, torch.Tensor]:
-        """Tensors a file may carry beyond the adapter's own (loaded when present, never required or saved)."""
+    def optional_tensors(self, model: nn.Module, adapter_name: str, config: PeftConfig,
+                         tree: LayerTree | None = None) -> dict[str, torch.Tensor]:
+        """Tensors a file may carry beyond the adapter's own (loaded when present, never required or saved);
+        ``tree`` as for :meth:`layers`."""
         return {}
 
     def check_loadable(self, config: PeftConfig) -> None:

@@ -485,11 +485,12 @@ class LoraTuner(Tuner):
                 layer.lora_dropout[new] = dropout.train(layer.training)
         return True
 
-    def optional_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
+    def optional_tensors(self, model: nn.Module, adapter_name: str, config: LoraConfig,
+                         tree: LayerTree | None = None) -> dict[str, torch.Tensor]:
         # HF PEFT saves the full embedding matrix of LoRA-wrapped embeddings (in case the vocabulary was resized)
         return {
             f"{FILE_PREFIX}{name}.base_layer.weight": layer.model_layer.weight.detach()
-            for name, layer in self.layers(model)
+            for name, layer in self.layers(model, tree)
             if isinstance(layer, LoraEmbedding)
         }
 
