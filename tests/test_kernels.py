@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from test_lora import X, assert_mixed_equals_solo, logits, randomize_b
+from test_serve_fused import _apart_and_fused, _registry
 
 import peftkit as pk
 from peftkit import kernels
@@ -81,6 +82,24 @@ def test_mixed_lora_batches_run_the_kernel_and_agree_with_the_gather_path(monkey
     assert kernels.status().startswith("CPU kernels off")
     gathered = logits(pm, one_token, adapter_names=names)
     assert not calls and (with_kernel - gathered).abs().max().item() < 1e-5
+
+
+def test_a_fused_step_takes_the_kernel_for_every_token_and_agrees_with_the_runs_path(monkeypatch):
+    """A fused serving step (the running rows' next tokens, then each newcomer's prompt as a run of its adapter)
+    makes one kernel call per mixed LoRA layer for all its tokens, prompts included; its logits equal the decode
+    step and the prefills apart, and the PyTorch path's (PEFTKIT_CPU_KERNELS=0: a matmul per run, which is all
+    this step is made of, as the two running rows share an adapter)."""
+    rows, prompts = ["lora-all", "lora-all"], [[5, 9, 11], [3, 7, 5, 9]]
+    newcomers = [("lora-qv", [4, 8, 15, 16, 23, 42]), ("lora-all", [7, 7, 1, 5])]
+    calls = counting(monkeypatch)
+    out = _apart_and_fused(_registry(), rows, prompts, newcomers)
+    assert len(calls) == 14  # the fused step alone (the others have one adapter a row): 2 layers x 7 linear layers
+    assert (out["fused"][: len(rows)] - out["decoded"]).abs().max().item() < 1e-5
+    for k, alone in enumerate(out["alone"]):
+        assert (out["fused"][len(rows) + k] - alone[0]).abs().max().item() < 1e-5
+    monkeypatch.setenv("PEFTKIT_CPU_KERNELS", "0")
+    runs = _apart_and_fused(_registry(), rows, prompts, newcomers)["fused"]
+    assert len(calls) == 14 and (out["fused"] - runs).abs().max().item() < 1e-5
 
 
 def test_a_machine_that_cannot_build_it_keeps_the_pytorch_path(tmp_path):
