@@ -29,8 +29,8 @@ def tied_with(model: nn.Module, module: nn.Module, shared: dict[int, list[tuple[
               ) -> dict[str, list[str]]:
     """For each of ``module``'s own parameters that another module of ``model`` shares: its name -> the other
     places it appears (dotted parameter paths). ``shared``: :func:`shared_parameters` of ``model`` when the caller
-    has it (a walk of the whole model per module checked cost a server a third of each adapter load: 210 modules
-    of SmolLM2-135M)."""
+    has it (a walk of the whole model per module checked made wrapping SmolLM2-135M's 210 linear modules cost 230 ms
+    in these checks, against 2.4 ms with one walk)."""
     shared = shared_parameters(model) if shared is None else shared
     inside = {id(m) for m in module.modules()}
     found: dict[str, list[str]] = {}
