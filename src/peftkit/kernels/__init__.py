@@ -67,17 +67,17 @@ def add_lora_rows(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     not measured since).
 
     Shapes: y (rows, [1,] out), x (rows, [1,] in), A (S, r, in), B (S, out, r), scale (S,)."""
-    if torch.is_grad_enabled() or y.device.type != "cpu" or not y.is_contiguous():
+    if torch.is_grad_enabled() or not y.is_cpu or not y.is_contiguous() or x.shape[1:-1].numel() != 1:
         return False
-    if x.shape[1:-1].numel() != 1 or not (A.is_contiguous() and B.is_contiguous()):
+    if not (A.is_contiguous() and B.is_contiguous()):
         return False
     op = lora_rows()
     if op is None:
         return False
-    x = x.to(A.dtype).contiguous()
-    rows = torch.arange(x.shape[0]) if rows is None else rows
+    # (this runs in every mixed LoRA layer of every step: each conversion is made only where it changes something)
+    x = x.contiguous() if x.dtype == A.dtype else x.to(A.dtype).contiguous()
     accumulate = torch.float64 if A.dtype == torch.float64 else torch.float32
-    op(y.view(y.shape[0], y.shape[-1]), x.view(x.shape[0], x.shape[-1]), A, B, scale.to(accumulate), rows, slots)
+    op(y, x, A, B, scale if scale.dtype == accumulate else scale.to(accumulate), rows, slots)
     return True
 
 

@@ -2,7 +2,8 @@
 //
 //   y[rows[j]] += scale[s] * B[s] (A[s] x[rows[j]])      s = slots[j]
 //
-// x: (R, in)   y: (R, out)   A: (S, r, in)   B: (S, out, r)   rows, slots: (n,) int64
+// x: (R, in)   y: (R, out)   A: (S, r, in)   B: (S, out, r)   rows (absent: every row in turn), slots: (n,) int64
+// (x and y may carry more axes of size 1 between, as (R, 1, in): a decode step's rows, taken as they come)
 // scale: (S,) in the accumulation dtype: float64 for float64 factors, float32 for the rest
 //
 // Why a kernel: the Python path copies each row's factors out of the stacks (index_select) and then runs two
@@ -61,14 +62,13 @@ void add_B(const W* Bs, const Acc* h, Y* yr, int64_t r, int64_t begin, int64_t e
 
 template <typename W, typename Y>
 void lora_rows_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                    const at::Tensor& scale, const at::Tensor& rows, const at::Tensor& slots) {
-  const int64_t n = rows.numel(), in = x.size(1), out = y.size(1), r = A.size(1);
+                    const at::Tensor& scale, const int64_t* rp, const at::Tensor& slots) {
+  const int64_t n = slots.numel(), in = x.size(-1), out = y.size(-1), r = A.size(1);
   using Acc = at::opmath_type<W>;
   const W* xp = x.data_ptr<W>();
   const W* Ap = A.data_ptr<W>();
   const W* Bp = B.data_ptr<W>();
   const Acc* sp = scale.data_ptr<Acc>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* ip = slots.data_ptr<int64_t>();
   Y* yp = y.data_ptr<Y>();
   // h[j, k] = scale[s] * <A[s, k], x[rows[j]]>: one dot product of length `in` per item
@@ -77,7 +77,7 @@ void lora_rows_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, con
     for (int64_t item = begin; item < end; ++item) {
       const int64_t j = item / r, k = item % r, s = ip[j];
       const W* a = Ap + (s * r + k) * in;
-      const W* xr = xp + rp[j] * in;
+      const W* xr = xp + (rp ? rp[j] : j) * in;
       Acc acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t c = 0; c < in; ++c) acc += static_cast<Acc>(a[c]) * static_cast<Acc>(xr[c]);
@@ -88,34 +88,38 @@ void lora_rows_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, con
   // its part of every row's B once
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
     for (int64_t j = 0; j < n; ++j) {
-      add_B(Bp + ip[j] * out * r, h.data() + j * r, yp + rp[j] * out, r, begin, end);
+      add_B(Bp + ip[j] * out * r, h.data() + j * r, yp + (rp ? rp[j] : j) * out, r, begin, end);
     }
   });
 }
 
 void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& scale,
-                const at::Tensor& rows, const at::Tensor& slots) {
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && A.dim() == 3 && B.dim() == 3, "lora_rows_: x, y must be 2-D, A, B 3-D");
+                const std::optional<at::Tensor>& rows, const at::Tensor& slots) {
+  TORCH_CHECK(x.dim() >= 2 && y.dim() == x.dim() && A.dim() == 3 && B.dim() == 3 &&
+                  x.numel() == x.size(0) * x.size(-1) && y.numel() == y.size(0) * y.size(-1),
+              "lora_rows_: x, y must be (rows, [1, ...,] features), A, B 3-D");
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && A.is_contiguous() && B.is_contiguous() &&
-                  scale.is_contiguous() && rows.is_contiguous() && slots.is_contiguous(),
+                  scale.is_contiguous() && (!rows || rows->is_contiguous()) && slots.is_contiguous(),
               "lora_rows_: every tensor must be contiguous");
   TORCH_CHECK(x.scalar_type() == A.scalar_type() && B.scalar_type() == A.scalar_type(),
               "lora_rows_: x, A and B must share a dtype");
   TORCH_CHECK(scale.scalar_type() == (A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
               "lora_rows_: scale must be float64 for float64 factors, else float32");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "lora_rows_: rows and slots must be int64");
-  TORCH_CHECK(x.size(0) == y.size(0) && A.size(2) == x.size(1) && B.size(1) == y.size(1) &&
+  TORCH_CHECK((!rows || rows->scalar_type() == at::kLong) && slots.scalar_type() == at::kLong,
+              "lora_rows_: rows and slots must be int64");
+  TORCH_CHECK(x.size(0) == y.size(0) && A.size(2) == x.size(-1) && B.size(1) == y.size(-1) &&
                   B.size(2) == A.size(1) && B.size(0) == A.size(0) && scale.numel() == A.size(0) &&
-                  rows.numel() == slots.numel(),
+                  (rows ? rows->numel() == slots.numel() : slots.numel() == x.size(0)),
               "lora_rows_: shapes do not agree");
-  for (int64_t j = 0; j < rows.numel(); ++j) {  // (a bad index would write outside y: check, it costs nothing)
-    const int64_t row = rows.data_ptr<int64_t>()[j], slot = slots.data_ptr<int64_t>()[j];
+  const int64_t* rp = rows ? rows->data_ptr<int64_t>() : nullptr;
+  for (int64_t j = 0; j < slots.numel(); ++j) {  // (a bad index would write outside y: check, it costs nothing)
+    const int64_t row = rp ? rp[j] : j, slot = slots.data_ptr<int64_t>()[j];
     TORCH_CHECK(row >= 0 && row < x.size(0) && slot >= 0 && slot < A.size(0), "lora_rows_: row or slot out of range");
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, A.scalar_type(), "lora_rows_", [&] {
     using W = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "lora_rows_", [&] {
-      lora_rows_impl<W, scalar_t>(y, x, A, B, scale, rows, slots);
+      lora_rows_impl<W, scalar_t>(y, x, A, B, scale, rp, slots);
     });
   });
 }
@@ -123,7 +127,7 @@ void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at
 }  // namespace
 
 TORCH_LIBRARY(peftkit, m) {
-  m.def("lora_rows_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor rows, Tensor slots) -> ()");
+  m.def("lora_rows_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor? rows, Tensor slots) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(peftkit, CPU, m) { m.impl("lora_rows_", lora_rows_); }

@@ -328,14 +328,16 @@ class StackedAdapterLayer(AdapterLayer):
         self._stacks.forget(new)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.bypass() or not self.has_adapters:  # (a layer whose adapters were all deleted stays wrapped)
+        mixed = self.mixed  # (each check below runs in every wrapped layer of every step: they are kept few)
+        if self.bypass() or mixed is None and not self.has_adapters:  # (a layer whose adapters were all deleted stays wrapped)
             return self.base_layer(x, *args, **kwargs)
-        if self.mixed is not None and self.mixed.per_token:  # one flat sequence: each token is a row
-            out = self.mixed_forward(x.reshape(-1, 1, *x.shape[2:]), self._stacks.get(self, self.mixed.order), args, kwargs)
+        if mixed is None:
+            return self.active_forward(x, self.active_adapters, args, kwargs)
+        stacks = self._stacks.get(self, mixed.order)
+        if mixed.per_token:  # one flat sequence: each token is a row
+            out = self.mixed_forward(x.reshape(-1, 1, *x.shape[2:]), stacks, args, kwargs)
             return out.reshape(*x.shape[:2], *out.shape[2:])
-        if self.mixed is not None:
-            return self.mixed_forward(x, self._stacks.get(self, self.mixed.order), args, kwargs)
-        return self.active_forward(x, self.active_adapters, args, kwargs)
+        return self.mixed_forward(x, stacks, args, kwargs)
 
     @abc.abstractmethod
     def active_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -311,6 +311,8 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
         members = self.mixed.members(self._stacks.present, start, stop)
         if members is None:
             return True
+        if members is True and start == 0 and stop == x.shape[0]:  # every row: no slicing (as dear as the checks)
+            return kernels.add_lora_rows(result, x, *stacks, None, self.mixed.index)
         rows, index = (None, self.mixed.index[start:stop]) if members is True else members
         return kernels.add_lora_rows(result[start:stop], x[start:stop], *stacks, rows, index)
 
