@@ -18,20 +18,22 @@ pytestmark = pytest.mark.skipif(kernels.lora_rows() is None, reason=f"this machi
 
 
 def reference(y, x, A, B, scale, rows, slots):
-    """y[rows[j]] += scale[s] B[s] A[s] x[rows[j]], s = slots[j], by hand in float64."""
+    """y[rows[j]] += scale[s] B[s] A[s] x[rows[j]], s = slots[j], by hand in float64 (B given as the kernel takes it,
+    transposed: (S, r, out))."""
     out = y.double().clone()
     for row, s in zip(rows.tolist(), slots.tolist()):
-        out[row] += float(scale[s]) * (B[s].double() @ (A[s].double() @ x[row].double()))
+        out[row] += float(scale[s]) * (B[s].double().T @ (A[s].double() @ x[row].double()))
     return out
 
 
 @pytest.mark.parametrize("dtype,out_dtype,tol", [(torch.float32, torch.float32, 1e-5), (torch.float64, torch.float64, 1e-12),
                                                  (torch.bfloat16, torch.bfloat16, 2e-2), (torch.float32, torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("r", [1, 2, 4, 6, 8, 16, 40])  # (ranks up to 16 take unrolled loops of their own; 6, 40 the general one)
-def test_lora_rows_kernel_is_the_formula(dtype, out_dtype, tol, r):
+@pytest.mark.parametrize("r", [1, 2, 4, 6, 8, 16, 40])
+@pytest.mark.parametrize("d_out", [23, 601])  # (odd sizes: the vectorized loops' remainders; 601: tiles of 256 outputs)
+def test_lora_rows_kernel_is_the_formula(dtype, out_dtype, tol, r, d_out):
     g = torch.Generator().manual_seed(0)
-    S, d_in, d_out, R = 5, 37, 23, 7  # (odd sizes: the vectorized loops' remainders)
-    A, B = torch.randn(S, r, d_in, generator=g).to(dtype), torch.randn(S, d_out, r, generator=g).to(dtype)
+    S, d_in, R = 5, 37, 7
+    A, B = torch.randn(S, r, d_in, generator=g).to(dtype), torch.randn(S, r, d_out, generator=g).to(dtype)
     x, y = torch.randn(R, d_in, generator=g).to(dtype), torch.randn(R, d_out, generator=g).to(out_dtype)
     scale = torch.tensor([0.0, 0.5, 2.0, 1.5, 0.25], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     rows, slots = torch.tensor([0, 2, 3, 6]), torch.tensor([1, 4, 1, 2])  # rows 1, 4 and 5 untouched
@@ -41,13 +43,23 @@ def test_lora_rows_kernel_is_the_formula(dtype, out_dtype, tol, r):
     assert torch.equal(y[[1, 4, 5]].double(), expected[[1, 4, 5]])
 
 
+def test_lora_rows_kernel_takes_every_row_when_rows_is_absent_and_rows_of_one_token():
+    """rows None: row j through slots[j]; x and y as a decode step has them, (rows, 1, features)."""
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(4, 8, 19, generator=g), torch.randn(4, 8, 300, generator=g)
+    x, y, scale, slots = torch.randn(5, 1, 19, generator=g), torch.randn(5, 1, 300, generator=g), torch.rand(4), torch.tensor([3, 0, 1, 3, 2])
+    expected = reference(y[:, 0], x[:, 0], A, B, scale, torch.arange(5), slots)
+    kernels.lora_rows()(y, x, A, B, scale, None, slots)
+    assert (y[:, 0].double() - expected).abs().max().item() < 1e-5
+
+
 def test_lora_rows_kernel_refuses_bad_input_with_one_line():
-    A, B, x, y = torch.zeros(3, 2, 4), torch.zeros(3, 5, 2), torch.zeros(2, 4), torch.zeros(2, 5)
+    A, B, x, y = torch.zeros(3, 2, 4), torch.zeros(3, 2, 5), torch.zeros(2, 4), torch.zeros(2, 5)
     op = kernels.lora_rows()
     with pytest.raises(RuntimeError, match="row or slot out of range"):
         op(y, x, A, B, torch.ones(3), torch.tensor([0]), torch.tensor([3]))
     with pytest.raises(RuntimeError, match="shapes do not agree"):
-        op(y, x, A, torch.zeros(3, 6, 2), torch.ones(3), torch.tensor([0]), torch.tensor([1]))
+        op(y, x, A, torch.zeros(3, 2, 6), torch.ones(3), torch.tensor([0]), torch.tensor([1]))
     with pytest.raises(RuntimeError, match="scale must be float64 for float64 factors, else float32"):
         op(y, x, A, B, torch.ones(3, dtype=torch.float64), torch.tensor([0]), torch.tensor([1]))
 

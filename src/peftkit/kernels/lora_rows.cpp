@@ -2,7 +2,8 @@
 //
 //   y[rows[j]] += scale[s] * B[s] (A[s] x[rows[j]])      s = slots[j]
 //
-// x: (R, in)   y: (R, out)   A: (S, r, in)   B: (S, out, r)   rows (absent: every row in turn), slots: (n,) int64
+// x: (R, in)   y: (R, out)   A: (S, r, in)   B: (S, r, out), each adapter's B transposed (see add_B)
+// rows (absent: every row in turn), slots: (n,) int64
 // (x and y may carry more axes of size 1 between, as (R, 1, in): a decode step's rows, taken as they come)
 // scale: (S,) in the accumulation dtype: float64 for float64 factors, float32 for the rest
 //
@@ -19,44 +20,30 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
 
-// y[o] += <B[o, :], h> for o in [begin, end), B row-major (out, r). For r <= 16 (the usual LoRA ranks) r is made a
-// compile-time constant: the k loop unrolls and the compiler vectorizes across outputs, reading B's rows as
-// interleaved groups. A runtime-length dot product of 8 per output paid a horizontal reduction for each output
-// instead: this half of the update then took 5-15x the time of the other (A's dot products of length `in`), and
-// the whole kernel 1.5-7x what it takes now on SmolLM2-135M's shapes at 7-14 rows (AMD EPYC). From r = 32 on, the
-// unrolled form is slower than the plain reduction, which then has enough length to vectorize.
-template <int R, typename W, typename Acc, typename Y>
-void add_B_fixed(const W* Bs, const Acc* h, Y* yr, int64_t begin, int64_t end) {
-  Acc hh[R];
-  for (int k = 0; k < R; ++k) hh[k] = h[k];
-  for (int64_t o = begin; o < end; ++o) {
-    const W* bo = Bs + o * R;
-    Acc acc = 0;
-    for (int k = 0; k < R; ++k) acc += static_cast<Acc>(bo[k]) * hh[k];
-    yr[o] = static_cast<Y>(static_cast<at::opmath_type<Y>>(yr[o]) + acc);
-  }
-}
-
+// y[o] += sum_k h[k] B[k, o] for o in [begin, end), B row-major (r, out): one multiply-add along the outputs per
+// rank, which the compiler vectorizes for any r. The stacks hold B transposed for this: with B as (out, r), each
+// output needed a dot product of length r, which vectorizes badly at small r (a horizontal reduction per output, or
+// r-strided gathers), and this half of the update took 3-6x its time now at r = 6, 12, 32 or 40 (at r = 4, 8, 16,
+// with loops unrolled per rank, about 5-15% more; SmolLM2-135M's shapes, AMD EPYC).
 template <typename W, typename Acc, typename Y>
-void add_B(const W* Bs, const Acc* h, Y* yr, int64_t r, int64_t begin, int64_t end) {
-  switch (r) {
-    case 1: return add_B_fixed<1>(Bs, h, yr, begin, end);
-    case 2: return add_B_fixed<2>(Bs, h, yr, begin, end);
-    case 4: return add_B_fixed<4>(Bs, h, yr, begin, end);
-    case 8: return add_B_fixed<8>(Bs, h, yr, begin, end);
-    case 16: return add_B_fixed<16>(Bs, h, yr, begin, end);
-    default:
-      for (int64_t o = begin; o < end; ++o) {
-        const W* bo = Bs + o * r;
-        Acc acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < r; ++k) acc += static_cast<Acc>(bo[k]) * h[k];
-        yr[o] = static_cast<Y>(static_cast<at::opmath_type<Y>>(yr[o]) + acc);
-      }
+void add_B(const W* Bs, const Acc* h, Y* yr, int64_t r, int64_t out, int64_t begin, int64_t end) {
+  constexpr int64_t T = 256;  // outputs per tile, summed in Acc on the stack before y is touched
+  Acc acc[T];
+  for (int64_t o0 = begin; o0 < end; o0 += T) {
+    const int64_t len = std::min(T, end - o0);
+    for (int64_t t = 0; t < len; ++t) acc[t] = 0;
+    for (int64_t k = 0; k < r; ++k) {
+      const Acc hk = h[k];
+      const W* bk = Bs + k * out + o0;
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) acc[t] += hk * static_cast<Acc>(bk[t]);
+    }
+    for (int64_t t = 0; t < len; ++t) yr[o0 + t] = static_cast<Y>(static_cast<at::opmath_type<Y>>(yr[o0 + t]) + acc[t]);
   }
 }
 
@@ -84,11 +71,11 @@ void lora_rows_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, con
       h[item] = acc * sp[s];
     }
   });
-  // y[rows[j], o] += <B[s, o], h[j]>: the output features are split between threads, so that each thread reads
+  // y[rows[j], o] += sum_k h[j, k] B[s, k, o]: the output features are split between threads, so that each thread reads
   // its part of every row's B once
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
     for (int64_t j = 0; j < n; ++j) {
-      add_B(Bp + ip[j] * out * r, h.data() + j * r, yp + (rp ? rp[j] : j) * out, r, begin, end);
+      add_B(Bp + ip[j] * r * out, h.data() + j * r, yp + (rp ? rp[j] : j) * out, r, out, begin, end);
     }
   });
 }
@@ -107,8 +94,8 @@ void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at
               "lora_rows_: scale must be float64 for float64 factors, else float32");
   TORCH_CHECK((!rows || rows->scalar_type() == at::kLong) && slots.scalar_type() == at::kLong,
               "lora_rows_: rows and slots must be int64");
-  TORCH_CHECK(x.size(0) == y.size(0) && A.size(2) == x.size(-1) && B.size(1) == y.size(-1) &&
-                  B.size(2) == A.size(1) && B.size(0) == A.size(0) && scale.numel() == A.size(0) &&
+  TORCH_CHECK(x.size(0) == y.size(0) && A.size(2) == x.size(-1) && B.size(2) == y.size(-1) &&
+                  B.size(1) == A.size(1) && B.size(0) == A.size(0) && scale.numel() == A.size(0) &&
                   (rows ? rows->numel() == slots.numel() : slots.numel() == x.size(0)),
               "lora_rows_: shapes do not agree");
   const int64_t* rp = rows ? rows->data_ptr<int64_t>() : nullptr;

@@ -94,22 +94,23 @@ def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
 
 
 def _stack_factors(layer: LoraLayer | LoraEmbedding, order: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-    """The factors of every adapter in ``order`` stacked for one batched matmul: A (n, r_max, in), B (n, out, r_max)
-    and each one's scale alpha / r (n,), ranks zero-padded to r_max, all zeros for an adapter this layer lacks
-    (``layer.factor_tensors`` gives the per-adapter A: r x in, B: out x r). The scale stays apart from B so that a
-    server's adapters can live in their slots (:meth:`_LoraLayerBase.hold_in_slot`)."""
+    """The factors of every adapter in ``order`` stacked for one batched matmul: A (n, r_max, in), B transposed
+    (n, r_max, out) and each one's scale alpha / r (n,), ranks zero-padded to r_max, all zeros for an adapter this
+    layer lacks (``layer.factor_tensors`` gives the per-adapter A: r x in, B: out x r). B is kept transposed for the
+    CPU kernel, whose update then runs along the outputs (kernels/lora_rows.cpp). The scale stays apart from B so
+    that a server's adapters can live in their slots (:meth:`_LoraLayerBase.hold_in_slot`)."""
     names = [n for n in order if n in layer.r]
     r_max = max([layer.r[n] for n in names], default=1)
     first_A, first_B = layer.factor_tensors(next(iter(layer.r)))
     A = first_A.new_zeros(len(order), r_max, first_A.shape[1])
-    B = first_A.new_zeros(len(order), first_B.shape[0], r_max)
+    B = first_A.new_zeros(len(order), r_max, first_B.shape[0])
     scale = first_A.new_zeros(len(order))
     for i, name in enumerate(order):
         if name in layer.r:
             r = layer.r[name]
             A_name, B_name = layer.factor_tensors(name)
             A[i, :r] = A_name
-            B[i, :, :r] = B_name
+            B[i, :r] = B_name.T
             scale[i] = layer.scaling[name]
     return A, B, scale
 
@@ -178,7 +179,7 @@ class _LoraLayerBase:
             if r:
                 A_name, B_name = self.factor_tensors(adapter_name)
                 A[slot, :r] = A_name
-                B[slot, :, :r] = B_name
+                B[slot, :r] = B_name.T
         scale[slot] = self.scaling.get(adapter_name, 0.0)
         if self.mixed is not None and self.mixed.hold_in_slots:
             self.hold_in_slot(stacks, slot, adapter_name)
@@ -197,7 +198,7 @@ class _LoraLayerBase:
         if A_name.requires_grad or B_name.requires_grad or self._held_at(stacks, slot, adapter_name):
             return
         A_name.data = stacks[0][slot, :r]
-        B_name.data = stacks[1][slot, :, :r]
+        B_name.data = stacks[1][slot, :r].T  # (out, r), strided: the slot holds it transposed
 
     def _held_at(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
         A_name, B_name = self.factor_tensors(adapter_name)
@@ -295,7 +296,7 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
             if name not in self.r:  # the base, or an adapter that does not target this layer
                 return result
             h = F.linear(x.to(stacks[0].dtype), stacks[0][single]) * self.scaling[name]  # (rank-padded)
-            return result + F.linear(h, stacks[1][single]).to(result.dtype)
+            return result + (h @ stacks[1][single]).to(result.dtype)
         if self.mixed.segments and x.shape[0] == self.mixed.index.numel():  # a fused step: prompts are runs
             # the CPU kernel takes every token in one call, prompts too: 1.1-2.3x faster per layer than the runs'
             # matmuls (a run of 38 tokens, 14 decode rows; SmolLM2-135M's shapes), whose small rank makes them slow
@@ -324,7 +325,7 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
             name, (A, B, _) = self.mixed.order[slot], stacks
             if name not in self.r:
                 return result
-            delta = F.linear(F.linear(x[start:stop].to(A.dtype), A[slot]) * self.scaling[name], B[slot])
+            delta = (F.linear(x[start:stop].to(A.dtype), A[slot]) * self.scaling[name]) @ B[slot]
             return _added(result, delta, start, None)
         if self._rows_kernel(result, x, stacks, start, stop):
             return result
@@ -333,7 +334,7 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
         part = x[start:stop] if rows is None else x[start:stop].index_select(0, rows)
         A, B, scale = (gather_rows(stack, index, part.shape[0], self.mixed.scratch, f"lora{k}") for k, stack in enumerate(stacks))
         x3 = part.reshape(part.shape[0], -1, part.shape[-1]).to(A.dtype)
-        delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)) * scale[:, None, None], B.transpose(1, 2))
+        delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)) * scale[:, None, None], B)
         return _added(result, delta.reshape(*part.shape[:-1], self.out_features), start, rows)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -404,7 +405,7 @@ class LoraEmbedding(_LoraLayerBase, StackedAdapterLayer):
         h = A_T[rows.view(-1, *([1] * (x.dim() - 1))), x]  # (batch, ..., r_max): each row's own table
         b = stacks[1].index_select(0, rows)
         h = h.reshape(x.shape[0], -1, h.shape[-1]) * stacks[2].index_select(0, rows)[:, None, None]
-        delta = torch.bmm(h, b.transpose(1, 2))
+        delta = torch.bmm(h, b)
         return result + delta.reshape(result.shape)
 
 
