@@ -53,6 +53,21 @@ def test_lora_rows_kernel_takes_every_row_when_rows_is_absent_and_rows_of_one_to
     assert (y[:, 0].double() - expected).abs().max().item() < 1e-5
 
 
+def test_lora_rows_kernel_skips_each_slots_padding_given_its_rank():
+    """ranks[s] < r: slot s is its first ranks[s] rows of A and B, and the rest is never read (here it holds
+    garbage that would change the result)."""
+    g = torch.Generator().manual_seed(2)
+    ranks = torch.tensor([0, 3, 8, 1])
+    A, B = torch.randn(4, 8, 19, generator=g), torch.randn(4, 8, 40, generator=g)
+    x, y, scale, slots = torch.randn(6, 19, generator=g), torch.randn(6, 40, generator=g), torch.rand(4), torch.tensor([1, 2, 3, 0, 1, 2])
+    trimmed_A, trimmed_B = A.clone(), B.clone()
+    for s, k in enumerate(ranks.tolist()):
+        trimmed_A[s, k:], trimmed_B[s, k:] = 0, 0
+    expected = reference(y, x, trimmed_A, trimmed_B, scale, torch.arange(6), slots)
+    kernels.lora_rows()(y, x, A, B, scale, None, slots, ranks)
+    assert (y.double() - expected).abs().max().item() < 1e-5
+
+
 def test_lora_rows_kernel_refuses_bad_input_with_one_line():
     A, B, x, y = torch.zeros(3, 2, 4), torch.zeros(3, 2, 5), torch.zeros(2, 4), torch.zeros(2, 5)
     op = kernels.lora_rows()
@@ -60,6 +75,8 @@ def test_lora_rows_kernel_refuses_bad_input_with_one_line():
         op(y, x, A, B, torch.ones(3), torch.tensor([0]), torch.tensor([3]))
     with pytest.raises(RuntimeError, match="shapes do not agree"):
         op(y, x, A, torch.zeros(3, 2, 6), torch.ones(3), torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="a rank out of range"):
+        op(y, x, A, B, torch.ones(3), torch.tensor([0]), torch.tensor([1]), torch.tensor([0, 3, 1]))
     with pytest.raises(RuntimeError, match="scale must be float64 for float64 factors, else float32"):
         op(y, x, A, B, torch.ones(3, dtype=torch.float64), torch.tensor([0]), torch.tensor([1]))
 

@@ -57,7 +57,7 @@ def lora_rows() -> Callable | None:
 
 
 def add_lora_rows(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                  rows: torch.Tensor | None, slots: torch.Tensor) -> bool:
+                  rows: torch.Tensor | None, slots: torch.Tensor, ranks: torch.Tensor | None = None) -> bool:
     """``y[rows[j]] += scale[s] * B[s] A[s] x[rows[j]]`` (s = slots[j]; every row when ``rows`` is None) in place
     through :func:`lora_rows`, where it applies: autograd off, the CPU, one token per row (decode steps, and each
     token of a fused step) and ``y`` writable in place. False, with nothing done, otherwise: the caller's gather
@@ -66,7 +66,8 @@ def add_lora_rows(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     12 mixed adapters on SmolLM2-135M: 770 against 804 ms, measured before the kernel's second half was unrolled;
     not measured since).
 
-    Shapes: y (rows, [1,] out), x (rows, [1,] in), A (S, r, in), B (S, r, out) (transposed), scale (S,)."""
+    Shapes: y (rows, [1,] out), x (rows, [1,] in), A (S, r, in), B (S, r, out) (transposed), scale (S,); ranks
+    (S,), each slot's own rank, whose padding up to r is then skipped (None: r everywhere)."""
     if torch.is_grad_enabled() or not y.is_cpu or not y.is_contiguous() or x.shape[1:-1].numel() != 1:
         return False
     if not (A.is_contiguous() and B.is_contiguous()):
@@ -77,7 +78,7 @@ def add_lora_rows(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     # (this runs in every mixed LoRA layer of every step: each conversion is made only where it changes something)
     x = x.contiguous() if x.dtype == A.dtype else x.to(A.dtype).contiguous()
     accumulate = torch.float64 if A.dtype == torch.float64 else torch.float32
-    op(y, x, A, B, scale if scale.dtype == accumulate else scale.to(accumulate), rows, slots)
+    op(y, x, A, B, scale if scale.dtype == accumulate else scale.to(accumulate), rows, slots, ranks)
     return True
 
 

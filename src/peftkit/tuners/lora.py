@@ -30,6 +30,7 @@ from .base import (FILE_PREFIX, AdapterLayer, CliOption, PeftConfig, Tuner, chec
 from .layer import LayerTree, StackedAdapterLayer, Uninitialised, model_layer, module_tree
 from .mixed_batch import gather_rows
 from .lora_combine import add_weighted_lora
+from .lora_stacks import added, slot_address, stack_factors
 
 
 # why lora_alpha must be positive: the update is (alpha / r) B A, so alpha = 0 zeroes every LoRA gradient
@@ -93,28 +94,6 @@ def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _stack_factors(layer: LoraLayer | LoraEmbedding, order: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-    """The factors of every adapter in ``order`` stacked for one batched matmul: A (n, r_max, in), B transposed
-    (n, r_max, out) and each one's scale alpha / r (n,), ranks zero-padded to r_max, all zeros for an adapter this
-    layer lacks (``layer.factor_tensors`` gives the per-adapter A: r x in, B: out x r). B is kept transposed for the
-    CPU kernel, whose update then runs along the outputs (kernels/lora_rows.cpp). The scale stays apart from B so
-    that a server's adapters can live in their slots (:meth:`_LoraLayerBase.hold_in_slot`)."""
-    names = [n for n in order if n in layer.r]
-    r_max = max([layer.r[n] for n in names], default=1)
-    first_A, first_B = layer.factor_tensors(next(iter(layer.r)))
-    A = first_A.new_zeros(len(order), r_max, first_A.shape[1])
-    B = first_A.new_zeros(len(order), r_max, first_B.shape[0])
-    scale = first_A.new_zeros(len(order))
-    for i, name in enumerate(order):
-        if name in layer.r:
-            r = layer.r[name]
-            A_name, B_name = layer.factor_tensors(name)
-            A[i, :r] = A_name
-            B[i, :r] = B_name.T
-            scale[i] = layer.scaling[name]
-    return A, B, scale
-
-
 class _LoraLayerBase:
     """What LoRA's two layer classes share: each adapter's rank and scale, and the mixed-batch template's stacks
     (the scaled factors)."""
@@ -156,7 +135,7 @@ class _LoraLayerBase:
         return tuple(self.r.items()), tuple(self.scaling.items())
 
     def build_stacks(self, order: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-        stacks = _stack_factors(self, order)
+        stacks = stack_factors(self, order)
         if self.mixed is not None and self.mixed.hold_in_slots:
             for slot, name in enumerate(order):
                 self.hold_in_slot(stacks, slot, name)
@@ -168,7 +147,7 @@ class _LoraLayerBase:
     def fill_slot(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
         """Slot ``slot`` of (A, B, scale) := this adapter's factors zero-padded to the stacks' rank and its scale
         (zeros if absent); nothing to copy when its factors already live there."""
-        A, B, scale = stacks
+        A, B, scale, ranks = stacks
         r = self.r.get(adapter_name, 0)
         if r > A.shape[1]:
             return False
@@ -180,7 +159,7 @@ class _LoraLayerBase:
                 A_name, B_name = self.factor_tensors(adapter_name)
                 A[slot, :r] = A_name
                 B[slot, :r] = B_name.T
-        scale[slot] = self.scaling.get(adapter_name, 0.0)
+        scale[slot], ranks[slot] = self.scaling.get(adapter_name, 0.0), r
         if self.mixed is not None and self.mixed.hold_in_slots:
             self.hold_in_slot(stacks, slot, adapter_name)
         return True
@@ -202,12 +181,7 @@ class _LoraLayerBase:
 
     def _held_at(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
         A_name, B_name = self.factor_tensors(adapter_name)
-        return A_name.data_ptr() == _slot_address(stacks[0], slot) and B_name.data_ptr() == _slot_address(stacks[1], slot)
-
-
-def _slot_address(stack: torch.Tensor, slot: int) -> int:
-    """Where ``stack[slot]`` starts in memory, without making the view (this runs for every touched layer of a load)."""
-    return stack.data_ptr() + slot * stack.stride(0) * stack.element_size()
+        return A_name.data_ptr() == slot_address(stacks[0], slot) and B_name.data_ptr() == slot_address(stacks[1], slot)
 
 
 def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
@@ -216,22 +190,6 @@ def _merge_delta(layer: LoraLayer | LoraEmbedding, adapter_name: str) -> Undo:
     with torch.no_grad():
         delta = layer.delta_weight(adapter_name).float()
     return layer.kind.apply_update(layer.base_layer, lambda w: w + delta.to(w.dtype), lambda w: w - delta.to(w.dtype))
-
-
-def _added(result: torch.Tensor, delta: torch.Tensor, start: int, rows: torch.Tensor | None) -> torch.Tensor:
-    """``result`` with ``delta`` added to its rows from ``start`` on (to those ``rows`` after ``start`` when given):
-    in place when autograd is off (``result`` is the base layer's fresh output), else out of place."""
-    delta = delta.to(result.dtype)
-    if torch.is_grad_enabled():
-        if rows is None and start == 0 and delta.shape[0] == result.shape[0]:
-            return result + delta
-        rows = torch.arange(start, start + delta.shape[0], device=result.device) if rows is None else rows + start
-        return result.index_add(0, rows, delta)
-    if rows is None:
-        result[start : start + delta.shape[0]] += delta
-    else:
-        result[start:].index_add_(0, rows, delta)
-    return result
 
 
 class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
@@ -312,30 +270,31 @@ class LoraLayer(_LoraLayerBase, StackedAdapterLayer):
         members = self.mixed.members(self._stacks.present, start, stop)
         if members is None:
             return True
+        A, B, scale, ranks = stacks
         if members is True and start == 0 and stop == x.shape[0]:  # every row: no slicing (as dear as the checks)
-            return kernels.add_lora_rows(result, x, *stacks, None, self.mixed.index)
+            return kernels.add_lora_rows(result, x, A, B, scale, None, self.mixed.index, ranks)
         rows, index = (None, self.mixed.index[start:stop]) if members is True else members
-        return kernels.add_lora_rows(result[start:stop], x[start:stop], *stacks, rows, index)
+        return kernels.add_lora_rows(result[start:stop], x[start:stop], A, B, scale, rows, index, ranks)
 
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, stacks: tuple, start: int, stop: int,
                    slot: int | None) -> torch.Tensor:
         """``result`` plus the update of rows start:stop of ``x``: through ``slot``'s factors at once, or (slot None)
         each row through its own slot's gathered factors, only the rows whose adapter this layer holds."""
         if slot is not None:
-            name, (A, B, _) = self.mixed.order[slot], stacks
+            name, (A, B) = self.mixed.order[slot], stacks[:2]
             if name not in self.r:
                 return result
             delta = (F.linear(x[start:stop].to(A.dtype), A[slot]) * self.scaling[name]) @ B[slot]
-            return _added(result, delta, start, None)
+            return added(result, delta, start, None)
         if self._rows_kernel(result, x, stacks, start, stop):
             return result
         members = self.mixed.members(self._stacks.present, start, stop)  # (the kernel cannot run here: gather)
         rows, index = (None, self.mixed.index[start:stop]) if members is True else members
         part = x[start:stop] if rows is None else x[start:stop].index_select(0, rows)
-        A, B, scale = (gather_rows(stack, index, part.shape[0], self.mixed.scratch, f"lora{k}") for k, stack in enumerate(stacks))
+        A, B, scale = (gather_rows(stack, index, part.shape[0], self.mixed.scratch, f"lora{k}") for k, stack in enumerate(stacks[:3]))
         x3 = part.reshape(part.shape[0], -1, part.shape[-1]).to(A.dtype)
         delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)) * scale[:, None, None], B)
-        return _added(result, delta.reshape(*part.shape[:-1], self.out_features), start, rows)
+        return added(result, delta.reshape(*part.shape[:-1], self.out_features), start, rows)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
