@@ -63,8 +63,8 @@ def add_lora_rows(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     token of a fused step) and ``y`` writable in place. False, with nothing done, otherwise: the caller's gather
     path then runs (GPUs, training, no compiler). Rows of several tokens (a prefill) keep the gather too: its copy
     of a row's factors is shared by the row's tokens and its batched matmuls beat these loops there (16 prompts of
-    12 mixed adapters on SmolLM2-135M: 770 against 804 ms, measured before the kernel's second half was unrolled;
-    not measured since).
+    12 mixed adapters on SmolLM2-135M: 770 against 804 ms, measured with an earlier form of the kernel's second
+    half; not measured since).
 
     Shapes: y (rows, [1,] out), x (rows, [1,] in), A (S, r, in), B (S, r, out) (transposed), scale (S,); ranks
     (S,), each slot's own rank, whose padding up to r is then skipped (None: r everywhere)."""
