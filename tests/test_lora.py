@@ -222,6 +222,19 @@ def test_a_layer_gathers_only_the_rows_whose_adapter_it_holds():
     assert (out.detach() - again).abs().max().item() < 1e-6 and torch.isfinite(embeds.grad).all()
 
 
+def test_mixed_batch_with_an_adapter_added_under_inference_mode():
+    """An adapter added inside torch.inference_mode (its tensors then keep no version counter) serves in a mixed
+    batch like the others, each row equal to its solo run, and is seen when its weights' storage is replaced."""
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    pm.eval()
+    with torch.inference_mode():
+        pm.add_adapter("b", pk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        assert_mixed_equals_solo(pm, ["b", "a", "__base__"])
+        layer = pm.base_model.model.layers[0].self_attn.q_proj
+        layer.lora_B["b"].weight.data = torch.randn_like(layer.lora_B["b"].weight)
+        assert_mixed_equals_solo(pm, ["a", "b", "b"])
+
+
 def test_mixed_batch_gathers_reuse_one_buffer_only_without_autograd():
     """Per-row gathers go into the mixed batch's scratch buffers when autograd is off (the values of a fresh gather)
     and are fresh tensors while it records, so a backward pass through a mixed batch still works and agrees."""

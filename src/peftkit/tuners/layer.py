@@ -260,7 +260,11 @@ class StackCache:
         return self.value
 
     def _state(self) -> list[tuple[int, int]]:
-        return [(t._version, t.data_ptr()) for sources in self.sources for t in sources]
+        try:
+            return [(t._version, t.data_ptr()) for sources in self.sources for t in sources]
+        except RuntimeError:  # an adapter added under torch.inference_mode: its tensors keep no version (and can
+            # only change in place inside inference mode, which this cannot see; replacing them still shows)
+            return [(-1 if t.is_inference() else t._version, t.data_ptr()) for sources in self.sources for t in sources]
 
     def _built(self, state: list[tuple[int, int]]) -> list:
         """Each slot's (key, state of its sources), then a free entry for each slot past the last adapter."""
