@@ -235,6 +235,29 @@ def test_mixed_batch_with_an_adapter_added_under_inference_mode():
         assert_mixed_equals_solo(pm, ["a", "b", "b"])
 
 
+def test_mixed_batch_sees_replaced_weights_and_modules():
+    """Replacing an adapter's parameter or module object (not its values in place) is seen by the next mixed batch,
+    as are weights loaded with load_state_dict(assign=True); a new adapter's modules are not replacements."""
+    from peftkit.tuners.layer import Replacements
+
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    pm.add_adapter("b", pk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    pm.eval()
+    assert_mixed_equals_solo(pm, ["b", "a", "__base__"])
+    layer = pm.base_model.model.layers[0].self_attn.q_proj
+    layer.lora_B["b"].weight = nn.Parameter(torch.randn_like(layer.lora_B["b"].weight))
+    assert_mixed_equals_solo(pm, ["a", "b", "b"])
+    fresh = nn.Linear(2, layer.lora_B["b"].out_features, bias=False)
+    layer.lora_B["b"] = fresh
+    assert_mixed_equals_solo(pm, ["b", "a", "b"])
+    state = {k: torch.randn_like(v) for k, v in pm.state_dict().items() if "lora_A.a" in k}
+    pm.load_state_dict(state, strict=False, assign=True)
+    assert_mixed_equals_solo(pm, ["a", "__base__", "b"])
+    before = Replacements.count
+    pm.add_adapter("c", pk.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    assert Replacements.count == before
+
+
 def test_mixed_batch_gathers_reuse_one_buffer_only_without_autograd():
     """Per-row gathers go into the mixed batch's scratch buffers when autograd is off (the values of a fresh gather)
     and are fresh tensors while it records, so a backward pass through a mixed batch still works and agrees."""

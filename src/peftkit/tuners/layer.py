@@ -205,6 +205,32 @@ def module_tree(root: nn.Module, into_adapters: bool = True) -> Iterator[tuple[s
 LayerTree = list[tuple[str, AdapterLayer]]  # a model's adapter layers under their module paths, as module_tree walks them
 
 
+class Replacements:
+    """How many registered parameters or submodules of any module have been replaced by other objects in this process
+    (``layer.lora_B[name].weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``, ``lora_B[name] =
+    nn.Linear(...)``), counted by torch's global registration hooks. A :class:`StackCache` holds its sources by object,
+    and such a replacement leaves the old object unchanged: without this count the stacks would keep serving the old
+    weights. New names (every adapter added) do not count, nor do modules replaced outside adapter layers' own
+    containers (wrapping a model's layer, in this model or another), so loads stay as cheap as they were."""
+
+    count = 0
+
+    @classmethod
+    def seen(cls, module: nn.Module, name: str, value: Any) -> None:
+        if isinstance(value, nn.Parameter) or value is None and name in module._parameters:
+            old = module._parameters.get(name)
+        elif isinstance(module, (nn.ModuleDict, AdapterLayer)):
+            old = module._modules.get(name)
+        else:
+            return
+        if old is not None and old is not value:  # (the hooks run before the assignment)
+            cls.count += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(Replacements.seen)
+torch.nn.modules.module.register_module_module_registration_hook(Replacements.seen)
+
+
 class StackCache:
     """Per-adapter tensors stacked for mixed batches, one slot per adapter (``MixedBatch.order``), kept up to date
     slot by slot: loading or deleting an adapter rewrites its slot in place instead of rebuilding every slot (which
@@ -242,8 +268,10 @@ class StackCache:
 
     def get(self, layer: StackedAdapterLayer, order: tuple[str, ...]) -> tuple:
         # (the revision changes when an adapter is deleted: a new one of the same name is then a new slot entry)
-        structure = (order, layer.stack_signature(), layer.revision)
+        structure = (order, layer.stack_signature(), layer.revision, Replacements.count)
         if structure != self.structure:
+            if self.structure is not None and structure[3] != self.structure[3]:
+                self.entries.clear()  # (an object was replaced somewhere: look every source up again)
             self._assemble(layer, order)
             self.structure = structure
         state = self._state()
