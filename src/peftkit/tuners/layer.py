@@ -241,7 +241,8 @@ class StackCache:
     memo per adapter name that only a new name, or a deleted or renamed one (:meth:`forget`), looks up afresh (looking
     up every slot's tensors in every layer after each load cost a server 20-45 ms on the next step with 16 adapters);
     otherwise their version counters (bumped by every in-place write: optimizer steps, loading, merging) and storage
-    pointers (changed by ``.to()``) tell which slots' values moved. Stacks hold one spare slot per :attr:`HEADROOM`
+    pointers (changed by ``.to()``) tell which slots' values moved, and :class:`Replacements` tells when an object
+    was swapped for another. Stacks hold one spare slot per :attr:`HEADROOM`
     adapters, so adding adapters one by one rebuilds them every few adds (amortized: each add copies a few slots),
     while a server at its budget reuses freed slots and never rebuilds; a new adapter that does not fit (more slots,
     a larger rank) makes the layer build them all again. The stacks cost (slots) x (the largest rank per layer) x
