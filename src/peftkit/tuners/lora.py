@@ -145,8 +145,8 @@ class _LoraLayerBase:
         return self.r[adapter_name], self.scaling[adapter_name]
 
     def fill_slot(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
-        """Slot ``slot`` of (A, B, scale) := this adapter's factors zero-padded to the stacks' rank and its scale
-        (zeros if absent); nothing to copy when its factors already live there."""
+        """Slot ``slot`` of (A, B transposed, scale, rank) := this adapter's factors zero-padded to the stacks' rank,
+        its scale and its rank (zeros if absent); nothing to copy when its factors already live there."""
         A, B, scale, ranks = stacks
         r = self.r.get(adapter_name, 0)
         if r > A.shape[1]:
