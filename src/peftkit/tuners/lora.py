@@ -152,9 +152,9 @@ class _LoraLayerBase:
         if r > A.shape[1]:
             return False
         if not (r and self._held_at(stacks, slot, adapter_name)):
-            if r < A.shape[1]:  # (at the stacks' full rank the copy below overwrites the whole slot)
-                A[slot].zero_()
-                B[slot].zero_()
+            if r < A.shape[1]:  # the padding past its rank: trailing rows of both (B is held transposed)
+                A[slot, r:].zero_()
+                B[slot, r:].zero_()
             if r:
                 A_name, B_name = self.factor_tensors(adapter_name)
                 A[slot, :r] = A_name
