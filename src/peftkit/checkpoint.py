@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 from torch.nn.utils import get_total_norm
-from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from . import safetensors_views
 from .atomic import atomic_write, recover, replace_folder, write_file  # noqa: F401 (atomic_write: for run folders)
 from .tuners.base import PeftConfig, config_from_dict
 
@@ -54,31 +53,25 @@ def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     on the metadata, so it is serialized once to hash it and once more with the hash."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"format": "pt", **(metadata or {})}
-    digest = hashlib.sha256(_split(save_bytes(clean, metadata=meta), "tensors")[1]).hexdigest()
+    digest = hashlib.sha256(_data(save_bytes(clean, metadata=meta))).hexdigest()
     raw = save_bytes(clean, metadata={**meta, SHA256_KEY: digest})
-    assert hashlib.sha256(_split(raw, "tensors")[1]).hexdigest() == digest
+    assert hashlib.sha256(_data(raw)).hexdigest() == digest
     return raw
 
 
-def _split(raw: bytes | memoryview, source: str | os.PathLike) -> tuple[dict[str, Any], memoryview]:
-    """(header, tensor data) of safetensors bytes; a ValueError naming ``source`` if they are not safetensors."""
-    view = memoryview(raw)
-    size = int.from_bytes(view[:8], "little") if len(view) >= 8 else -1
-    if size < 2 or 8 + size > len(view):
-        raise ValueError(f"{source} is not a readable safetensors file (truncated or corrupted?)")
-    try:
-        header = json.loads(bytes(view[8 : 8 + size]))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{source} is not a readable safetensors file (its header is damaged)") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{source} is not a readable safetensors file (its header is not a JSON object)")
-    return header, view[8 + size :]
+def _data(raw: bytes) -> memoryview:
+    """The tensor data of safetensors bytes (what the checksum covers)."""
+    return memoryview(raw)[safetensors_views.split(raw, "tensors")[1] :]
 
 
 def checksum_status(raw: bytes, source: str | os.PathLike) -> str:
     """"ok", "mismatch" or "absent" (a file not written by peftkit): the recorded SHA-256 against the data."""
-    header, data = _split(raw, source)
-    expected = (header.get("__metadata__") or {}).get(SHA256_KEY)
+    header, start = safetensors_views.split(raw, source)
+    return _checksum(header.get(safetensors_views.METADATA) or {}, memoryview(raw)[start:])
+
+
+def _checksum(metadata: dict[str, Any], data: memoryview) -> str:
+    expected = metadata.get(SHA256_KEY) if isinstance(metadata, dict) else None
     if expected is None:
         return "absent"
     return "ok" if hashlib.sha256(data).hexdigest() == expected else "mismatch"
@@ -90,9 +83,13 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))
 
 
-def load_tensors(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike, verify: bool = True, views: bool = False) -> dict[str, torch.Tensor]:
     """Read a safetensors file, turning a missing, damaged or (``verify``) checksum-failing file into an error that
-    names it. Values are not judged here: see :func:`check_weights`."""
+    names it. Values are not judged here: see :func:`check_weights`.
+
+    ``views``: the tensors are views into one buffer holding the whole file (no copy each), for a caller that only
+    copies them elsewhere (an adapter load: :func:`copy_checked`); otherwise each owns its memory, as storage-level
+    APIs need (``torch.set_rng_state`` crashed on such a view)."""
     path = Path(path)
     if not path.exists():
         if path.with_name("adapter_model.bin").exists():
@@ -101,20 +98,16 @@ def load_tensors(path: str | os.PathLike, verify: bool = True) -> dict[str, torc
                 "because unpickling can run arbitrary code. Re-save the adapter with safe_serialization=True."
             )
         raise FileNotFoundError(f"no adapter weights at {path}")
-    try:
-        raw = path.read_bytes()
+    try:  # (views into one buffer, in key order: see safetensors_views for why not safetensors' own load)
+        tensors, metadata, data = safetensors_views.load(path)
     except OSError as err:
-        raise ValueError(f"{path} cannot be read: {err.strerror}") from None
-    try:
-        tensors = dict(sorted(load_bytes(raw).items()))  # key order as safetensors' load_file gives it
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from None
-    if verify and checksum_status(raw, path) == "mismatch":
+        raise ValueError(f"{path} cannot be read: {err.strerror or err}") from None
+    if verify and _checksum(metadata, data) == "mismatch":
         raise ValueError(
             f"{path}: its tensor data does not match the SHA-256 recorded when it was saved, so its bytes changed "
             "afterwards (a damaged disk, an interrupted copy or an edit). Copy or save the adapter again."
         )
-    return tensors
+    return tensors if views else {key: value.clone() for key, value in tensors.items()}
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -129,9 +122,9 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         raise FileNotFoundError(f"no adapter weights at {path}") from None
     except OSError as err:
         raise ValueError(f"{path} cannot be read: {err.strerror}") from None
-    header, _ = _split(raw, path)
+    header, _ = safetensors_views.split(raw, path)
     try:
-        return {k: tuple(int(d) for d in v["shape"]) for k, v in sorted(header.items()) if k != "__metadata__"}
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in sorted(header.items()) if k != safetensors_views.METADATA}
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{path} is not a readable safetensors file (its header is damaged)") from None
 
@@ -153,11 +146,12 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
 def read_adapter_folder(
     directory: str | os.PathLike, is_trainable: bool = False
 ) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:
-    """An adapter folder's config (set up for inference unless ``is_trainable``), tensors and weights file path."""
+    """An adapter folder's config (set up for inference unless ``is_trainable``), tensors and weights file path.
+    The tensors view one buffer (``load_tensors(views=True)``): every adapter load copies them into its parameters."""
     config = read_config(directory)
     config.inference_mode = not is_trainable
     source = os.path.join(directory, WEIGHTS_NAME)
-    return config, load_tensors(source), source
+    return config, load_tensors(source, views=True), source
 
 
 def read_config(directory: str | os.PathLike) -> PeftConfig:
