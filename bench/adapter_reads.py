@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (no reader, then each reader)")
     parser.add_argument("--period", type=float, default=0.03, help="seconds between two reads of the reader thread")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--model", default="smollm2-135m", help="base model (a name or folder; the figures are for the default)")
     return parser.parse_args(argv)
 
 
@@ -91,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tune_blas()
     torch.set_num_threads(args.threads)
-    model, tok = pk.load_model("smollm2-135m")
+    model, tok = pk.load_model(args.model)
     model.eval()
-    registry = AdapterRegistry(model, tok, "smollm2-135m", slot_capacity=16)
+    registry = AdapterRegistry(model, tok, args.model, slot_capacity=16)
     tmp = Path(tempfile.mkdtemp(prefix="adapter-reads-"))
     try:
         names = write_lora_adapters(model, tmp, 16 + 40, seed=0)
@@ -184,7 +185,7 @@ def decode_lost(registry: AdapterRegistry, tok, mixed: list[str], files: list[Pa
 
 def markdown(report: dict) -> str:
     d = report["decode"]
-    lines = [f"{report['args']['rows']} decode rows of 12 mixed LoRA adapters on SmolLM2-135M, {report['threads']} torch "
+    lines = [f"{report['args']['rows']} decode rows of 12 mixed LoRA adapters on {report['args']['model']}, {report['threads']} torch "
              f"threads, {report['cpu']}, {report['args']['rounds']} interleaved rounds of {report['args']['steps']} steps; "
              f"adapter files of {', '.join(map(str, report['file_mb']))} MB read in turn; "
              f"a decode step without a reader: {d['no_reader_step_ms']:.0f} ms (median of rounds)", "",

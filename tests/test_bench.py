@@ -324,6 +324,29 @@ def test_serve_load_goals_from_hand_figures(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_adapter_reads_quick(tmp_path: Path) -> None:
+    """The reader benchmark times both readers beside decoding and alone, and its figures are each round's."""
+    import adapter_reads
+
+    model = _tiny_llama(tmp_path / "tiny")
+    done = subprocess.run([sys.executable, str(BENCH / "adapter_reads.py"), "--model", str(model), "--threads", "1",
+                           "--rows", "4", "--rounds", "2", "--steps", "3", "--out", str(tmp_path)],
+                          timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "adapter_reads.png").read_bytes()[:8] == PNG_MAGIC
+    report = json.loads((tmp_path / "adapter_reads.json").read_text())
+    assert set(report["read_ms"]) == set(report["gil_held_ms"]) == set(adapter_reads.READERS)
+    assert all(v > 0 for v in report["read_ms"].values()) and all(v >= 0 for v in report["gil_held_ms"].values())
+    decode = report["decode"]
+    assert [len(v) for v in decode["rounds"].values()] == [2, 2, 2]
+    base = [ms for ms, _ in decode["rounds"]["no reader"]]
+    for mode in adapter_reads.READERS:
+        per_read = [(ms - b) / max(1, n) for (ms, n), b in zip(decode["rounds"][mode], base)]
+        assert decode[mode]["per_round"] == pytest.approx(per_read)
+        assert decode[mode]["lost_ms_per_read"] == pytest.approx(statistics.median(per_read))
+    assert (tmp_path / "adapter_reads.md").read_text().count("| peftkit views |") == 1
+
+
 def test_serve_steps_quick(tmp_path: Path) -> None:
     """The step-time benchmark serves its loads in process and over HTTP, every request answered, and its figures
     add up: steps split into plain and fused ones, every token after a request's first from a decode row, the same
