@@ -63,7 +63,7 @@ def split(raw: bytes | bytearray | memoryview, source: str | os.PathLike) -> tup
 
 def tensor_views(raw: bytearray, header: dict[str, Any], start: int, source: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor ``header`` describes, as a view of ``raw`` (data from ``start``), in key order."""
-    whole = torch.frombuffer(raw, dtype=torch.uint8) if len(raw) else torch.empty(0, dtype=torch.uint8)
+    whole = torch.frombuffer(raw, dtype=torch.uint8)  # (never empty: split found a header in it)
     length = len(raw) - start
     spans, out = [], {}
     for key in sorted(k for k in header if k != METADATA):
