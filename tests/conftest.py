@@ -21,6 +21,16 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA_TINY = DATA / "instruct" / "alpaca_tiny_100.json"
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test leaves torch's thread count as it found it: a test (or a module fixture) that pins one thread would
+    otherwise run every later test single-threaded, slower and unlike a user's process."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def tiny_llama(vocab_size: int = 128, layers: int = 2, seed: int = 0):
     """A randomly initialised Llama-architecture model: same module names as SmolLM2, seconds to build."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -48,8 +48,8 @@ PROMPTS = 6  # x 40 continuation positions = 240 teacher-forced positions
 
 def llama(path, lora=None):
     kwargs = {"lora_path": str(lora)} if lora else {}
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=256, logits_all=True,
-                           verbose=False, **kwargs)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=torch.get_num_threads(), n_batch=256,
+                           logits_all=True, verbose=False, **kwargs)
 
 
 def lc_logits(llm, ids):
@@ -103,7 +103,6 @@ def setup(smollm2, tmp_path_factory):
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
-    torch.set_num_threads(1)
     losses = adamw_steps(pm, 12, 3e-3, batch)
     pm.save_pretrained(tmp / "lora")
     cfg = json.loads((tmp / "lora" / "adapter_config.json").read_text())
