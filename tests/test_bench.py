@@ -347,6 +347,39 @@ def test_adapter_reads_quick(tmp_path: Path) -> None:
     assert (tmp_path / "adapter_reads.md").read_text().count("| peftkit views |") == 1
 
 
+@pytest.mark.slow
+def test_serve_ratio_quick(tmp_path: Path) -> None:
+    """The many/one goal in ABBA rounds: fresh servers, the plans serve_load.py draws, each round's own ratio."""
+    import serve_ratio
+    from serve_clients import make_plan
+    from serve_load import PROMPTS
+
+    model = _tiny_llama(tmp_path / "tiny")
+    done = subprocess.run([sys.executable, str(BENCH / "serve_ratio.py"), "--quick", "--rounds", "2", "--model", str(model),
+                           "--threads", "1", "--out", str(tmp_path)], timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "serve_ratio.png").read_bytes()[:8] == PNG_MAGIC
+    report = json.loads((tmp_path / "serve_ratio.json").read_text())
+    one, many = serve_ratio.ONE, serve_ratio.MANY
+    assert [(r["round"], r["load"]) for r in report["runs"]] == [(0, one), (0, many), (1, many), (1, one)]
+    used = {name for client in make_plan([f"lora-{i:03d}" for i in range(8)], "zipf", 4, 2, PROMPTS,
+                                         report["seed"] + 8, serve_ratio.SIZES["quick"]["prompts_per_adapter"]) for name, _ in client}
+    for r in report["runs"]:
+        assert (r["sent"], r["answered"], r["lost"], r["crossed"]) == (8, 8, 0, 0), r
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+        # a fresh server each run: every adapter of the plan is loaded on demand within it (some again after eviction)
+        if r["load"] == one:
+            assert (r["adapters"], r["adapter_loads"], r["evictions"]) == (1, 1, 0)
+        else:
+            assert r["adapters"] == 8 and r["adapter_loads"] >= len(used) and r["adapter_loads"] - r["evictions"] <= 4
+    rates = {(r["round"], r["load"]): r["tokens_per_s"] for r in report["runs"]}
+    per_round = [rates[(k, many)] / rates[(k, one)] for k in (0, 1)]
+    assert report["ratio_per_round"] == pytest.approx(per_round)
+    assert report["ratio_median"] == pytest.approx(statistics.median(per_round))
+    assert report["met"] == (report["ratio_median"] >= 0.8)
+    assert (tmp_path / "serve_ratio.md").read_text().count("| many, Zipf | 8 |") == 2
+
+
 def test_serve_steps_quick(tmp_path: Path) -> None:
     """The step-time benchmark serves its loads in process and over HTTP, every request answered, and its figures
     add up: steps split into plain and fused ones, every token after a request's first from a decode row, the same
