@@ -13,6 +13,8 @@ their median. Writes serve_ratio.json, .md and .png into --out.
 
     python bench/serve_ratio.py --out bench/results            # 3 rounds: about 8 minutes on 2 cores
     python bench/serve_ratio.py --quick --out /tmp/sr          # tiny sizes (counts 1 and 8)
+    python bench/serve_ratio.py --max-adapters 128 --out /tmp/sr128   # a budget that holds all 73 adapters the
+                                                                      # plan uses: loads without evictions
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: 8 adapters, 4 clients x 2 requests, 8 tokens")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of one run of each load (default: %(default)s)")
     parser.add_argument("--many", type=int, help="adapters on disk for the Zipf load (full: 512, quick: 8)")
+    parser.add_argument("--max-adapters", type=int,
+                        help="the servers' budget, --max-adapters (full: 16, quick: 4); one that holds every adapter "
+                             "the plan uses shows what the loads cost without evictions")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for serve_ratio.json/.md/.png")
     parser.add_argument("--model", default="smollm2-135m", help="base model, as `peftkit serve --model` takes it")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each server")
@@ -55,8 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="compute precision of the servers and the solo references (default: float32)")
     parser.add_argument("--seed", type=int, default=0, help="adapters' weights and the plans, as serve_load.py's")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    for flag, value, least in (("--rounds", args.rounds, 1), ("--many", args.many, 2), ("--max-adapters", args.max_adapters, 1)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
     return args
 
 
@@ -70,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size = dict(SIZES["quick" if args.quick else "full"])
     size["counts"] = [1, args.many or size["counts"][-1]]
+    size["max_adapters"] = args.max_adapters or size["max_adapters"]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tok = pk.load_model(args.model)

@@ -235,6 +235,31 @@ def test_mixed_batch_with_an_adapter_added_under_inference_mode():
         assert_mixed_equals_solo(pm, ["a", "b", "b"])
 
 
+def test_a_forward_checks_only_its_own_slots_and_a_later_one_sees_the_others_change():
+    """A mixed forward brings up to date only the slots its rows use (a server's step then checks its own adapters,
+    not every resident one's); an adapter changed meanwhile, in place or by new storage, is served with its new
+    values by the first forward that uses it, and the stacks' record of each slot stays true."""
+    pm = pk.get_peft_model(tiny_llama(), pk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    pm.add_adapter("b", pk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    pm.add_adapter("c", pk.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    for name in ("d", "e", "f"):  # (resident adapters the forwards below mostly do not use)
+        pm.add_adapter(name, pk.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    pm.eval()
+    assert_mixed_equals_solo(pm, ["a", "b", "c"])
+    q = pm.base_model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_B["b"].weight.mul_(3.0)  # in place, while no forward reads b
+    assert_mixed_equals_solo(pm, ["a", "c", "__base__"])  # b's slot is not read here (nor brought up to date)
+    assert not q._stacks._current([pm._slots.names.index("b") + 1])
+    assert_mixed_equals_solo(pm, ["b", "a", "b"])  # the first forward that reads b serves its new values
+    assert q._stacks._current(range(len(q._stacks.keys)))
+    q.lora_A["b"].weight.data = torch.randn_like(q.lora_A["b"].weight)  # new storage, the same parameter object
+    assert_mixed_equals_solo(pm, ["c", "c", "a"])
+    assert_mixed_equals_solo(pm, ["c", "b", "__base__"])
+    with torch.inference_mode():  # the same in a server's inference mode
+        assert_mixed_equals_solo(pm, ["b", "a", "c"])
+
+
 def test_mixed_batch_sees_replaced_weights_and_modules():
     """Replacing an adapter's parameter or module object (not its values in place) is seen by the next mixed batch,
     as are weights loaded with load_state_dict(assign=True); a new adapter's modules are not replacements."""

@@ -267,7 +267,8 @@ class StackCache:
         """``name``'s tensors are no longer what the memo holds (the adapter was deleted or renamed)."""
         self.entries.pop(name, None)
 
-    def get(self, layer: StackedAdapterLayer, order: tuple[str, ...]) -> tuple:
+    def get(self, layer: StackedAdapterLayer, order: tuple[str, ...], used: tuple[int, ...] | None = None) -> tuple:
+        """The stacks for ``order``, every slot in ``used`` (the slots this forward reads; None: all) up to date."""
         # (the revision changes when an adapter is deleted: a new one of the same name is then a new slot entry)
         structure = (order, layer.stack_signature(), layer.revision, Replacements.count)
         if structure != self.structure:
@@ -275,6 +276,12 @@ class StackCache:
                 self.entries.clear()  # (an object was replaced somewhere: look every source up again)
             self._assemble(layer, order)
             self.structure = structure
+        elif used is not None and self.value and 2 * len(used) < len(self.keys) and self._current(used):
+            # The slots this forward reads are as built; the others are brought up to date when a forward reads one
+            # of them. So a step checks its own adapters, not every resident one's: with 73 resident and a step of
+            # 12, the checks of SmolLM2-135M's 210 layers cost 2.9 ms this way against 11 ms. With few adapters
+            # resident the one flat check below is cheaper (16 resident: 1.2 ms against 2.2), hence the threshold.
+            return self.value
         state = self._state()
         if state != self.state:  # (one flat comparison per step; which slots moved is worked out only when one did)
             built = self._built(state)
@@ -294,6 +301,20 @@ class StackCache:
         except RuntimeError:  # an adapter added under torch.inference_mode: its tensors keep no version (and can
             # only change in place inside inference mode, which this cannot see; replacing them still shows)
             return [(-1 if t.is_inference() else t._version, t.data_ptr()) for sources in self.sources for t in sources]
+
+    def _current(self, slots: Iterable[int]) -> bool:
+        """Whether each of ``slots`` holds what :meth:`_built` would record for it now: its key and its sources'
+        state, worked out exactly as :meth:`_state` does (a parameter pointed at an inference tensor keeps its own
+        version counter, so asking ``is_inference`` first would disagree with the record)."""
+        keys, sources, built = self.keys, self.sources, self.built
+        if any(k >= len(keys) or k >= len(built) for k in slots):
+            return False
+        try:
+            now = [(keys[k], tuple((t._version, t.data_ptr()) for t in sources[k])) for k in slots]
+        except RuntimeError:
+            now = [(keys[k], tuple((-1 if t.is_inference() else t._version, t.data_ptr()) for t in sources[k]))
+                   for k in slots]
+        return all(built[k] == entry for k, entry in zip(slots, now))
 
     def _built(self, state: list[tuple[int, int]]) -> list:
         """Each slot's (key, state of its sources), then a free entry for each slot past the last adapter."""
@@ -366,7 +387,7 @@ class StackedAdapterLayer(AdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         if mixed is None:
             return self.active_forward(x, self.active_adapters, args, kwargs)
-        stacks = self._stacks.get(self, mixed.order)
+        stacks = self._stacks.get(self, mixed.order, mixed.used)
         if mixed.per_token:  # one flat sequence: each token is a row
             out = self.mixed_forward(x.reshape(-1, 1, *x.shape[2:]), stacks, args, kwargs)
             return out.reshape(*x.shape[:2], *out.shape[2:])

@@ -83,7 +83,8 @@ class MixedBatch:
     choice), so they exist once. ``capacity``: adapters the stacks should have slots for from their first build (a
     server's budget, :attr:`PeftModel.slot_capacity`), so that they are not built again as adapters arrive.
     ``scratch``: buffers the layers' per-row gathers reuse during this forward (:class:`Scratch`). ``choice``: the
-    host-side slot of each row, from which :meth:`members` picks the rows a layer's adapters act on."""
+    host-side slot of each row, from which :meth:`members` picks the rows a layer's adapters act on; ``used``: the
+    distinct slots it names, the only ones this forward reads (None: not known, every slot counts)."""
 
     order: tuple[str, ...]
     index: torch.Tensor
@@ -95,6 +96,7 @@ class MixedBatch:
     capacity: int | None = None
     scratch: Scratch = field(default_factory=Scratch)
     choice: tuple[int, ...] = ()
+    used: tuple[int, ...] | None = None
     _members: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -107,7 +109,8 @@ class MixedBatch:
         rows = tuple(torch.tensor(m, dtype=torch.long, device=device) if m else None for m in members)
         single = choice[0] if choice and len(set(choice)) == 1 else None
         return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows, single, per_token,
-                   segments(choice) if per_token else (), hold_in_slots, capacity, choice=tuple(choice))
+                   segments(choice) if per_token else (), hold_in_slots, capacity, choice=tuple(choice),
+                   used=tuple(k for k, m in enumerate(members) if m))
 
     def members(self, present: frozenset[int], start: int = 0, stop: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor] | None | bool:
