@@ -106,6 +106,7 @@ class AdapterLoading:
         self.peft_config.pop(adapter_name, None)
         self._slots.free(adapter_name)
         self._tree = (None, [])
+        self._epoch += 1
 
     def replace_adapter(self, old: str, new: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
                         source: str | os.PathLike = "tensors") -> bool:
@@ -129,6 +130,7 @@ class AdapterLoading:
         if {k: v.shape for k, v in current.items()} != {k: v.shape for k, v in tensors.items()}:
             return False
         tuner, config = tuner_for(config), copy.copy(config)
+        self._epoch += 1  # (from here on layers may change; a refused load changes them back, which is no harm)
         if not tuner.reuse(self.base_model, old, new, config, self._layer_tree()):  # (checks before changing anything)
             return False
         try:

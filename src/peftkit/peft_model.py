@@ -55,6 +55,9 @@ class PeftModel(AdapterLoading, nn.Module):
         # their parameters are then views of slots (saving copies them out as usual), and when the stacks were built
         # under torch.inference_mode, as a server builds them, inference tensors that autograd refuses
         self.hold_in_slots = False
+        # bumped by every method that adds, removes, replaces, renames or merges an adapter: a held layer's stacks are
+        # checked again only when it moved (StackCache.get; in-place writes to held weights are writes to the slots)
+        self._epoch = 0
         # a server's budget of adapters: the mixed-batch stacks get that many slots at once instead of growing (and
         # being built again, all slots copied) every few adapters while the server fills its budget
         self.slot_capacity: int | None = None
@@ -101,6 +104,7 @@ class PeftModel(AdapterLoading, nn.Module):
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
         self._tree = (None, [])  # the module tree changes: find the adapter layers again
+        self._epoch += 1
         tuner_for(config).inject(self.base_model, config, adapter_name, init=init)
         if config.modules_to_save:
             self._wrap_modules_to_save(config, adapter_name)
@@ -190,6 +194,7 @@ class PeftModel(AdapterLoading, nn.Module):
         del self.peft_config[adapter_name]
         self._tree = (tuple(self.peft_config), tree)
         self._slots.free(adapter_name)
+        self._epoch += 1
         trainable = lambda names: {n for n in names if n != adapter_name and not self.peft_config[n].inference_mode}  # noqa: E731
         was, active = trainable(self._active), [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
         self._apply_active(active, only=sorted(was ^ trainable(active)))  # (a server's adapters: none changes)
@@ -247,6 +252,7 @@ class PeftModel(AdapterLoading, nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights; :meth:`unmerge_adapter` undoes it."""
         names = list(adapter_names or self._active)
+        self._epoch += 1
         for name in names:
             tuner = tuner_for(self.peft_config[name])
             if not tuner.mergeable:
@@ -272,6 +278,7 @@ class PeftModel(AdapterLoading, nn.Module):
                 layer.merge(here)
 
     def unmerge_adapter(self) -> None:
+        self._epoch += 1
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
@@ -324,6 +331,7 @@ class PeftModel(AdapterLoading, nn.Module):
         config = tuner_for(configs[0]).add_weighted(self.base_model, adapters, weights, adapter_name, combination_type, configs)
         self.peft_config[adapter_name] = config
         self._slots.take(adapter_name)
+        self._epoch += 1
         self._apply_active(self._active)
 
     def memory_footprint(self) -> MemoryFootprint:
@@ -355,7 +363,7 @@ class PeftModel(AdapterLoading, nn.Module):
             raise ValueError("per-token adapter_names need adapters of the stacked kinds only (LoRA, (IA)^3, "
                              "bottleneck), not modules_to_save or selective layers")
         mixed = MixedBatch.build(order, [slot[n] for n in adapter_names], self.device, per_token, self.hold_in_slots,
-                                 self.slot_capacity)
+                                 self.slot_capacity, self._epoch if self.hold_in_slots else None)
         for layer in layers:
             layer.mixed = mixed
         try:

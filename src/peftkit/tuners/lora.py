@@ -179,6 +179,9 @@ class _LoraLayerBase:
         A_name.data = stacks[0][slot, :r]
         B_name.data = stacks[1][slot, :r].T  # (out, r), strided: the slot holds it transposed
 
+    def held_in_slots(self, stacks: tuple, order: tuple[str, ...]) -> bool:
+        return all(self._held_at(stacks, slot, name) for slot, name in enumerate(order) if name in self.r)
+
     def _held_at(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
         A_name, B_name = self.factor_tensors(adapter_name)
         return A_name.data_ptr() == slot_address(stacks[0], slot) and B_name.data_ptr() == slot_address(stacks[1], slot)

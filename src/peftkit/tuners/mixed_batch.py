@@ -84,7 +84,9 @@ class MixedBatch:
     server's budget, :attr:`PeftModel.slot_capacity`), so that they are not built again as adapters arrive.
     ``scratch``: buffers the layers' per-row gathers reuse during this forward (:class:`Scratch`). ``choice``: the
     host-side slot of each row, from which :meth:`members` picks the rows a layer's adapters act on; ``used``: the
-    distinct slots it names, the only ones this forward reads (None: not known, every slot counts)."""
+    distinct slots it names, the only ones this forward reads (None: not known, every slot counts). ``epoch``: the
+    model's count of adapter changes (:attr:`PeftModel._epoch`), given when it holds adapters in their slots: a layer
+    whose adapters are all held then skips its checks until the count moves (:meth:`StackCache.get`)."""
 
     order: tuple[str, ...]
     index: torch.Tensor
@@ -97,11 +99,12 @@ class MixedBatch:
     scratch: Scratch = field(default_factory=Scratch)
     choice: tuple[int, ...] = ()
     used: tuple[int, ...] | None = None
+    epoch: int | None = None
     _members: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, order: tuple[str, ...], choice: list[int], device: torch.device, per_token: bool = False,
-              hold_in_slots: bool = False, capacity: int | None = None) -> "MixedBatch":
+              hold_in_slots: bool = False, capacity: int | None = None, epoch: int | None = None) -> "MixedBatch":
         """From ``choice`` (row b uses ``order[choice[b]]``, a host list), with the index tensors on ``device``."""
         members: list[list[int]] = [[] for _ in order]
         for row, k in enumerate(choice):
@@ -110,7 +113,7 @@ class MixedBatch:
         single = choice[0] if choice and len(set(choice)) == 1 else None
         return cls(order, torch.tensor(choice, dtype=torch.long, device=device), rows, single, per_token,
                    segments(choice) if per_token else (), hold_in_slots, capacity, choice=tuple(choice),
-                   used=tuple(k for k, m in enumerate(members) if m))
+                   used=tuple(k for k, m in enumerate(members) if m), epoch=epoch)
 
     def members(self, present: frozenset[int], start: int = 0, stop: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor] | None | bool:
