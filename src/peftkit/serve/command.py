@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import gc
 import ipaddress
 import os
 import sys
@@ -122,6 +123,16 @@ def tune_malloc(arenas: int = 1, mmap_threshold: int = 256 * 1024) -> None:
         return
 
 
+def freeze_startup_objects() -> None:
+    """Move every object alive once the model and the app are built out of the garbage collector's sight
+    (``gc.freeze``, as vLLM does after its warm-up): they live as long as the server, and a full collection walked
+    all of them. With SmolLM2-135M and 16 adapters loaded (490k tracked objects) a full collection took 183 ms, and
+    the scheduler thread stood still for it: two or three per run of bench/serve_ratio.py's 512-adapter load, each a
+    stall of every row, and a load that met one took 267-363 ms instead of 20-50. After the freeze, under 1 ms."""
+    gc.collect()
+    gc.freeze()
+
+
 def tune_blas(mode: str = "AUTO") -> None:
     """Have MKL pick its kernels by the CPU's instruction set (``MKL_CBWR=AUTO``, from MKL's conditional numerical
     reproducibility settings), unless the environment sets ``MKL_CBWR``. MKL reads it at its first call, so this
@@ -174,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
                          prefill_chunk=args.prefill_chunk)
     except TypeError as err:  # a bad --adapter (the method cannot be served): say which and why
         raise ValueError(str(err)) from None
+    freeze_startup_objects()
     names = ", ".join([args.model, *adapters])
     print(f"peftkit serve: models {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
