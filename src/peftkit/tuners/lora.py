@@ -28,9 +28,9 @@ from ..families import require
 from .base import (FILE_PREFIX, AdapterLayer, CliOption, PeftConfig, Tuner, check_fraction, check_positive_int,
                    check_positive_number, find_targets, register)
 from .layer import LayerTree, StackedAdapterLayer, Uninitialised, model_layer, module_tree
-from .mixed_batch import gather_rows
+from .mixed_batch import gather_rows, slot_address
 from .lora_combine import add_weighted_lora
-from .lora_stacks import added, slot_address, stack_factors
+from .lora_stacks import added, stack_factors
 
 
 # why lora_alpha must be positive: the update is (alpha / r) B A, so alpha = 0 zeroes every LoRA gradient
@@ -178,9 +178,6 @@ class _LoraLayerBase:
             return
         A_name.data = stacks[0][slot, :r]
         B_name.data = stacks[1][slot, :r].T  # (out, r), strided: the slot holds it transposed
-
-    def held_in_slots(self, stacks: tuple, order: tuple[str, ...]) -> bool:
-        return all(self._held_at(stacks, slot, name) for slot, name in enumerate(order) if name in self.r)
 
     def _held_at(self, stacks: tuple, slot: int, adapter_name: str) -> bool:
         A_name, B_name = self.factor_tensors(adapter_name)

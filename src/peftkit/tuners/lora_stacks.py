@@ -34,11 +34,6 @@ def stack_factors(layer: Any, order: tuple[str, ...]) -> tuple[torch.Tensor, ...
     return A, B, scale, ranks
 
 
-def slot_address(stack: torch.Tensor, slot: int) -> int:
-    """Where ``stack[slot]`` starts in memory, without making the view (this runs for every touched layer of a load)."""
-    return stack.data_ptr() + slot * stack.stride(0) * stack.element_size()
-
-
 def added(result: torch.Tensor, delta: torch.Tensor, start: int, rows: torch.Tensor | None) -> torch.Tensor:
     """``result`` with ``delta`` added to its rows from ``start`` on (to those ``rows`` after ``start`` when given):
     in place when autograd is off (``result`` is the base layer's fresh output), else out of place."""

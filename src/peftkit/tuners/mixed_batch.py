@@ -156,6 +156,11 @@ def segments(choice: list[int], shortest_run: int = 2) -> tuple[tuple[int, int, 
     return tuple(out)
 
 
+def slot_address(stack: torch.Tensor, slot: int) -> int:
+    """Where ``stack[slot]`` starts in memory, without making the view (this runs for every touched layer of a load)."""
+    return stack.data_ptr() + slot * stack.stride(0) * stack.element_size()
+
+
 def gather_rows(stack: torch.Tensor, index: torch.Tensor, batch: int, scratch: Scratch | None = None,
                 key: Hashable = None) -> torch.Tensor:
     """Per-row weights ``stack[index]``, checking the index matches the input's batch size; into ``scratch``'s
