@@ -424,3 +424,17 @@ def test_batches_reach_the_device_from_pinned_memory(device, monkeypatch):
     assert pinned == ([torch.Size([2, 3])] if device == "cuda" else [])  # pinned only for a GPU
     if device == "cpu":
         assert moved["input_ids"] is batch["input_ids"]  # nothing copied
+
+
+def test_auto_serves_in_float32_on_the_cpu_whatever_the_probe(monkeypatch):
+    """A server's decode steps read each weight once; bf16 autocast would cast every one on every step (the AMX
+    probe's choice served at 0.57x float32's speed). An explicit --dtype and PEFTKIT_AUTO_DTYPE still win."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("PEFTKIT_AUTO_DTYPE", raising=False)
+    monkeypatch.setattr(D, "cpu_auto_precision", lambda probe=None: Precision(torch.bfloat16, "probe"))
+    assert D.resolve_precision("auto", cpu).dtype == torch.bfloat16  # training, eval: the probe decides
+    served = D.resolve_precision("auto", cpu, serving=True)
+    assert served.dtype == torch.float32 and "serving" in served.reason
+    assert D.resolve_precision("bfloat16", cpu, serving=True).dtype == torch.bfloat16
+    monkeypatch.setenv("PEFTKIT_AUTO_DTYPE", "bfloat16")
+    assert D.resolve_precision("auto", cpu, serving=True).dtype == torch.bfloat16

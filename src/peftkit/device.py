@@ -82,11 +82,15 @@ class Precision:
         return f"precision: {self.name}{' autocast' if self.dtype != torch.float32 else ''} ({self.reason})"
 
 
-def resolve_precision(spec: str | None, device: torch.device, training: bool = False) -> Precision:
+def resolve_precision(spec: str | None, device: torch.device, training: bool = False, serving: bool = False) -> Precision:
     """The precision ``--dtype spec`` (``auto``/None, ``float32``, ``bfloat16``, ``float16``) means on ``device``.
 
     float16 is refused for training (it needs loss scaling to keep small gradients from underflowing) and on the
-    CPU (no fast fp16 kernels there); bfloat16 on a GPU without bf16 support is refused."""
+    CPU (no fast fp16 kernels there); bfloat16 on a GPU without bf16 support is refused. ``serving``: auto on the CPU
+    is float32 whatever the probe says. Why: the probe times large matrix products, where bf16 autocast wins; a
+    server's decode steps read every weight once per step, and autocast casts every float32 weight to bf16 on every
+    step. `peftkit serve` with auto (bf16 autocast) on a 2-core Intel Xeon with AMX took 43.7-45.1 s for
+    bench/serve_ratio.py's one-adapter load against 24.6-25.9 s in float32 (two interleaved pairs)."""
     text = "auto" if spec is None else str(spec)
     if text != "auto" and text not in DTYPES:
         raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {text!r}")
@@ -118,6 +122,9 @@ def resolve_precision(spec: str | None, device: torch.device, training: bool = F
         return Precision(torch.bfloat16, "asked for with --dtype bfloat16")
     if device.type != "cpu":
         return Precision(torch.float32, f"auto: float32 on {device.type}")
+    if serving:
+        return Precision(torch.float32, "auto: serving on the CPU, where bf16 autocast would cast every weight on "
+                                        "every decode step (--dtype bfloat16 to force it)")
     return cpu_auto_precision()
 
 

@@ -106,6 +106,6 @@ def resolve_hardware(args: argparse.Namespace, verb: str) -> tuple[Any, Any]:
     from ..device import resolve_device, resolve_precision
 
     device = resolve_device(args.device)
-    precision = resolve_precision(args.dtype, device)
+    precision = resolve_precision(args.dtype, device, serving=verb == "serve")
     print(f"peftkit {verb} runs on {device}, {precision.describe()}", file=sys.stderr)  # not "VERB:": errors start so
     return device, precision

@@ -76,7 +76,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     from ..cli.common import add_device_options
 
-    add_device_options(parser)
+    add_device_options(parser, dtype_help="compute precision: auto (bf16 autocast on a GPU that has it; float32 on a CPU, "
+                       "whose memory-bound decode steps bf16 autocast slows), float32, bfloat16, or float16 (GPU only) "
+                       "(default auto)")
     return parser
 
 
