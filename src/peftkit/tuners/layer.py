@@ -318,15 +318,25 @@ class StackCache:
             self.state = state
 
     def _state(self) -> list[tuple[int, int]]:
-        return _versions([t for sources in self.sources for t in sources])
+        try:
+            return [(t._version, t.data_ptr()) for sources in self.sources for t in sources]
+        except RuntimeError:  # an adapter added under torch.inference_mode: its tensors keep no version (and can
+            # only change in place inside inference mode, which this cannot see; replacing them still shows)
+            return [(-1 if t.is_inference() else t._version, t.data_ptr()) for sources in self.sources for t in sources]
 
     def _current(self, slots: Iterable[int]) -> bool:
         """Whether each of ``slots`` holds what :meth:`_built` would record for it now: its key and its sources'
-        state, read as :meth:`_state` reads it."""
+        state, worked out exactly as :meth:`_state` does (a parameter pointed at an inference tensor keeps its own
+        version counter, so asking ``is_inference`` first would disagree with the record)."""
         keys, sources, built = self.keys, self.sources, self.built
         if any(k >= len(keys) or k >= len(built) for k in slots):
             return False
-        return all(built[k] == (keys[k], tuple(_versions(sources[k]))) for k in slots)
+        try:
+            now = [(keys[k], tuple((t._version, t.data_ptr()) for t in sources[k])) for k in slots]
+        except RuntimeError:
+            now = [(keys[k], tuple((-1 if t.is_inference() else t._version, t.data_ptr()) for t in sources[k]))
+                   for k in slots]
+        return all(built[k] == entry for k, entry in zip(slots, now))
 
     def _built(self, state: list[tuple[int, int]]) -> list:
         """Each slot's (key, state of its sources), then a free entry for each slot past the last adapter."""
@@ -367,16 +377,6 @@ class StackCache:
             capacity = max(capacity, reserved + 1)  # (+ the base's slot)
             self.value = layer.build_stacks(order + (FREE_SLOT,) * (capacity - len(order)))
         self.built = built[: len(order)] + [self.FREE] * (capacity - len(order))
-
-
-def _versions(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[tuple[int, int]]:
-    """(version, storage) of each tensor; -1 for the version of an inference tensor, which keeps none (it can only
-    change in place inside inference mode, which this cannot see; replacing it still shows). A parameter pointed at
-    an inference tensor keeps a version of its own, so the fast form is tried first for all."""
-    try:
-        return [(t._version, t.data_ptr()) for t in tensors]
-    except RuntimeError:
-        return [(-1 if t.is_inference() else t._version, t.data_ptr()) for t in tensors]
 
 
 class StackedAdapterLayer(AdapterLayer):
